@@ -1,0 +1,29 @@
+# Two commands: `make run` (default pipeline on digits) and `make test` (whole suite).
+# Both build or update .venv by themselves first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+CONFIG ?= jobs/configs/digits.yaml
+SET    ?=
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: venv run test bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+run: venv
+	$(VENV)/bin/kd-ray run $(CONFIG) $(SET)
+
+test: venv
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,300 @@
+"""One experiment = one validated config object (pydantic v2, unknown keys rejected).
+
+Load a YAML file with :func:`load_config`, override any value with ``--set section.key=value``
+(the value is parsed as YAML, so ``--set sweep.fractions=[0.1,1.0]`` works). Every later stage
+receives this object; none re-reads the YAML or invents a default of its own.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kd_ray.models import MODELS
+
+DATASETS = ("digits", "mnist", "fashion_mnist", "kmnist", "cifar10", "cifar100", "parquet", "image_folder")
+# Metrics a sweep can optimise; the student stage reports each of them.
+METRICS = ("val_accuracy", "test_accuracy", "val_nll", "test_nll", "val_fidelity", "test_fidelity")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the field and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _known_model(name: str) -> str:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {sorted(MODELS)}")
+    return name
+
+
+class DataConfig(_Section):
+    name: str = "digits"
+    root: Optional[str] = None  # folder (or URI for parquet) holding the files
+    download: bool = False  # torchvision sources only: download into root when missing
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)  # carved from the training set, stratified
+    seed: int = 0  # seed of the validation split and of the nested fractions
+    image_column: str = "image"  # parquet sources
+    label_column: str = "label"
+    image_shape: Optional[list[int]] = None  # parquet: reshape flat images to (C, H, W)
+    image_size: Optional[list[int]] = None  # image_folder: resize to (H, W)
+    omit_classes: list[int] = []  # transfer-set filter (the paper's omitted-digit experiment)
+    keep_classes: Optional[list[int]] = None  # transfer-set filter: keep only these classes
+
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        if v not in DATASETS:
+            raise ValueError(f"unknown dataset {v!r}; known datasets: {list(DATASETS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _root_when_needed(self) -> "DataConfig":
+        if self.name in ("parquet", "image_folder") and not self.root:
+            raise ValueError(f"data.root is required for the {self.name!r} source")
+        return self
+
+
+class TeacherSpec(_Section):
+    """One teacher. ``teachers.specs`` entries override the ``teachers`` defaults field by field."""
+
+    model: str = "mlp"
+    model_args: dict[str, Any] = {}
+    epochs: int = Field(10, gt=0)
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(0.05, gt=0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    seed: int = 0
+    fraction: float = Field(1.0, gt=0, le=1)  # nested stratified share of the training set
+    bootstrap: bool = False  # resample the (fraction of the) training set with replacement
+    jitter: int = Field(0, ge=0)  # pixel shifts applied to the teacher's training batches
+    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(1.0, gt=0)
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        return _known_model(v)
+
+
+class TeachersConfig(TeacherSpec):
+    count: int = Field(5, ge=1)
+    max_restarts: int = Field(2, ge=0)
+    spread: bool = False  # place teachers on different nodes (soft SPREAD strategy)
+    specs: list[dict[str, Any]] = []  # heterogeneous ensemble: one override dict per teacher
+
+    @model_validator(mode="after")
+    def _count_matches_specs(self) -> "TeachersConfig":
+        if self.specs and "count" in self.model_fields_set and self.count != len(self.specs):
+            raise ValueError(
+                f"teachers.count ({self.count}) differs from the number of teachers.specs "
+                f"({len(self.specs)}); drop count or make them agree"
+            )
+        self.resolved()  # validate every spec now, before any work starts
+        return self
+
+    def resolved(self) -> list[TeacherSpec]:
+        """The K teacher specs: K seeds of one spec, or the listed heterogeneous specs."""
+        base = {k: getattr(self, k) for k in TeacherSpec.model_fields}
+        if not self.specs:
+            return [TeacherSpec(**{**base, "seed": self.seed + i}) for i in range(self.count)]
+        out = []
+        for i, override in enumerate(self.specs):
+            merged = {**base, "seed": self.seed + i, **override}
+            try:
+                out.append(TeacherSpec(**merged))
+            except ValidationError as e:
+                raise ValueError(f"teachers.specs[{i}]: {e}") from None
+        return out
+
+
+class SoftTargetsConfig(_Section):
+    temperature: float = Field(4.0, gt=0)
+    rule: Literal["probs", "logits"] = "probs"  # losses.RULES
+    mode: Optional[Literal["cached", "streaming"]] = None  # None: streaming iff jitter > 0
+    jitter: int = Field(0, ge=0)  # streaming mode: shift up to k pixels, same view for both
+    keep_teacher_logits: bool = True
+    batch_size: int = Field(512, gt=0)
+    actors: int = Field(1, ge=1)  # size of the EnsemblePredictor actor pool
+    num_gpus: float = Field(0.0, ge=0)  # per predictor actor
+    num_cpus: float = Field(1.0, gt=0)  # per predictor actor
+    wait_for_actors_s: float = Field(60.0, gt=0)  # fail (not hang) if the pool cannot start
+
+    @property
+    def resolved_mode(self) -> str:
+        return self.mode or ("streaming" if self.jitter > 0 else "cached")
+
+
+class StudentConfig(_Section):
+    model: str = "mlp"
+    model_args: dict[str, Any] = {"hidden": [800, 800]}
+    epochs: int = Field(20, gt=0)
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(0.05, gt=0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    alpha: float = Field(0.9, ge=0, le=1)  # weight of the soft term
+    temperature: Optional[float] = Field(None, gt=0)  # None: the soft targets' temperature
+    targets: Literal["soft", "hard"] = "soft"
+    fraction: float = Field(1.0, gt=0, le=1)
+    seed: int = 0
+    num_workers: int = Field(1, ge=1)
+    max_failures: int = Field(0, ge=0)
+    early_stopping_patience: Optional[int] = Field(None, gt=0)
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        return _known_model(v)
+
+
+class SweepConfig(_Section):
+    fractions: list[float] = [0.03, 0.1, 0.3, 1.0]
+    targets: list[Literal["soft", "hard"]] = ["soft", "hard"]
+    temperatures: list[float] = []  # empty: the student's temperature
+    alphas: list[float] = []  # empty: the student's alpha
+    seeds: list[int] = [0]
+    max_concurrent_trials: Optional[int] = Field(None, ge=1)
+    metric: str = "val_accuracy"
+    scheduler: Literal["none", "asha"] = "none"
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("the grid is empty: give at least one fraction")
+        bad = [f for f in v if not 0 < f <= 1]
+        if bad:
+            raise ValueError(f"every fraction must be in (0, 1]; got {bad}")
+        return v
+
+    @field_validator("targets", "seeds")
+    @classmethod
+    def _nonempty(cls, v: list) -> list:
+        if not v:
+            raise ValueError("the grid is empty: give at least one value")
+        return v
+
+    @field_validator("temperatures")
+    @classmethod
+    def _temperatures(cls, v: list[float]) -> list[float]:
+        bad = [t for t in v if not t > 0]
+        if bad:
+            raise ValueError(f"every temperature must be > 0; got {bad}")
+        return v
+
+    @field_validator("alphas")
+    @classmethod
+    def _alphas(cls, v: list[float]) -> list[float]:
+        bad = [a for a in v if not 0 <= a <= 1]
+        if bad:
+            raise ValueError(f"every alpha must be in [0, 1]; got {bad}")
+        return v
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, v: str) -> str:
+        if v not in METRICS:
+            raise ValueError(f"unknown metric {v!r}; known metrics: {list(METRICS)}")
+        return v
+
+
+class RuntimeConfig(_Section):
+    address: Optional[str] = None  # Ray address; None: RAY_ADDRESS, else a local cluster
+    storage_path: str = "./runs"  # local folder or s3:// / gs:// / file:// URI
+    num_cpus: Optional[int] = Field(None, gt=0)  # only for a local cluster started by kd_ray
+    num_gpus: Optional[int] = Field(None, ge=0)
+
+
+class ExperimentConfig(_Section):
+    name: str = "digits"
+    data: DataConfig = DataConfig()
+    teachers: TeachersConfig = TeachersConfig()
+    soft_targets: SoftTargetsConfig = SoftTargetsConfig()
+    student: StudentConfig = StudentConfig()
+    sweep: SweepConfig = SweepConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v or "/" in v or v.startswith("."):
+            raise ValueError(f"name must be a plain folder name, got {v!r}")
+        return v
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def section_hash(self, *sections: str) -> str:
+        """A stable digest of some sections (used to key caches on what they depend on)."""
+        dump = self.model_dump(mode="json")
+        blob = json.dumps({s: dump[s] for s in sections}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict, in order."""
+    out = json.loads(json.dumps(raw))  # deep copy of plain data
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects section.key=value, got {item!r}")
+        dotted, value = item.split("=", 1)
+        keys = [k for k in dotted.strip().split(".") if k]
+        if not keys:
+            raise ConfigError(f"--set has an empty key in {item!r}")
+        node = out
+        for k in keys[:-1]:
+            nxt = node.setdefault(k, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {dotted}: {k!r} is not a section")
+            node = nxt
+        node[keys[-1]] = yaml.safe_load(value) if value.strip() else None
+    return out
+
+
+def _format_errors(e: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `kd-ray config show` lists every key)"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def build_config(raw: dict[str, Any], overrides: list[str] | None = None, source: str = "<dict>") -> ExperimentConfig:
+    merged = apply_overrides(raw or {}, overrides or [])
+    try:
+        return ExperimentConfig.model_validate(merged)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a YAML config (None: all defaults) and apply ``--set`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p} (the shipped configs are in jobs/configs/)")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(raw).__name__}")
+    return build_config(raw, overrides, source=str(path or "defaults"))

@@ -1,0 +1,31 @@
+import numpy as np
+import torch
+
+from kd_ray.augment import random_shift, seeded_shift, shift_images
+
+
+def test_shift_moves_pixels_and_fills_zeros():
+    x = torch.arange(16, dtype=torch.float32).reshape(1, 1, 4, 4) + 1
+    out = shift_images(x, torch.tensor([1]), torch.tensor([-1]))
+    assert torch.equal(out[0, 0, 1:, :3], x[0, 0, :3, 1:])
+    assert (out[0, 0, 0] == 0).all() and (out[0, 0, :, 3] == 0).all()
+
+
+def test_seeded_shift_is_a_function_of_seed_epoch_and_id():
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(64, 1, 8, 8)).astype(np.float32)
+    ids = np.arange(64)
+    a = seeded_shift(images, ids, 2, seed=1, epoch=0)
+    assert np.array_equal(a, seeded_shift(images, ids, 2, seed=1, epoch=0))
+    assert not np.array_equal(a, seeded_shift(images, ids, 2, seed=2, epoch=0))
+    assert not np.array_equal(a, seeded_shift(images, ids, 2, seed=1, epoch=1))
+    # the view of one sample does not depend on which batch it came in
+    part = seeded_shift(images[10:20], ids[10:20], 2, seed=1, epoch=0)
+    assert np.array_equal(part, a[10:20])
+
+
+def test_random_shift_bounded():
+    x = torch.ones(32, 1, 8, 8)
+    out = random_shift(x, 2, torch.Generator().manual_seed(0))
+    # at most 2 rows and 2 columns zeroed, so at least 6x6 ones remain
+    assert (out.sum(dim=(1, 2, 3)) >= 36).all()

@@ -1,0 +1,181 @@
+"""Datasets and subsets (no Ray): digits, IDX (torchvision layout), CIFAR, parquet, image folders."""
+import gzip
+import pickle
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from kd_ray.config import DataConfig
+from kd_ray.data import DatasetNotFoundError, load_splits, select_fraction, stable_hash
+
+
+# ------------------------------------------------------------------ fractions
+def _labels(n=1000, classes=10, seed=0):
+    return np.random.default_rng(seed).integers(0, classes, n)
+
+
+def test_fractions_are_nested():
+    ids, y = np.arange(1000), _labels()
+    prev = None
+    for f in (0.03, 0.1, 0.3, 1.0):
+        cur = set(select_fraction(ids, y, f, seed=7))
+        if prev is not None:
+            assert prev <= cur
+        prev = cur
+    assert prev == set(ids)
+
+
+def test_fractions_are_stratified_with_ceil_and_at_least_one():
+    ids, y = np.arange(1000), _labels()
+    y[:3] = 9  # make sure class 9 exists
+    sel = select_fraction(ids, y, 0.03, seed=1)
+    for c in np.unique(y):
+        n_c = (y == c).sum()
+        assert (y[np.isin(ids, sel)] == c).sum() == max(1, int(np.ceil(0.03 * n_c)))
+    rare = np.array([0, 1, 2, 3]), np.array([0, 0, 0, 1])
+    assert set(select_fraction(*rare, 0.01, seed=0)) & {3} == {3}  # a class of one is kept
+
+
+def test_fractions_independent_of_order_and_block_layout():
+    ids, y = np.arange(500) * 3 + 11, _labels(500)
+    perm = np.random.default_rng(5).permutation(500)
+    assert np.array_equal(select_fraction(ids, y, 0.2, 3), select_fraction(ids[perm], y[perm], 0.2, 3))
+    # computed block by block (per-class pieces) the hash ranks agree
+    blocks = np.array_split(np.arange(500), 7)
+    h = np.concatenate([stable_hash(ids[b], 3) for b in blocks])
+    assert np.array_equal(h, stable_hash(ids, 3))
+    assert not np.array_equal(select_fraction(ids, y, 0.2, 3), select_fraction(ids, y, 0.2, 4))
+
+
+def test_same_ids_in_another_process():
+    code = ("import numpy as np; from kd_ray.data import select_fraction;"
+            "y=np.random.default_rng(0).integers(0,10,1000);"
+            "print(','.join(map(str, select_fraction(np.arange(1000), y, 0.1, 42))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PYTHONHASHSEED": "123", "PATH": ""}).stdout.strip()
+    here = select_fraction(np.arange(1000), _labels(), 0.1, 42)
+    assert out == ",".join(map(str, here))
+
+
+def test_fraction_out_of_range():
+    with pytest.raises(ValueError, match="fraction"):
+        select_fraction(np.arange(3), np.zeros(3), 0.0, 0)
+
+
+# ------------------------------------------------------------------ digits
+def test_digits_shapes_and_counts():
+    s = load_splits(DataConfig(name="digits", val_fraction=0.1))
+    assert s.num_classes == 10 and s.input_shape == (1, 8, 8)
+    assert len(s.train) + len(s.val) + len(s.test) == 1797
+    assert 430 <= len(s.test) <= 460
+    assert set(s.train.ids).isdisjoint(s.val.ids) and set(s.train.ids).isdisjoint(s.test.ids)
+    assert all(np.unique(x.labels).size == 10 for x in (s.train, s.val, s.test))
+    assert s.train.images.dtype == np.float32 and s.train.ids.dtype == np.int64
+    # the same normalisation for train and test: train is standardised exactly
+    everything = np.concatenate([s.train.images, s.val.images])
+    assert abs(everything.mean()) < 1e-4 and abs(everything.std() - 1) < 1e-3
+    assert abs(s.test.images.mean()) < 0.1  # test uses the training statistics
+    again = load_splits(DataConfig(name="digits", val_fraction=0.1))
+    assert s.identity() == again.identity()
+    assert s.identity() != load_splits(DataConfig(name="digits", val_fraction=0.2)).identity()
+
+
+def test_class_filters():
+    s = load_splits(DataConfig(name="digits"))
+    assert 3 not in s.train.filter_classes(omit=[3]).labels
+    assert set(s.train.filter_classes(keep=[7, 8]).labels) == {7, 8}
+
+
+# ------------------------------------------------------------------ IDX (MNIST family)
+def _write_idx(path, arr, gz=False):
+    header = struct.pack(">BBBB", 0, 0, 0x08, arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
+    data = header + arr.astype(np.uint8).tobytes()
+    if gz:
+        with gzip.open(str(path) + ".gz", "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+
+
+def _write_mnist(folder, n_train=60, n_test=20, gz=False):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        _write_idx(folder / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), gz)
+        _write_idx(folder / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10, gz)
+
+
+def test_mnist_from_torchvision_layout(tmp_path):
+    _write_mnist(tmp_path / "MNIST" / "raw")
+    s = load_splits(DataConfig(name="mnist", root=str(tmp_path), val_fraction=0.2))
+    assert s.input_shape == (1, 28, 28) and s.num_classes == 10
+    assert len(s.train) + len(s.val) == 60 and len(s.test) == 20
+
+
+def test_fashion_mnist_gz_files_in_root(tmp_path):
+    _write_mnist(tmp_path, gz=True)
+    s = load_splits(DataConfig(name="fashion_mnist", root=str(tmp_path)))
+    assert len(s.test) == 20
+
+
+def test_missing_idx_files_named(tmp_path):
+    with pytest.raises(DatasetNotFoundError) as e:
+        load_splits(DataConfig(name="kmnist", root=str(tmp_path)))
+    msg = str(e.value)
+    assert "train-images-idx3-ubyte" in msg and str(tmp_path / "KMNIST" / "raw") in msg and "download" in msg
+
+
+def test_truncated_idx_file(tmp_path):
+    _write_mnist(tmp_path / "MNIST" / "raw")
+    p = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    p.write_bytes(p.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="truncated"):
+        load_splits(DataConfig(name="mnist", root=str(tmp_path)))
+
+
+# ------------------------------------------------------------------ CIFAR
+def test_cifar10_from_python_batches(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (20, 3072), dtype=np.uint8), "labels": list(np.arange(20) % 10)}, f)
+    s = load_splits(DataConfig(name="cifar10", root=str(tmp_path)))
+    assert s.input_shape == (3, 32, 32) and len(s.train) + len(s.val) == 100 and len(s.test) == 20
+    with pytest.raises(DatasetNotFoundError, match="cifar-100-python"):
+        load_splits(DataConfig(name="cifar100", root=str(tmp_path)))
+
+
+# ------------------------------------------------------------------ parquet & image folders
+def test_parquet_source(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 50), ("test", 10)):
+        pq.write_table(pa.table({"pixels": [rng.integers(0, 256, 64).tolist() for _ in range(n)],
+                                 "y": (np.arange(n) % 5).tolist()}), tmp_path / f"{split}.parquet")
+    s = load_splits(DataConfig(name="parquet", root=str(tmp_path), image_column="pixels", label_column="y"))
+    assert s.input_shape == (1, 8, 8) and s.num_classes == 5 and len(s.test) == 10
+    uri = load_splits(DataConfig(name="parquet", root=f"file://{tmp_path}", image_column="pixels", label_column="y"))
+    assert uri.identity() == s.identity()
+    with pytest.raises(ValueError, match=r"column 'image' not found; columns are \['pixels', 'y'\]"):
+        load_splits(DataConfig(name="parquet", root=str(tmp_path)))
+
+
+def test_image_folder_source(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("test", 2)):
+        for cls in ("cat", "dog", "eel"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
+    s = load_splits(DataConfig(name="image_folder", root=str(tmp_path), val_fraction=0.25))
+    assert s.input_shape == (3, 6, 6) and s.num_classes == 3
+    assert len(s.train) + len(s.val) == 12 and len(s.test) == 6
+    with pytest.raises(DatasetNotFoundError, match="train/<class>"):
+        load_splits(DataConfig(name="image_folder", root=str(tmp_path / "nothing")))

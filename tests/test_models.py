@@ -1,0 +1,37 @@
+"""Every registered model gives [B, num_classes] on every dataset's input shape."""
+import pytest
+import torch
+
+from kd_ray.models import MODELS, build_model, count_parameters
+
+INPUT_SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("dataset", sorted(INPUT_SHAPES))
+def test_output_shapes(name, dataset):
+    shape = INPUT_SHAPES[dataset]
+    num_classes = 100 if dataset == "cifar10" else 10
+    model = build_model(name, shape, num_classes)
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.randn(3, *shape))
+    assert out.shape == (3, num_classes)
+    assert count_parameters(model) > 0
+
+
+def test_paper_mlp_sizes_and_jitter():
+    teacher = build_model("mlp", (1, 28, 28), 10, hidden=[1200, 1200], dropout=0.2, jitter=2)
+    student = build_model("mlp", (1, 28, 28), 10, hidden=[800, 800])
+    assert count_parameters(teacher) == 784 * 1200 + 1200 + 1200 * 1200 + 1200 + 1200 * 10 + 10
+    assert count_parameters(student) == 784 * 800 + 800 + 800 * 800 + 800 + 800 * 10 + 10
+    x = torch.randn(4, 1, 28, 28)
+    teacher.eval()
+    assert torch.equal(teacher(x), teacher(x))  # no jitter, no dropout at eval
+
+
+def test_unknown_model_and_bad_args():
+    with pytest.raises(ValueError, match="unknown model 'vit'"):
+        build_model("vit", (1, 8, 8), 10)
+    with pytest.raises(ValueError, match="bad model_args"):
+        build_model("mlp", (1, 8, 8), 10, widths=[3])
