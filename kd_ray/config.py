@@ -217,6 +217,7 @@ class RuntimeConfig(_Section):
     storage_path: str = "./runs"  # local folder or s3:// / gs:// / file:// URI
     num_cpus: Optional[int] = Field(None, gt=0)  # only for a local cluster started by kd_ray
     num_gpus: Optional[int] = Field(None, ge=0)
+    shared_filesystem: bool = False  # a local storage_path that every node mounts (NFS)
 
 
 class ExperimentConfig(_Section):

@@ -395,7 +395,7 @@ def from_dataset(ds: "ray.data.Dataset", columns: tuple[str, ...] = ("id", "imag
     if missing:
         raise ValueError(f"dataset lacks column(s) {missing}; columns found: {ds.columns()}")
     parts: dict[str, list[np.ndarray]] = {c: [] for c in columns}
-    for batch in ds.select_columns(list(columns)).iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for c in columns:
             parts[c].append(np.asarray(batch[c]))
     return {c: (np.concatenate(v) if v else np.zeros((0,))) for c, v in parts.items()}

@@ -1,0 +1,66 @@
+"""One local Ray cluster for the whole session (Ray takes 20-35 s to start here).
+
+It declares more logical CPUs than the machine has (sweeps hold a CPU per trial driver) and
+two logical GPUs, so GPU-aware scheduling is tested while torch runs on the CPU. Tests marked
+``isolated`` start their own Ray instance: they run last, after the shared cluster is shut
+down, because two Ray instances on one machine break Ray Train (DESIGN.md).
+"""
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+SHARED_CPUS = 8
+SHARED_GPUS = 2
+
+
+def pytest_collection_modifyitems(config, items):
+    # isolated tests go last, in their original order
+    items.sort(key=lambda item: item.get_closest_marker("isolated") is not None)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    def start():
+        if not ray.is_initialized():
+            ray.init(num_cpus=SHARED_CPUS, num_gpus=SHARED_GPUS, include_dashboard=True,
+                     dashboard_host="127.0.0.1", log_to_driver=True)
+        return ray
+
+    yield start
+    ray.shutdown()
+
+
+@pytest.fixture
+def ray_session(ray_cluster):
+    """Use the shared cluster (started on first use)."""
+    return ray_cluster()
+
+
+@pytest.fixture
+def no_ray():
+    """For isolated tests: the shared cluster is shut down first and after."""
+    import ray
+
+    ray.shutdown()
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def digits_cfg(tmp_path):
+    """A tiny digits experiment writing under a fresh storage folder."""
+    from kd_ray.config import load_config
+
+    def make(*overrides):
+        return load_config(None, [
+            f"runtime.storage_path={tmp_path / 'runs'}",
+            "teachers.count=2", "teachers.epochs=2", "teachers.model_args={hidden: [64]}",
+            "teachers.batch_size=128", "student.epochs=2", *overrides,
+        ])
+    return make
