@@ -102,6 +102,12 @@ class Split:
     def fraction(self, fraction: float, seed: int) -> "Split":
         return self.take(select_fraction(self.ids, self.labels, fraction, seed))
 
+    @staticmethod
+    def concat(parts: Iterable["Split"]) -> "Split":
+        parts = list(parts)
+        return Split(np.concatenate([p.ids for p in parts]), np.concatenate([p.images for p in parts]),
+                     np.concatenate([p.labels for p in parts]))
+
     def filter_classes(self, omit: Iterable[int] = (), keep: Iterable[int] | None = None) -> "Split":
         mask = ~np.isin(self.labels, list(omit))
         if keep is not None:
@@ -371,8 +377,8 @@ def load_splits(cfg: "DataConfig") -> Splits:
 
 
 # --------------------------------------------------------------------------- Ray Datasets
-def to_dataset(split: Split, blocks: int | None = None) -> "ray.data.Dataset":
-    """A materialized Ray Dataset ``{id, image, label}`` from an in-memory split."""
+def to_dataset(split: Split, blocks: int | None = None, extra: dict[str, np.ndarray] | None = None) -> "ray.data.Dataset":
+    """A materialized Ray Dataset ``{id, image, label}`` (plus ``extra`` columns) from a split."""
     import pyarrow as pa
     import ray.data
     from ray.data.extensions import ArrowTensorArray
@@ -385,6 +391,7 @@ def to_dataset(split: Split, blocks: int | None = None) -> "ray.data.Dataset":
             "id": pa.array(split.ids[part]),
             "image": ArrowTensorArray.from_numpy(split.images[part]),
             "label": pa.array(split.labels[part]),
+            **{k: pa.array(np.asarray(v)[part]) for k, v in (extra or {}).items()},
         }))
     return ray.data.from_arrow(tables)
 

@@ -27,6 +27,11 @@ def resolve(path: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
 
 
+def absolute(path: str) -> str:
+    """A local path made absolute (what Ray's readers and writers want); URIs unchanged."""
+    return str(path) if is_uri(path) else os.path.abspath(os.path.expanduser(str(path)))
+
+
 def join(base: str, *parts: str) -> str:
     base = str(base).rstrip("/")
     return "/".join([base, *[str(p).strip("/") for p in parts]])

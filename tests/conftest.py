@@ -64,3 +64,17 @@ def digits_cfg(tmp_path):
             "teachers.batch_size=128", "student.epochs=2", *overrides,
         ])
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_ensemble(ray_cluster, tmp_path_factory):
+    """Three small digits teachers, trained once per session: (config, EnsembleResult)."""
+    from kd_ray.config import load_config
+    from kd_ray.teachers import train_ensemble
+
+    ray_cluster()
+    root = tmp_path_factory.mktemp("ensemble")
+    cfg = load_config(None, [f"runtime.storage_path={root}", "name=tiny", "teachers.count=3",
+                             "teachers.epochs=3", "teachers.model_args={hidden: [64]}", "teachers.lr=0.1",
+                             "soft_targets.batch_size=256"])
+    return cfg, train_ensemble(cfg)

@@ -1,0 +1,359 @@
+"""Stage 2: the ensemble's averaged, temperature-softened predictions through Ray Data.
+
+``source {id, image, label} -> map_batches(EnsemblePredictor, actor pool)
+-> {id, image, label, soft_targets[C], ensemble_pred, teacher_logits[K, C]?}``
+
+* **cached** (default without augmentation): computed once, written as parquet under
+  ``<storage>/<name>/soft_targets/<fingerprint>/{train,val,test}/`` with ``manifest.json``
+  written last. The fingerprint covers the teachers' checkpoint bytes, T, the rule, whether
+  logits are kept and the data's identity; a cache is used only when its manifest matches
+  and every file it lists reads back with the listed row count, else it is rebuilt.
+* **streaming** (default with augmentation): the transfer set is augmented and run through
+  the teachers again for every epoch (:meth:`SoftTargets.epoch_dataset`), so teacher and
+  student see the same view. Validation and test predictions are still cached.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from kd_ray import storage
+from kd_ray.config import ExperimentConfig
+from kd_ray.data import Split, Splits, load_splits, to_dataset
+from kd_ray.losses import ensemble_average, resoften
+from kd_ray.models import build_model
+
+SCHEMA_VERSION = 1
+SPLITS = ("train", "val", "test")
+
+
+class CacheError(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------- teachers on disk
+@dataclass
+class TeacherFile:
+    path: str
+    sha256: str
+    blob: dict
+
+
+def load_teacher_files(paths: Sequence[str]) -> list[TeacherFile]:
+    """Read every teacher checkpoint once (weights only); check they agree on classes and input."""
+    if not paths:
+        raise ValueError("no teacher checkpoints given")
+    out = []
+    for p in paths:
+        raw = storage.read_bytes(p) if storage.exists(p) else None
+        if raw is None:
+            raise FileNotFoundError(f"teacher checkpoint not found: {p}; run `kd-ray teachers` first")
+        blob = storage.load_torch(p)
+        missing = [k for k in ("model", "model_args", "num_classes", "input_shape", "state_dict") if k not in blob]
+        if missing:
+            raise ValueError(f"corrupt checkpoint {p}: missing {missing}; delete it to retrain that teacher")
+        out.append(TeacherFile(p, hashlib.sha256(raw).hexdigest(), blob))
+    classes = {f.path: int(f.blob["num_classes"]) for f in out}
+    if len(set(classes.values())) > 1:
+        raise ValueError(f"teachers disagree on the number of classes: {classes}; an ensemble needs one label space")
+    shapes = {f.path: tuple(f.blob["input_shape"]) for f in out}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"teachers disagree on the input shape: {shapes}")
+    return out
+
+
+def build_teacher(blob: dict, device: torch.device) -> torch.nn.Module:
+    model = build_model(blob["model"], blob["input_shape"], blob["num_classes"], **blob["model_args"])
+    model.load_state_dict(blob["state_dict"])
+    return model.to(device).eval()
+
+
+# --------------------------------------------------------------------------- the predictor
+@torch.no_grad()
+def ensemble_outputs(models: Sequence[torch.nn.Module], images: torch.Tensor, T: float, rule: str,
+                     keep_teacher_logits: bool) -> dict[str, np.ndarray]:
+    """The K teachers on one batch -> the columns a soft-target row gets."""
+    logits = torch.stack([m(images).float() for m in models])  # [K, B, C]
+    out = {
+        "soft_targets": ensemble_average(logits, T, rule).cpu().numpy().astype(np.float32),
+        "ensemble_pred": ensemble_average(logits, 1.0, rule).argmax(1).cpu().numpy().astype(np.int64),
+    }
+    if keep_teacher_logits:
+        out["teacher_logits"] = logits.transpose(0, 1).half().cpu().numpy()  # [B, K, C]
+    return out
+
+
+class PassCounter:
+    """How many samples each teacher has run on, per split (a named Ray actor)."""
+
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+
+    def add(self, split: str, n: int) -> None:
+        self.counts[split] = self.counts.get(split, 0) + int(n)
+
+    def get(self) -> dict[str, int]:
+        return dict(self.counts)
+
+
+_COUNTERS: dict[str, Any] = {}  # keep the named actors alive while this driver runs
+
+
+def pass_counter(name: str):
+    import ray
+
+    if name not in _COUNTERS:
+        _COUNTERS[name] = ray.remote(PassCounter).options(
+            name=f"kd_ray_passes:{name}", get_if_exists=True, num_cpus=0).remote()
+    return _COUNTERS[name]
+
+
+def forward_passes(name: str) -> dict[str, int]:
+    """Samples each teacher has run on so far, per split, for experiment ``name``."""
+    import ray
+
+    return ray.get(pass_counter(name).get.remote())
+
+
+class EnsemblePredictor:
+    """Callable class for ``Dataset.map_batches`` on an actor pool: K teachers per batch."""
+
+    def __init__(self, model_paths: list[str], temperature: float, rule: str, keep_teacher_logits: bool,
+                 split: str = "train", counter_name: str | None = None):
+        import ray
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1) if ray.is_initialized() else 1
+        torch.set_num_threads(max(1, int(cpus)))
+        self.models = [build_teacher(f.blob, self.device) for f in load_teacher_files(model_paths)]
+        self.T, self.rule, self.keep, self.split = temperature, rule, keep_teacher_logits, split
+        self.counter = ray.get_actor(f"kd_ray_passes:{counter_name}") if counter_name else None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if "image" not in batch:
+            raise ValueError(f"the dataset has no 'image' column; columns found: {sorted(batch)}")
+        images = torch.from_numpy(np.ascontiguousarray(batch["image"], dtype=np.float32)).to(self.device)
+        batch.update(ensemble_outputs(self.models, images, self.T, self.rule, self.keep))
+        if self.counter is not None:  # per split: a ``split`` column (codes into SPLITS) wins
+            import ray
+
+            codes = batch.get("split")
+            counts = ({self.split: len(images)} if codes is None else
+                      {SPLITS[c]: int(n) for c, n in zip(*np.unique(codes, return_counts=True))})
+            ray.get([self.counter.add.remote(s, n) for s, n in counts.items()])
+        return batch
+
+
+def augment_batch(batch: dict[str, np.ndarray], max_shift: int, seed: int, epoch: int) -> dict[str, np.ndarray]:
+    from kd_ray.augment import seeded_shift
+
+    batch["image"] = seeded_shift(batch["image"], batch["id"], max_shift, seed, epoch)
+    return batch
+
+
+def predict(ds, model_paths: list[str], cfg: ExperimentConfig, split: str):
+    """The lazy map: ``ds`` through an EnsemblePredictor actor pool sized from the config."""
+    import ray.data
+
+    st = cfg.soft_targets
+    pass_counter(cfg.name)  # owned by this driver, so it outlives the actor pool
+    ray.data.DataContext.get_current().wait_for_min_actors_s = int(st.wait_for_actors_s)
+    return ds.map_batches(
+        EnsemblePredictor,
+        fn_constructor_kwargs=dict(model_paths=list(model_paths), temperature=st.temperature, rule=st.rule,
+                                   keep_teacher_logits=st.keep_teacher_logits, split=split, counter_name=cfg.name),
+        compute=ray.data.ActorPoolStrategy(size=st.actors),
+        num_gpus=st.num_gpus, num_cpus=st.num_cpus, batch_size=st.batch_size, batch_format="numpy",
+    )
+
+
+def check_pool_resources(cfg: ExperimentConfig) -> None:
+    """An actor no node can host would wait forever: fail at once instead."""
+    import ray
+
+    st = cfg.soft_targets
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    for res, want in (("GPU", st.num_gpus), ("CPU", st.num_cpus)):
+        have = max(n.get(res, 0) for n in nodes)
+        if want > have:
+            raise ValueError(f"soft_targets.num_{res.lower()}s={want:g} per predictor actor, but the largest "
+                             f"node has {have:g} {res}s; lower it or add a bigger node")
+
+
+# --------------------------------------------------------------------------- the stage
+def fingerprint(teachers: list[TeacherFile], cfg: ExperimentConfig, identity: dict, transfer: Split) -> str:
+    st = cfg.soft_targets
+    blob = {
+        "schema": SCHEMA_VERSION, "teachers": [t.sha256 for t in teachers], "temperature": st.temperature,
+        "rule": st.rule, "keep_teacher_logits": st.keep_teacher_logits, "data": identity,
+        "transfer": {"omit_classes": cfg.data.omit_classes, "keep_classes": cfg.data.keep_classes, "rows": len(transfer)},
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def soft_targets_root(cfg: ExperimentConfig) -> str:
+    return storage.join(cfg.runtime.storage_path, cfg.name, "soft_targets")
+
+
+def read_valid_cache(path: str, fp: str) -> dict | None:
+    """The manifest of a complete, matching cache at ``path``, or None (never a half-read)."""
+    import pyarrow.parquet as pq
+
+    manifest_path = storage.join(path, "manifest.json")
+    if not storage.exists(manifest_path):
+        return None
+    try:
+        manifest = storage.read_json(manifest_path)
+        if manifest.get("fingerprint") != fp or manifest.get("schema") != SCHEMA_VERSION:
+            return None
+        for split in SPLITS:
+            rows = 0
+            for rel in manifest["files"][split]:
+                fs, p = storage.resolve(storage.join(path, rel))
+                with fs.open_input_file(p) as f:
+                    rows += pq.read_metadata(f).num_rows
+            if rows != manifest["rows"][split]:
+                return None
+    except Exception:  # unreadable manifest or parquet: treat as absent and rebuild
+        return None
+    return manifest
+
+
+@dataclass
+class SoftTargets:
+    """What the student stage consumes."""
+
+    cfg: ExperimentConfig
+    mode: str
+    path: str
+    manifest: dict
+    model_paths: list[str]
+    transfer: Split
+    built: bool  # False when an existing cache was reused
+    datasets: dict[str, Any] = field(default_factory=dict)  # cached splits (Ray Datasets)
+    _source: Any = None
+
+    @property
+    def temperature(self) -> float:
+        return float(self.manifest["temperature"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest["num_classes"])
+
+    def describe(self) -> str:
+        e = self.manifest["ensemble"]
+        return (f"{self.mode} mode, T={self.temperature:g}, rule={self.manifest['rule']}, "
+                f"{self.manifest['rows']['train']} transfer rows, ensemble val accuracy {e['val_accuracy']:.4f}, "
+                f"test accuracy {e['test_accuracy']:.4f}, {'built' if self.built else 'reused'} at {self.path}")
+
+    def epoch_dataset(self, epoch: int, seed: int = 0, ids: np.ndarray | None = None):
+        """The training rows for one epoch: the cache (cached mode) or a fresh augmented
+        pass through the teachers (streaming mode). ``ids`` restricts to a subset."""
+        if self.mode == "cached":
+            ds = self.datasets["train"]
+            return ds if ids is None else _take_ids(ds, ids)
+        if self._source is None:
+            self._source = to_dataset(self.transfer)
+        ds = self._source if ids is None else _take_ids(self._source, ids)
+        ds = ds.map_batches(augment_batch, fn_kwargs=dict(max_shift=self.cfg.soft_targets.jitter, seed=seed, epoch=epoch),
+                            batch_format="numpy")
+        return predict(ds, self.model_paths, self.cfg, "train")
+
+
+def _take_ids(ds, ids: np.ndarray):
+    keep = np.asarray(ids, dtype=np.int64)
+    return ds.map_batches(lambda b: {k: v[np.isin(b["id"], keep)] for k, v in b.items()}, batch_format="numpy")
+
+
+def resoften_column(teacher_logits: np.ndarray | torch.Tensor, T: float, rule: str) -> torch.Tensor:
+    """Soft targets at another temperature from stored ``teacher_logits`` [B, K, C] (float16)."""
+    return resoften(torch.as_tensor(teacher_logits), T, rule)
+
+
+def _write_split(ds, root: str, split: str) -> list[str]:
+    """Write one split's parquet files under ``root/split``; their paths relative to ``root``."""
+    out = storage.join(root, split)
+    ds.write_parquet(storage.absolute(out))
+    return [f[len(root):].lstrip("/") for f in storage.list_files(out, ".parquet")]
+
+
+def _compute_cache(cfg: ExperimentConfig, paths: list[str], parts: dict[str, Split], work: str) -> tuple[dict, dict]:
+    """One pass of the actor pool over all splits (one pool start-up), then a write per split."""
+    codes = np.concatenate([np.full(len(parts[s]), i, np.int8) for i, s in enumerate(SPLITS)])
+    source = to_dataset(Split.concat(parts[s] for s in SPLITS), extra={"split": codes})
+    done = predict(source, paths, cfg, "train").materialize()
+    files, accuracy = {}, {}
+    for i, split in enumerate(SPLITS):
+        if not len(parts[split]):
+            files[split] = []
+            continue
+        rows = done.filter(expr=f"split == {i}").drop_columns(["split"])
+        files[split] = _write_split(rows, work, split)
+        if split != "train":
+            df = rows.select_columns(["label", "ensemble_pred"]).to_pandas()
+            accuracy[f"{split}_accuracy"] = float((df["label"] == df["ensemble_pred"]).mean())
+    return files, accuracy
+
+
+def build_soft_targets(cfg: ExperimentConfig, ensemble, splits: Splits | None = None) -> SoftTargets:
+    """Soft targets for the transfer set (and ensemble predictions for val and test).
+
+    ``ensemble`` is an :class:`~kd_ray.teachers.EnsembleResult` or a list of checkpoint paths.
+    """
+    import ray.data
+
+    t0 = time.time()
+    paths = list(getattr(ensemble, "model_paths", ensemble))
+    teachers = load_teacher_files(paths)  # clear errors before any Ray work
+    splits = splits or load_splits(cfg.data)
+    num_classes = int(teachers[0].blob["num_classes"])
+    if num_classes != splits.num_classes:
+        raise ValueError(f"the teachers predict {num_classes} classes but dataset {splits.name!r} has "
+                         f"{splits.num_classes}; retrain the teachers for this dataset")
+    transfer = splits.train.filter_classes(cfg.data.omit_classes, cfg.data.keep_classes)
+    if len(transfer) == 0:
+        raise ValueError("the transfer set is empty (check data.omit_classes / data.keep_classes)")
+    check_pool_resources(cfg)
+    pass_counter(cfg.name)
+    mode = cfg.soft_targets.resolved_mode
+    fp = fingerprint(teachers, cfg, splits.identity(), transfer)
+    root = soft_targets_root(cfg)
+    path = storage.join(root, fp)
+    manifest = read_valid_cache(path, fp)
+    built = manifest is None
+    if built:
+        storage.delete_dir(path)  # stale, partial or corrupt: rebuild from scratch
+        local = storage.is_local(path)
+        work = storage.join(root, f".{fp}.partial-{uuid.uuid4().hex[:8]}") if local else path
+        # streaming mode recomputes the transfer set per epoch, so only val/test go to the cache
+        parts = {"train": transfer if mode == "cached" else transfer.take(transfer.ids[:0]),
+                 "val": splits.val, "test": splits.test}
+        files, accuracy = _compute_cache(cfg, paths, parts, work)
+        rows = {s: len(p) for s, p in parts.items()}
+        manifest = {
+            "schema": SCHEMA_VERSION, "fingerprint": fp, "mode": mode, "temperature": cfg.soft_targets.temperature,
+            "rule": cfg.soft_targets.rule, "averaging": "mean of softmax(z_k/T)" if cfg.soft_targets.rule == "probs"
+            else "softmax(mean_k z_k / T)", "keep_teacher_logits": cfg.soft_targets.keep_teacher_logits,
+            "teachers": [{"path": t.path, "sha256": t.sha256} for t in teachers], "num_classes": num_classes,
+            "input_shape": list(splits.input_shape), "data": splits.identity(), "files": files, "rows": rows,
+            "ensemble": accuracy, "seconds": round(time.time() - t0, 2),
+        }
+        if local:
+            storage.write_json(storage.join(work, "manifest.json"), manifest)
+            fs, src = storage.resolve(work)
+            fs.move(src, storage.resolve(path)[1])
+        else:
+            storage.write_json(storage.join(path, "manifest.json"), manifest)  # last
+    datasets = {}
+    for split in SPLITS:
+        if manifest["files"][split]:
+            datasets[split] = ray.data.read_parquet([storage.absolute(storage.join(path, f)) for f in manifest["files"][split]])
+    return SoftTargets(cfg, mode, path, manifest, paths, transfer, built, datasets)

@@ -1,0 +1,139 @@
+"""Soft targets through Ray Data: exact values, caching and staleness, streaming, bad input."""
+import numpy as np
+import pytest
+import torch
+
+from kd_ray import storage
+from kd_ray.data import load_splits, to_dataset
+from kd_ray.losses import ensemble_average
+from kd_ray.soft_targets import (EnsemblePredictor, build_soft_targets, build_teacher, forward_passes,
+                                 load_teacher_files, predict, resoften_column)
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def _cfg(base, name, *overrides):
+    from kd_ray.config import build_config
+
+    return build_config(base.model_dump(mode="json"), [f"name={name}", *overrides])
+
+
+def _direct(ensemble, images, T, rule):
+    models = [build_teacher(f.blob, torch.device("cpu")) for f in load_teacher_files(ensemble.model_paths)]
+    with torch.no_grad():
+        logits = torch.stack([m(torch.from_numpy(images)) for m in models])
+    return ensemble_average(logits, T, rule).numpy(), logits
+
+
+def _rows(ds):
+    df = ds.to_pandas()
+    order = np.argsort(df["id"].to_numpy())
+    return {c: np.stack(df[c].to_numpy())[order] for c in df.columns}
+
+
+@pytest.mark.parametrize("rule", ["probs", "logits"])
+def test_soft_targets_equal_direct_computation_and_are_computed_once(tiny_ensemble, rule):
+    base, ensemble = tiny_ensemble
+    cfg = _cfg(base, f"exact_{rule}", f"soft_targets.rule={rule}", "soft_targets.temperature=3")
+    splits = load_splits(cfg.data)
+    st = build_soft_targets(cfg, ensemble, splits)
+    assert st.built and st.mode == "cached"
+    rows = _rows(st.datasets["train"])
+    n = len(splits.train)
+    assert len(rows["id"]) == n and np.array_equal(np.sort(rows["id"]), np.sort(splits.train.ids))  # each id once
+    want, _ = _direct(ensemble, splits.train.take(rows["id"]).images, 3.0, rule)
+    order = np.argsort(splits.train.ids)
+    want = _direct(ensemble, splits.train.images[order], 3.0, rule)[0]
+    assert np.abs(rows["soft_targets"] - want).max() <= 1e-6
+    assert np.allclose(rows["soft_targets"].sum(1), 1.0, atol=1e-6)
+    assert rows["teacher_logits"].shape == (n, 3, 10) and rows["teacher_logits"].dtype == np.float16
+    assert 0.5 < st.manifest["ensemble"]["test_accuracy"] <= 1
+    assert st.manifest["rule"] == rule and st.temperature == 3.0
+
+    # several consumers of the cache: the teachers never run again
+    again = build_soft_targets(cfg, ensemble, splits)
+    assert not again.built and again.path == st.path
+    for _ in range(3):
+        assert again.epoch_dataset(0).count() == n
+    passes = forward_passes(cfg.name)
+    assert passes == {"train": n, "val": len(splits.val), "test": len(splits.test)}
+
+
+def test_resoftened_targets_match_a_fresh_computation(tiny_ensemble):
+    base, ensemble = tiny_ensemble
+    at4 = build_soft_targets(_cfg(base, "resoften", "soft_targets.temperature=4"), ensemble)
+    at2 = build_soft_targets(_cfg(base, "resoften", "soft_targets.temperature=2"), ensemble)
+    r4, r2 = _rows(at4.datasets["train"]), _rows(at2.datasets["train"])
+    again = resoften_column(r4["teacher_logits"], 2.0, "probs").numpy()
+    assert np.abs(again - r2["soft_targets"]).max() < 2e-3
+
+
+def test_fingerprint_staleness_and_broken_caches(tiny_ensemble, tmp_path):
+    base, ensemble = tiny_ensemble
+    cfg = _cfg(base, "stale")
+    first = build_soft_targets(cfg, ensemble)
+    paths = {first.path}
+    for override in ("soft_targets.temperature=7", "soft_targets.rule=logits", "data.val_fraction=0.2"):
+        st = build_soft_targets(_cfg(base, "stale", override), ensemble)
+        assert st.built and st.path not in paths  # never the stale cache
+        paths.add(st.path)
+    # a changed teacher checkpoint changes the fingerprint
+    blob = storage.load_torch(ensemble.model_paths[0])
+    blob["state_dict"] = {k: v + 0.01 for k, v in blob["state_dict"].items()}
+    changed = str(tmp_path / "t0_changed.pt")
+    storage.save_torch(changed, blob)
+    st = build_soft_targets(cfg, [changed, *ensemble.model_paths[1:]])
+    assert st.built and st.path not in paths
+    # the original cache is intact and reused
+    assert not build_soft_targets(cfg, ensemble).built
+    # manifest deleted -> rebuilt
+    import os
+    os.remove(storage.join(first.path, "manifest.json"))
+    assert build_soft_targets(cfg, ensemble).built
+    # a truncated parquet file -> rebuilt
+    victim = storage.list_files(storage.join(first.path, "train"), ".parquet")[0]
+    data = open(victim, "rb").read()
+    open(victim, "wb").write(data[: len(data) // 2])
+    rebuilt = build_soft_targets(cfg, ensemble)
+    assert rebuilt.built and rebuilt.datasets["train"].count() == len(rebuilt.transfer)
+
+
+def test_streaming_recomputes_each_epoch_on_the_students_view(tiny_ensemble):
+    base, ensemble = tiny_ensemble
+    cfg = _cfg(base, "stream", "soft_targets.jitter=1", "soft_targets.temperature=2")
+    st = build_soft_targets(cfg, ensemble)
+    assert st.mode == "streaming"
+    splits = load_splits(cfg.data)
+    n = len(splits.train)
+    order = np.argsort(splits.train.ids)
+    views = []
+    for epoch in range(2):
+        rows = _rows(st.epoch_dataset(epoch, seed=5))
+        assert np.array_equal(rows["id"], splits.train.ids[order])
+        # the teachers' soft targets are those of the very image the student receives
+        want, _ = _direct(ensemble, rows["image"].astype(np.float32), 2.0, "probs")
+        assert np.abs(rows["soft_targets"] - want).max() <= 1e-6
+        assert not np.array_equal(rows["image"], splits.train.images[order])  # augmented
+        views.append(rows["image"])
+    assert not np.array_equal(views[0], views[1])  # a fresh view each epoch
+    assert forward_passes(cfg.name)["train"] == 2 * n
+
+
+def test_bad_inputs(tiny_ensemble, tmp_path):
+    base, ensemble = tiny_ensemble
+    cfg = _cfg(base, "bad")
+    blob = storage.load_torch(ensemble.model_paths[0])
+    blob["num_classes"] = 5
+    five = str(tmp_path / "five.pt")
+    storage.save_torch(five, blob)
+    with pytest.raises(ValueError, match="disagree on the number of classes"):
+        build_soft_targets(cfg, [five, *ensemble.model_paths[1:]])
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=f"corrupt checkpoint {corrupt}"):
+        build_soft_targets(cfg, [str(corrupt)])
+    # a dataset without an image column: the error lists the columns found
+    import ray.data
+    ds = ray.data.from_items([{"id": 0, "pixels": np.zeros((1, 8, 8), np.float32), "label": 0}])
+    with pytest.raises(Exception, match=r"no 'image' column; columns found: \['id', 'label', 'pixels'\]"):
+        predict(ds, ensemble.model_paths, cfg, "train").materialize()
