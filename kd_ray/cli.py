@@ -3,6 +3,7 @@
     kd-ray config show [CONFIG] [--set a.b=c ...]
     kd-ray teachers [CONFIG] [--set ...]
     kd-ray soft-targets [CONFIG] [--set ...]
+    kd-ray distill [CONFIG] [--set ...]
     kd-ray run [CONFIG] [--set ...]
 
 CONFIG defaults to jobs/configs/digits.yaml when it exists, else to the built-in defaults.
@@ -19,7 +20,7 @@ from kd_ray.config import ConfigError, ExperimentConfig, load_config
 DEFAULT_CONFIG = Path("jobs/configs/digits.yaml")
 # Stages of `kd-ray run`, in order; the ones not built yet are named when `run` reaches them.
 STAGES = ("teachers", "soft-targets", "distill", "sweep", "report")
-NOT_BUILT = ("distill", "sweep", "report")
+NOT_BUILT = ("sweep", "report")
 
 
 def _config(args: argparse.Namespace) -> ExperimentConfig:
@@ -51,14 +52,31 @@ def cmd_soft_targets(cfg: ExperimentConfig, ensemble=None):
     return build_soft_targets(cfg, ensemble)
 
 
+def cmd_distill(cfg: ExperimentConfig, soft=None):
+    from kd_ray.distill import distill, omitted_class_report
+
+    soft = soft or cmd_soft_targets(cfg)
+    result = distill(cfg, soft)
+    m = result.metrics
+    print(result.history.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"[kd_ray] student ({m['targets']} targets, {m['fraction']:g} of the data, T={m['temperature']:g}): "
+          f"test accuracy {m['test_accuracy']:.4f}, fidelity {m['test_fidelity']:.4f} "
+          f"(ensemble {soft.manifest['ensemble']['test_accuracy']:.4f}); checkpoint {result.checkpoint_path}"
+          f"{' (reused)' if result.reused else ''}")
+    if len(cfg.data.omit_classes) == 1:
+        print(f"[kd_ray] omitted class: {omitted_class_report(cfg, soft, result)}")
+    return result
+
+
 def cmd_run(cfg: ExperimentConfig) -> None:
     t0 = time.time()
     ensemble = cmd_teachers(cfg)
     soft = cmd_soft_targets(cfg, ensemble)
     print(f"[kd_ray] soft targets: {soft.describe()}")
-    print(f"[kd_ray] stages done in {time.time() - t0:.1f} s: teachers, soft-targets. "
-          f"Not built yet: {', '.join(NOT_BUILT)} (see the open issues); `kd-ray run` will run them "
-          f"once they exist.")
+    cmd_distill(cfg, soft)
+    print(f"[kd_ray] stages done in {time.time() - t0:.1f} s: teachers, soft-targets, distill (one student "
+          f"from the config). Not built yet: {', '.join(NOT_BUILT)} (see the open issues); `kd-ray run` "
+          f"will run them once they exist.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     show.add_argument("--set", action="append", default=[])
     add("teachers", "train the teacher ensemble")
     add("soft-targets", "compute the ensemble's soft targets (trains missing teachers first)")
+    add("distill", "distil one student (trains missing teachers and soft targets first)")
     add("run", "the whole pipeline: " + " -> ".join(STAGES))
 
     args = parser.parse_args(argv)
@@ -91,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "soft-targets":
             soft = cmd_soft_targets(cfg)
             print(f"[kd_ray] soft targets: {soft.describe()}")
+        elif args.command == "distill":
+            cmd_distill(cfg)
         elif args.command == "run":
             cmd_run(cfg)
     except (ConfigError, FileNotFoundError, ValueError) as e:

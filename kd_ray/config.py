@@ -151,7 +151,9 @@ class StudentConfig(_Section):
     targets: Literal["soft", "hard"] = "soft"
     fraction: float = Field(1.0, gt=0, le=1)
     seed: int = 0
+    num_classes: Optional[int] = Field(None, gt=1)  # None: the soft targets' class count
     num_workers: int = Field(1, ge=1)
+    use_gpu: Optional[bool] = None  # None: when the driver's torch sees CUDA (set true for GPU workers)
     max_failures: int = Field(0, ge=0)
     early_stopping_patience: Optional[int] = Field(None, gt=0)
 

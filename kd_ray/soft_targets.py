@@ -254,18 +254,37 @@ class SoftTargets:
                 f"{self.manifest['rows']['train']} transfer rows, ensemble val accuracy {e['val_accuracy']:.4f}, "
                 f"test accuracy {e['test_accuracy']:.4f}, {'built' if self.built else 'reused'} at {self.path}")
 
+    def source(self, ids: np.ndarray | None = None):
+        """The (un-augmented) transfer rows as a materialized Ray Dataset, optionally a subset."""
+        if self._source is None:
+            self._source = to_dataset(self.transfer)
+        return self._source if ids is None else _take_ids(self._source, ids).materialize()
+
     def epoch_dataset(self, epoch: int, seed: int = 0, ids: np.ndarray | None = None):
         """The training rows for one epoch: the cache (cached mode) or a fresh augmented
         pass through the teachers (streaming mode). ``ids`` restricts to a subset."""
         if self.mode == "cached":
             ds = self.datasets["train"]
             return ds if ids is None else _take_ids(ds, ids)
-        if self._source is None:
-            self._source = to_dataset(self.transfer)
-        ds = self._source if ids is None else _take_ids(self._source, ids)
-        ds = ds.map_batches(augment_batch, fn_kwargs=dict(max_shift=self.cfg.soft_targets.jitter, seed=seed, epoch=epoch),
-                            batch_format="numpy")
-        return predict(ds, self.model_paths, self.cfg, "train")
+        return streaming_epoch(self.source(ids), self.cfg, self.model_paths, epoch, seed)
+
+
+def streaming_epoch(source, cfg: ExperimentConfig, model_paths: list[str], epoch: int, seed: int,
+                    rank: int = 0, world: int = 1):
+    """source -> (this worker's share) -> seeded augmentation for ``epoch`` -> the teachers."""
+    ds = source
+    if world > 1:
+        ds = ds.map_batches(_shard_rows, fn_kwargs=dict(rank=rank, world=world), batch_format="numpy")
+    ds = ds.map_batches(augment_batch, fn_kwargs=dict(max_shift=cfg.soft_targets.jitter, seed=seed, epoch=epoch),
+                        batch_format="numpy")
+    return predict(ds, model_paths, cfg, "train")
+
+
+def _shard_rows(batch: dict[str, np.ndarray], rank: int, world: int) -> dict[str, np.ndarray]:
+    from kd_ray.data import stable_hash
+
+    keep = (stable_hash(batch["id"], 0) % np.uint64(world)) == np.uint64(rank)
+    return {k: v[keep] for k, v in batch.items()}
 
 
 def _take_ids(ds, ids: np.ndarray):

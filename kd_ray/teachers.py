@@ -84,6 +84,16 @@ def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 102
     return torch.cat(outs) if outs else torch.zeros(0)
 
 
+def save_teacher_model(path: str, teacher_id: str, key: str, spec: TeacherSpec, model: nn.Module,
+                       num_classes: int, input_shape, val_logits: torch.Tensor) -> None:
+    """The self-describing artifact the soft-target stage loads (``weights_only``-safe types)."""
+    storage.save_torch(path, {
+        "teacher_id": teacher_id, "key": key, "model": spec.model, "model_args": spec.model_args,
+        "num_classes": int(num_classes), "input_shape": [int(d) for d in input_shape],
+        "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "val_logits": val_logits,
+    })
+
+
 @dataclass
 class TeacherTrainer:
     """Train (or resume, or reuse) one teacher. Plain PyTorch; storage paths may be URIs."""
@@ -192,12 +202,8 @@ class TeacherTrainer:
             if self.progress is not None:
                 self.progress.update(1)
 
-        val_logits = predict_logits(model, xv)
-        storage.save_torch(self.model_path, {
-            "teacher_id": self.teacher_id, "key": self.key, "model": spec.model, "model_args": spec.model_args,
-            "num_classes": self.num_classes, "input_shape": list(self.input_shape),
-            "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "val_logits": val_logits,
-        })
+        save_teacher_model(self.model_path, self.teacher_id, self.key, spec, model, self.num_classes,
+                           self.input_shape, predict_logits(model, xv))
         meta = {
             "teacher_id": self.teacher_id, "key": self.key, "spec": spec.model_dump(mode="json"),
             "complete": True, "epoch": spec.epochs, "history": history,

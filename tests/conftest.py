@@ -75,6 +75,6 @@ def tiny_ensemble(ray_cluster, tmp_path_factory):
     ray_cluster()
     root = tmp_path_factory.mktemp("ensemble")
     cfg = load_config(None, [f"runtime.storage_path={root}", "name=tiny", "teachers.count=3",
-                             "teachers.epochs=3", "teachers.model_args={hidden: [64]}", "teachers.lr=0.1",
+                             "teachers.epochs=8", "teachers.model_args={hidden: [128]}", "teachers.lr=0.1",
                              "soft_targets.batch_size=256"])
     return cfg, train_ensemble(cfg)

@@ -1,0 +1,313 @@
+"""Stage 3: distil one student with Ray Train (TorchTrainer).
+
+* :func:`train_loop_per_worker` runs on every Train worker: it builds the student, reads its
+  shard of the soft-target rows, trains with :func:`kd_ray.losses.kd_loss` (soft, hard, or
+  mixed by alpha; re-softening stored teacher logits when the student's T differs from the
+  cache's), evaluates on the validation set every epoch, checkpoints every epoch (reported
+  with the metrics) and resumes from ``ray.train.get_checkpoint()``.
+* :func:`distill` is the driver: it picks the rows (a nested stratified fraction of the
+  transfer set), names the run deterministically (so running again resumes, and a finished
+  run is read back instead of retrained), launches the TorchTrainer and returns the final
+  metrics, the checkpoint path and the per-epoch history as a DataFrame.
+* :func:`bias_adjustment` is the paper's omitted-class fix (section 3), pure torch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from kd_ray import storage
+from kd_ray.config import ExperimentConfig, StudentConfig
+from kd_ray.data import select_fraction
+from kd_ray.losses import kd_loss, resoften
+from kd_ray.models import build_model, count_parameters
+from kd_ray.soft_targets import SoftTargets, streaming_epoch
+from kd_ray.teachers import make_optimizer, make_scheduler
+
+
+class StudentError(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------- pure helpers
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches, device) -> dict[str, float]:
+    """Accuracy, error count, NLL and fidelity (top-1 agreement with the ensemble)."""
+    model.eval()
+    n = correct = agree = 0
+    nll = 0.0
+    for b in batches:
+        logits = model(b["image"].to(device)).float()
+        y = b["label"].to(device)
+        pred = logits.argmax(1)
+        n += len(y)
+        correct += int((pred == y).sum())
+        agree += int((pred == b["ensemble_pred"].to(device)).sum())
+        nll += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+    if n == 0:
+        return {"accuracy": float("nan"), "errors": 0, "nll": float("nan"), "fidelity": float("nan"), "n": 0}
+    return {"accuracy": correct / n, "errors": n - correct, "nll": nll / n, "fidelity": agree / n, "n": n}
+
+
+def bias_adjustment(val_logits: torch.Tensor, val_labels: torch.Tensor, cls: int,
+                    grid: np.ndarray | None = None) -> float:
+    """The delta added to class ``cls``'s logit (output bias) that maximises validation accuracy
+    (ties: the smallest |delta|)."""
+    grid = np.round(np.arange(-2.0, 20.0001, 0.25), 4) if grid is None else grid
+    best, best_acc = 0.0, -1.0
+    for d in sorted(grid, key=abs):
+        z = val_logits.clone()
+        z[:, cls] += float(d)
+        acc = float((z.argmax(1) == val_labels).float().mean())
+        if acc > best_acc + 1e-12:
+            best, best_acc = float(d), acc
+    return best
+
+
+def _targets(batch: dict, T: float, cache_T: float, rule: str) -> torch.Tensor:
+    """Soft targets at the student's T: the cached column, or re-softened stored logits."""
+    if abs(T - cache_T) < 1e-12 or "teacher_logits" not in batch:
+        if abs(T - cache_T) >= 1e-12:
+            raise StudentError(f"student.temperature={T} differs from the soft targets' T={cache_T} and the "
+                               f"cache has no teacher_logits; set soft_targets.keep_teacher_logits: true")
+        return batch["soft_targets"]
+    return resoften(batch["teacher_logits"], T, rule)
+
+
+# --------------------------------------------------------------------------- the Train loop
+def train_loop_per_worker(config: dict) -> dict:
+    import ray.train
+    import ray.train.torch
+
+    s = StudentConfig(**config["student"])
+    T, alpha = config["temperature"], (0.0 if s.targets == "hard" else s.alpha)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(config.get("cpus_per_worker", 1))))
+    torch.manual_seed(s.seed)
+    model = build_model(s.model, config["input_shape"], config["num_classes"], **s.model_args)
+    opt = make_optimizer(model.parameters(), s)
+    sched = make_scheduler(opt, s)
+    start_epoch, history, best = 0, [], {"val_accuracy": -1.0, "epoch": 0, "state": None}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, "student.pt"), map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start_epoch, history = int(state["epoch"]), list(state["history"])
+        best = {"val_accuracy": state["best_val_accuracy"], "epoch": state["best_epoch"], "state": state["best_model"]}
+    model = ray.train.torch.prepare_model(model)  # device move; DDP when world > 1
+    plain = model.module if hasattr(model, "module") else model
+
+    stream = config.get("stream")
+    train_shard = None if stream else ray.train.get_dataset_shard("train")
+    val_rows = ray.train.get_dataset_shard("val")
+    batch_kw = dict(batch_size=s.batch_size, device=device)
+    patience = s.early_stopping_patience
+    stopped = False
+    for epoch in range(start_epoch, s.epochs):
+        t0 = time.time()
+        model.train()
+        if stream:  # a fresh augmented view through the teachers, this worker's share
+            epoch_ds = streaming_epoch(stream["source"], stream["cfg"], stream["paths"], epoch, s.seed, rank, world)
+            batches = epoch_ds.iter_torch_batches(**batch_kw)
+        else:
+            batches = train_shard.iter_torch_batches(**batch_kw, local_shuffle_buffer_size=4096,
+                                                     local_shuffle_seed=s.seed * 1000 + epoch)
+        n = correct = 0
+        loss_sum = torch.zeros((), device=device)
+        seen = []
+        for b in batches:
+            logits = model(b["image"])
+            soft = _targets(b, T, config["cache_temperature"], config["rule"]) if alpha > 0 else None
+            loss, _ = kd_loss(logits, soft, b["label"], T, alpha)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach() * len(logits)
+            n += len(logits)
+            correct += int((logits.argmax(1) == b["label"]).sum())
+            seen.append(b["id"].cpu().numpy())
+        sched.step()
+        train_loss = float(loss_sum) / max(n, 1)
+        if not math.isfinite(train_loss):
+            raise StudentError(f"student loss became {train_loss} in epoch {epoch + 1}; lower student.lr "
+                               f"(now {s.lr}). The last good checkpoint (epoch {epoch}) is kept.")
+        val = evaluate(plain, val_rows.iter_torch_batches(batch_size=1024, device=device), device)
+        row = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": correct / max(n, 1),
+               "train_rows": n, **{f"val_{k}": v for k, v in val.items()},
+               "resumed_from": start_epoch, "seconds": time.time() - t0}
+        history.append(row)
+        if val["accuracy"] > best["val_accuracy"]:
+            best = {"val_accuracy": val["accuracy"], "epoch": epoch + 1,
+                    "state": {k: v.detach().cpu().clone() for k, v in plain.state_dict().items()}}
+        stopped = patience is not None and epoch + 1 - best["epoch"] >= patience
+        _report(row, plain, opt, sched, epoch + 1, history, best, rank, np.concatenate(seen) if seen else np.zeros(0, np.int64))
+        if config.get("fail_after_epoch") == epoch + 1 and start_epoch == 0:
+            raise RuntimeError(f"injected failure after epoch {epoch + 1} (fault-injection test)")
+        if stopped:
+            break
+
+    # the final model: the best on validation (early stopping) or the last epoch
+    if patience is not None and best["state"] is not None:
+        plain.load_state_dict(best["state"])
+    final = {"epoch": history[-1]["epoch"] if history else 0, "best_epoch": best["epoch"], "final": True,
+             **{k: v for k, v in history[-1].items() if k.startswith(("val_", "train_"))}}
+    if patience is not None:
+        val = evaluate(plain, val_rows.iter_torch_batches(batch_size=1024, device=device), device)
+        final.update({f"val_{k}": v for k, v in val.items()})
+    test = evaluate(plain, ray.train.get_dataset_shard("test").iter_torch_batches(batch_size=1024, device=device), device)
+    final.update({f"test_{k}": v for k, v in test.items()})
+    _report(final, plain, opt, sched, final["epoch"], history, best, rank, None)
+    return {"history": history, "final": final}
+
+
+def _report(metrics: dict, model, opt, sched, epoch: int, history: list, best: dict, rank: int, seen_ids) -> None:
+    """A checkpoint with every report (rank 0 saves the model; every rank its row ids)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as d:
+        if rank == 0:
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "epoch": epoch, "history": history, "best_val_accuracy": best["val_accuracy"],
+                        "best_epoch": best["epoch"], "best_model": best["state"]}, os.path.join(d, "student.pt"))
+        if seen_ids is not None:
+            np.save(os.path.join(d, f"rows_rank{rank}.npy"), seen_ids)
+        ray.train.report(dict(metrics), checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+# --------------------------------------------------------------------------- the driver
+@dataclass
+class DistillResult:
+    metrics: dict[str, Any]  # final: val_* and test_* (accuracy, errors, nll, fidelity), epochs
+    checkpoint_path: str
+    history: pd.DataFrame  # one row per epoch
+    run_name: str
+    reused: bool = False
+
+
+def run_name(cfg: ExperimentConfig, soft: SoftTargets, T: float) -> str:
+    s = cfg.student
+    key = json.dumps({"student": s.model_dump(mode="json"), "T": T, "soft": soft.manifest["fingerprint"],
+                      "data_seed": cfg.data.seed}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    return f"student-{s.targets}-f{s.fraction:g}-T{T:g}-a{s.alpha:g}-s{s.seed}-{digest}"
+
+
+def subset_ids(soft: SoftTargets, fraction: float, seed: int) -> np.ndarray:
+    """The transfer-set ids a run at ``fraction`` trains on (nested, stratified)."""
+    return select_fraction(soft.transfer.ids, soft.transfer.labels, fraction, seed)
+
+
+def distill(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None = None,
+            fail_after_epoch: int | None = None, callbacks: list | None = None) -> DistillResult:
+    """Train one student (``cfg.student``) on ``soft``; resumable, and reused when finished.
+
+    ``ids`` overrides the rows (default: ``student.fraction`` of the transfer set).
+    ``fail_after_epoch`` injects a worker failure once, for fault-tolerance tests.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    s = cfg.student
+    T = s.temperature or soft.temperature
+    C = soft.num_classes
+    if s.num_classes is not None and s.num_classes != C:
+        raise ValueError(f"student.num_classes={s.num_classes} but the soft targets have {C} classes "
+                         f"({soft.path}); use the teachers' label space")
+    ids = subset_ids(soft, s.fraction, cfg.data.seed) if ids is None else np.asarray(ids, dtype=np.int64)
+    ids = ids[np.isin(ids, soft.transfer.ids)]
+    if len(ids) == 0:
+        raise ValueError("the student's training subset is empty: no requested id is in the transfer set")
+    if s.targets == "soft" and s.alpha > 0 and abs(T - soft.temperature) > 1e-12 and not soft.manifest["keep_teacher_logits"]:
+        raise ValueError(f"student.temperature={T} differs from the soft targets' {soft.temperature}: "
+                         f"set soft_targets.keep_teacher_logits: true to re-soften")
+    name = run_name(cfg, soft, T)
+    runs = storage.join(cfg.runtime.storage_path, cfg.name, "students")
+    done_path = storage.join(runs, name, "result.json")
+    if storage.exists(done_path):
+        done = storage.read_json(done_path)
+        return DistillResult(done["metrics"], done["checkpoint_path"], pd.DataFrame(done["history"]), name, reused=True)
+
+    use_gpu = s.use_gpu if s.use_gpu is not None else torch.cuda.is_available()
+    config = {"student": s.model_dump(mode="json"), "temperature": T, "cache_temperature": soft.temperature,
+              "rule": soft.manifest["rule"], "num_classes": C, "input_shape": soft.manifest["input_shape"],
+              "fail_after_epoch": fail_after_epoch, "cpus_per_worker": 1}
+    datasets = {"val": soft.datasets["val"], "test": soft.datasets["test"]}
+    if soft.mode == "streaming":
+        config["stream"] = {"source": soft.source(ids), "cfg": cfg, "paths": soft.model_paths}
+    else:
+        datasets["train"] = soft.epoch_dataset(0, ids=ids)
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=config, datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=[] if soft.mode == "streaming" else ["train"]),
+        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=use_gpu),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage.absolute(runs), callbacks=callbacks,
+            failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+    )
+    try:
+        result = trainer.fit()
+        error = result.error
+    except Exception as e:  # Train V2 raises TrainingFailedError when the run fails
+        error = e
+    if error is not None:
+        raise StudentError(f"student run {name} failed: {error}") from None
+    out = result.return_value
+    history = pd.DataFrame(out["history"])
+    metrics = {**out["final"], "train_rows_total": int(len(ids)), "temperature": T, "alpha": s.alpha,
+               "targets": s.targets, "fraction": s.fraction, "seed": s.seed,
+               "parameters": count_parameters(build_model(s.model, soft.manifest["input_shape"], C, **s.model_args))}
+    ckpt_path = result.checkpoint.path if result.checkpoint else ""
+    storage.write_json(done_path, {"metrics": metrics, "checkpoint_path": ckpt_path,
+                                   "history": history.to_dict(orient="records")})
+    return DistillResult(metrics, ckpt_path, history, name)
+
+
+def load_student(checkpoint_path: str, soft: SoftTargets, s: StudentConfig) -> torch.nn.Module:
+    state = storage.load_torch(storage.join(checkpoint_path, "student.pt"))
+    model = build_model(s.model, soft.manifest["input_shape"], soft.num_classes, **s.model_args)
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def omitted_class_report(cfg: ExperimentConfig, soft: SoftTargets, result: DistillResult) -> dict:
+    """The paper's bias adjustment for the one class left out of the transfer set."""
+    if len(cfg.data.omit_classes) != 1:
+        raise ValueError("the omitted-class report needs exactly one class in data.omit_classes")
+    c = int(cfg.data.omit_classes[0])
+    model = load_student(result.checkpoint_path, soft, cfg.student)
+    from kd_ray.data import from_dataset
+
+    def logits_of(split: str):
+        cols = from_dataset(soft.datasets[split], ("image", "label"))
+        with torch.no_grad():
+            return model(torch.from_numpy(cols["image"])), torch.from_numpy(cols["label"])
+
+    zv, yv = logits_of("val")
+    zt, yt = logits_of("test")
+    delta = bias_adjustment(zv, yv, c)
+
+    def errors(z, y, d):
+        z = z.clone()
+        z[:, c] += d
+        wrong = z.argmax(1) != y
+        return int(wrong.sum()), int((wrong & (y == c)).sum()), int((y == c).sum())
+
+    before, after = errors(zt, yt, 0.0), errors(zt, yt, delta)
+    return {"class": c, "delta": delta, "test_errors_before": before[0], "test_errors_after": after[0],
+            "class_errors_before": before[1], "class_errors_after": after[1], "class_count": before[2]}

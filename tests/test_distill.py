@@ -1,0 +1,103 @@
+"""Student distillation with Ray Train on the shared cluster."""
+import glob
+
+import numpy as np
+import pytest
+import torch
+
+from kd_ray.config import ConfigError, build_config
+from kd_ray.distill import StudentError, bias_adjustment, distill, omitted_class_report, subset_ids
+from kd_ray.soft_targets import build_soft_targets
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+STUDENT = ["student.model_args={hidden: [128]}", "student.epochs=30", "student.batch_size=32",
+           "student.lr=0.05", "student.alpha=0.9"]
+
+
+def _cfg(base, name, *overrides):
+    return build_config(base.model_dump(mode="json"), [f"name={name}", *STUDENT, *overrides])
+
+
+def test_bias_adjustment_picks_the_delta_that_fixes_the_class():
+    # class 2 is never predicted: its logit sits 3 below the winner on its own samples, and
+    # 4 below on the others' -> any delta in (3, 4) is perfect; the smallest on the grid is 3.25
+    z = torch.tensor([[5.0, 0.0, 2.0], [0.0, 5.0, 2.0], [6.0, 0.0, 2.0], [0.0, 6.0, 2.0]])
+    y = torch.tensor([2, 2, 0, 1])
+    delta = bias_adjustment(z, y, 2)
+    assert delta == 3.25
+    z2 = z.clone()
+    z2[:, 2] += delta
+    assert (z2.argmax(1) == y).float().mean() == 1.0
+
+
+def test_soft_targets_beat_hard_labels_at_ten_percent(tiny_ensemble):
+    base, ensemble = tiny_ensemble
+    soft_acc, hard_acc, fidelity = [], [], []
+    st = build_soft_targets(_cfg(base, "tenpct"), ensemble)
+    for seed in (0, 1):
+        for targets, acc in (("soft", soft_acc), ("hard", hard_acc)):
+            cfg = _cfg(base, "tenpct", "student.fraction=0.1", f"student.targets={targets}", f"student.seed={seed}")
+            r = distill(cfg, st)
+            acc.append(r.metrics["test_accuracy"])
+            if targets == "soft":
+                fidelity.append(r.metrics["test_fidelity"])
+            assert list(r.history["epoch"]) == list(range(1, 31))
+            assert r.metrics["train_rows_total"] == len(subset_ids(st, 0.1, 0))
+    print(f"\n10% of digits: soft {np.mean(soft_acc):.4f} vs hard {np.mean(hard_acc):.4f}; "
+          f"fidelity {np.mean(fidelity):.4f}; ensemble test {st.manifest['ensemble']['test_accuracy']:.4f}")
+    assert np.mean(soft_acc) > np.mean(hard_acc)
+    assert all(0 < f <= 1 for f in fidelity)
+    # a finished run is read back, not retrained
+    again = distill(_cfg(base, "tenpct", "student.fraction=0.1", "student.seed=0"), st)
+    assert again.reused and again.metrics["test_accuracy"] == soft_acc[0]
+
+
+def test_worker_failure_resumes_from_its_checkpoint(tiny_ensemble):
+    base, ensemble = tiny_ensemble
+    cfg = _cfg(base, "faulty", "student.epochs=3", "student.max_failures=1")
+    r = distill(cfg, build_soft_targets(cfg, ensemble), fail_after_epoch=1)
+    h = r.history
+    assert list(h["epoch"]) == [1, 2, 3]  # each epoch once: not restarted from scratch
+    assert list(h["resumed_from"]) == [0, 1, 1]
+
+
+def test_two_workers_see_disjoint_halves(tiny_ensemble):
+    base, ensemble = tiny_ensemble
+    cfg = _cfg(base, "ddp", "student.epochs=2", "student.num_workers=2")
+    st = build_soft_targets(cfg, ensemble)
+    r = distill(cfg, st)
+    assert r.metrics["test_accuracy"] > 0.5
+    run_dir = r.checkpoint_path.rsplit("/", 1)[0]
+    epoch_ckpts = sorted({p.rsplit("/", 1)[0] for p in glob.glob(f"{run_dir}/*/rows_rank*.npy")})
+    rows = [np.load(f"{epoch_ckpts[-1]}/rows_rank{k}.npy") for k in (0, 1)]
+    assert len(set(rows[0]) & set(rows[1])) == 0
+    assert sorted(np.concatenate(rows)) == sorted(st.transfer.ids)
+    assert abs(len(rows[0]) - len(rows[1])) <= 1
+
+
+def test_omitted_class_bias_adjustment(tiny_ensemble):
+    base, ensemble = tiny_ensemble
+    cfg = _cfg(base, "omit3", "data.omit_classes=[3]", "student.epochs=20", "soft_targets.temperature=8")
+    st = build_soft_targets(cfg, ensemble)
+    assert 3 not in st.transfer.labels
+    r = distill(cfg, st)
+    rep = omitted_class_report(cfg, st, r)
+    print(f"\nomitted class 3: delta {rep['delta']}, class-3 test errors {rep['class_errors_before']} -> "
+          f"{rep['class_errors_after']} of {rep['class_count']}; all test errors {rep['test_errors_before']} -> "
+          f"{rep['test_errors_after']}")
+    assert rep["class_errors_after"] < rep["class_errors_before"]
+
+
+def test_bad_inputs(tiny_ensemble):
+    base, ensemble = tiny_ensemble
+    cfg = _cfg(base, "badstudent", "student.epochs=2")
+    st = build_soft_targets(cfg, ensemble)
+    with pytest.raises(ValueError, match="student.num_classes=5 but the soft targets have 10 classes"):
+        distill(_cfg(base, "badstudent", "student.num_classes=5"), st)
+    with pytest.raises(ValueError, match="subset is empty"):
+        distill(cfg, st, ids=np.array([-1]))
+    with pytest.raises(ConfigError, match="student.alpha"):
+        _cfg(base, "badstudent", "student.alpha=2")
+    with pytest.raises(StudentError, match=r"loss became (nan|inf) in epoch 1"):
+        distill(_cfg(base, "badstudent", "student.epochs=2", "student.lr=1.0e+12", "student.momentum=0"), st)
