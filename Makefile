@@ -27,3 +27,8 @@ test: venv
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
+
+bench: venv
+	$(PY) jobs/bench/bench_teachers.py
+	$(PY) jobs/bench/bench_soft_targets.py
+	$(PY) jobs/bench/bench_distill.py

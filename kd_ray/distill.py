@@ -86,9 +86,11 @@ def _targets(batch: dict, T: float, cache_T: float, rule: str) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- the Train loop
 def train_loop_per_worker(config: dict) -> dict:
+    import ray.data
     import ray.train
     import ray.train.torch
 
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per epoch is noise
     s = StudentConfig(**config["student"])
     T, alpha = config["temperature"], (0.0 if s.targets == "hard" else s.alpha)
     ctx = ray.train.get_context()
@@ -246,11 +248,12 @@ def distill(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None = N
     config = {"student": s.model_dump(mode="json"), "temperature": T, "cache_temperature": soft.temperature,
               "rule": soft.manifest["rule"], "num_classes": C, "input_shape": soft.manifest["input_shape"],
               "fail_after_epoch": fail_after_epoch, "cpus_per_worker": 1}
-    datasets = {"val": soft.datasets["val"], "test": soft.datasets["test"]}
+    # Materialized in the object store once: epochs then iterate blocks, never re-read parquet.
+    datasets = {"val": soft.datasets["val"].materialize(), "test": soft.datasets["test"].materialize()}
     if soft.mode == "streaming":
         config["stream"] = {"source": soft.source(ids), "cfg": cfg, "paths": soft.model_paths}
     else:
-        datasets["train"] = soft.epoch_dataset(0, ids=ids)
+        datasets["train"] = soft.epoch_dataset(0, ids=ids).materialize()
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=config, datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=[] if soft.mode == "streaming" else ["train"]),

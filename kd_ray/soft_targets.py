@@ -297,6 +297,22 @@ def resoften_column(teacher_logits: np.ndarray | torch.Tensor, T: float, rule: s
     return resoften(torch.as_tensor(teacher_logits), T, rule)
 
 
+def read_cache_split(path: str, files: list[str]):
+    """A cached split as a materialized Ray Dataset (one Arrow block per file).
+
+    Read with pyarrow on the driver: on Ray 2.60 ``ray.data.read_parquet`` costs ~15 s of fixed
+    overhead per read on a 2-core machine (measured), against ~0.2 s this way.
+    """
+    import pyarrow.parquet as pq
+    import ray.data
+
+    tables = []
+    for rel in files:
+        fs, p = storage.resolve(storage.join(path, rel))
+        tables.append(pq.read_table(p, filesystem=fs))
+    return ray.data.from_arrow(tables)
+
+
 def _write_split(ds, root: str, split: str) -> list[str]:
     """Write one split's parquet files under ``root/split``; their paths relative to ``root``."""
     out = storage.join(root, split)
@@ -327,8 +343,6 @@ def build_soft_targets(cfg: ExperimentConfig, ensemble, splits: Splits | None = 
 
     ``ensemble`` is an :class:`~kd_ray.teachers.EnsembleResult` or a list of checkpoint paths.
     """
-    import ray.data
-
     t0 = time.time()
     paths = list(getattr(ensemble, "model_paths", ensemble))
     teachers = load_teacher_files(paths)  # clear errors before any Ray work
@@ -371,8 +385,5 @@ def build_soft_targets(cfg: ExperimentConfig, ensemble, splits: Splits | None = 
             fs.move(src, storage.resolve(path)[1])
         else:
             storage.write_json(storage.join(path, "manifest.json"), manifest)  # last
-    datasets = {}
-    for split in SPLITS:
-        if manifest["files"][split]:
-            datasets[split] = ray.data.read_parquet([storage.absolute(storage.join(path, f)) for f in manifest["files"][split]])
+    datasets = {split: read_cache_split(path, manifest["files"][split]) for split in SPLITS if manifest["files"][split]}
     return SoftTargets(cfg, mode, path, manifest, paths, transfer, built, datasets)
