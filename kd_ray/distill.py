@@ -86,11 +86,9 @@ def _targets(batch: dict, T: float, cache_T: float, rule: str) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- the Train loop
 def train_loop_per_worker(config: dict) -> dict:
-    import ray.data
     import ray.train
     import ray.train.torch
 
-    ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per epoch is noise
     s = StudentConfig(**config["student"])
     T, alpha = config["temperature"], (0.0 if s.targets == "hard" else s.alpha)
     ctx = ray.train.get_context()
@@ -116,7 +114,8 @@ def train_loop_per_worker(config: dict) -> dict:
 
     stream = config.get("stream")
     train_shard = None if stream else ray.train.get_dataset_shard("train")
-    val_rows = ray.train.get_dataset_shard("val")
+    # validation rows are read once and kept as tensors: one Ray Data pass, not one per epoch
+    val_rows = list(ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=1024, device=device))
     batch_kw = dict(batch_size=s.batch_size, device=device)
     patience = s.early_stopping_patience
     stopped = False
@@ -148,7 +147,7 @@ def train_loop_per_worker(config: dict) -> dict:
         if not math.isfinite(train_loss):
             raise StudentError(f"student loss became {train_loss} in epoch {epoch + 1}; lower student.lr "
                                f"(now {s.lr}). The last good checkpoint (epoch {epoch}) is kept.")
-        val = evaluate(plain, val_rows.iter_torch_batches(batch_size=1024, device=device), device)
+        val = evaluate(plain, val_rows, device)
         row = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": correct / max(n, 1),
                "train_rows": n, **{f"val_{k}": v for k, v in val.items()},
                "resumed_from": start_epoch, "seconds": time.time() - t0}
@@ -169,7 +168,7 @@ def train_loop_per_worker(config: dict) -> dict:
     final = {"epoch": history[-1]["epoch"] if history else 0, "best_epoch": best["epoch"], "final": True,
              **{k: v for k, v in history[-1].items() if k.startswith(("val_", "train_"))}}
     if patience is not None:
-        val = evaluate(plain, val_rows.iter_torch_batches(batch_size=1024, device=device), device)
+        val = evaluate(plain, val_rows, device)
         final.update({f"val_{k}": v for k, v in val.items()})
     test = evaluate(plain, ray.train.get_dataset_shard("test").iter_torch_batches(batch_size=1024, device=device), device)
     final.update({f"test_{k}": v for k, v in test.items()})

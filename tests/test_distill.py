@@ -78,9 +78,9 @@ def test_two_workers_see_disjoint_halves(tiny_ensemble):
 
 def test_omitted_class_bias_adjustment(tiny_ensemble):
     base, ensemble = tiny_ensemble
-    # hard labels never name a 3 and a low T carries little dark knowledge: the student
-    # under-predicts 3s, which the paper's bias adjustment repairs
-    cfg = _cfg(base, "omit3", "data.omit_classes=[3]", "student.epochs=20", "soft_targets.temperature=2",
+    # hard labels never name a 3 and T = 1 carries little dark knowledge: the student
+    # under-predicts 3s (measured: 29 of 46 test 3s wrong), which the bias adjustment repairs
+    cfg = _cfg(base, "omit3", "data.omit_classes=[3]", "student.epochs=20", "soft_targets.temperature=1",
                "student.alpha=0.5")
     st = build_soft_targets(cfg, ensemble)
     assert 3 not in st.transfer.labels

@@ -106,7 +106,7 @@ def main() -> None:
         ("student test accuracy", f"{result.metrics['test_accuracy']:.4f}"),
     ], {"dataset": data_name, "rows": n, "epochs": args.epochs, "plain_samples_s": round(plain_rate),
         "kd_ray_samples_s": round(kd_rate), "ratio": round(kd_rate / plain_rate, 3), "startup_s": round(startup, 1),
-        "target": 0.9, "met": kd_rate / plain_rate >= 0.9})
+        "target": 0.9, "met": bool(kd_rate / plain_rate >= 0.9)})
 
 
 if __name__ == "__main__":

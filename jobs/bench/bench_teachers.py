@@ -90,7 +90,7 @@ def main() -> None:
         ("ensemble val accuracy", f"{result.val_accuracy:.4f}"),
     ], {"dataset": data_name, "teachers": args.teachers, "epochs": args.epochs, "plain_s": round(plain_s, 2),
         "kd_ray_s": round(kd_s, 2), "ray_start_s": round(ray_start_s, 2), "ratio": round(ratio, 3),
-        "target": 0.7, "met": ratio <= 0.7})
+        "target": 0.7, "met": bool(ratio <= 0.7)})
 
 
 if __name__ == "__main__":
