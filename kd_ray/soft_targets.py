@@ -322,6 +322,8 @@ def _write_split(ds, root: str, split: str) -> list[str]:
 
 def _compute_cache(cfg: ExperimentConfig, paths: list[str], parts: dict[str, Split], work: str) -> tuple[dict, dict]:
     """One pass of the actor pool over all splits (one pool start-up), then a write per split."""
+    from ray.data.expressions import col
+
     codes = np.concatenate([np.full(len(parts[s]), i, np.int8) for i, s in enumerate(SPLITS)])
     source = to_dataset(Split.concat(parts[s] for s in SPLITS), extra={"split": codes})
     done = predict(source, paths, cfg, "train").materialize()
@@ -330,7 +332,7 @@ def _compute_cache(cfg: ExperimentConfig, paths: list[str], parts: dict[str, Spl
         if not len(parts[split]):
             files[split] = []
             continue
-        rows = done.filter(expr=f"split == {i}").drop_columns(["split"])
+        rows = done.filter(expr=col("split") == i).drop_columns(["split"])
         files[split] = _write_split(rows, work, split)
         if split != "train":
             df = rows.select_columns(["label", "ensemble_pred"]).to_pandas()

@@ -104,3 +104,18 @@ def test_bad_inputs(tiny_ensemble):
         _cfg(base, "badstudent", "student.alpha=2")
     with pytest.raises(StudentError, match=r"loss became (nan|inf) in epoch 1"):
         distill(_cfg(base, "badstudent", "student.epochs=2", "student.lr=1.0e+12", "student.momentum=0"), st)
+
+
+def test_streaming_mode_recomputes_soft_targets_inside_train(tiny_ensemble):
+    from kd_ray.soft_targets import forward_passes
+
+    base, ensemble = tiny_ensemble
+    cfg = _cfg(base, "streamstudent", "soft_targets.jitter=1", "student.epochs=3", "student.fraction=0.5")
+    st = build_soft_targets(cfg, ensemble)
+    assert st.mode == "streaming"
+    r = distill(cfg, st)
+    n = len(subset_ids(st, 0.5, cfg.data.seed))
+    assert list(r.history["train_rows"]) == [n, n, n]
+    assert forward_passes(cfg.name)["train"] == 3 * n  # the teachers ran once per epoch
+    assert r.history["train_loss"].iloc[-1] < r.history["train_loss"].iloc[0]
+    assert r.metrics["test_accuracy"] > 0.5
