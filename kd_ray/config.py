@@ -6,7 +6,6 @@ receives this object; none re-reads the YAML or invents a default of its own.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -240,12 +239,6 @@ class ExperimentConfig(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-    def section_hash(self, *sections: str) -> str:
-        """A stable digest of some sections (used to key caches on what they depend on)."""
-        dump = self.model_dump(mode="json")
-        blob = json.dumps({s: dump[s] for s in sections}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

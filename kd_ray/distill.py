@@ -76,11 +76,11 @@ def bias_adjustment(val_logits: torch.Tensor, val_labels: torch.Tensor, cls: int
 
 def _targets(batch: dict, T: float, cache_T: float, rule: str) -> torch.Tensor:
     """Soft targets at the student's T: the cached column, or re-softened stored logits."""
-    if abs(T - cache_T) < 1e-12 or "teacher_logits" not in batch:
-        if abs(T - cache_T) >= 1e-12:
-            raise StudentError(f"student.temperature={T} differs from the soft targets' T={cache_T} and the "
-                               f"cache has no teacher_logits; set soft_targets.keep_teacher_logits: true")
+    if abs(T - cache_T) < 1e-12:
         return batch["soft_targets"]
+    if "teacher_logits" not in batch:
+        raise StudentError(f"student.temperature={T} differs from the soft targets' T={cache_T} and the "
+                           f"cache has no teacher_logits; set soft_targets.keep_teacher_logits: true")
     return resoften(batch["teacher_logits"], T, rule)
 
 

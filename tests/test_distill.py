@@ -119,3 +119,16 @@ def test_streaming_mode_recomputes_soft_targets_inside_train(tiny_ensemble):
     assert forward_passes(cfg.name)["train"] == 3 * n  # the teachers ran once per epoch
     assert r.history["train_loss"].iloc[-1] < r.history["train_loss"].iloc[0]
     assert r.metrics["test_accuracy"] > 0.5
+
+
+def test_student_at_another_temperature_resoftens_stored_logits():
+    from kd_ray.distill import _targets
+    from kd_ray.losses import ensemble_average
+
+    logits = torch.randn(3, 5, 10)  # K, B, C
+    batch = {"soft_targets": ensemble_average(logits, 4.0), "teacher_logits": logits.transpose(0, 1).half()}
+    assert torch.equal(_targets(batch, 4.0, 4.0, "probs"), batch["soft_targets"])
+    assert torch.allclose(_targets(batch, 2.0, 4.0, "probs"), ensemble_average(logits, 2.0), atol=2e-3)
+    del batch["teacher_logits"]
+    with pytest.raises(StudentError, match="keep_teacher_logits"):
+        _targets(batch, 2.0, 4.0, "probs")
