@@ -27,6 +27,20 @@ def init_ray(cfg: ExperimentConfig) -> None:
     check_storage(cfg)
 
 
+def largest_node(resource: str) -> tuple[float, str]:
+    """How much of ``resource`` ("CPU", "GPU") the biggest alive node has, and a name for it.
+
+    A request above this can never be scheduled, so callers fail at once instead of hanging.
+    """
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if not nodes:
+        raise RuntimeError("no alive Ray nodes")
+    biggest = max(nodes, key=lambda n: n["Resources"].get(resource, 0))
+    return biggest["Resources"].get(resource, 0), f"{biggest['NodeManagerAddress']}, node {biggest['NodeID'][:8]}"
+
+
 def check_storage(cfg: ExperimentConfig) -> None:
     """On more than one node, checkpoints and caches must live on shared storage."""
     import ray

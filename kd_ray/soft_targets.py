@@ -25,17 +25,14 @@ import numpy as np
 import torch
 
 from kd_ray import storage
+from kd_ray.cluster import largest_node
 from kd_ray.config import ExperimentConfig
 from kd_ray.data import Split, Splits, load_splits, to_dataset
-from kd_ray.losses import ensemble_average, resoften
+from kd_ray.losses import ensemble_average
 from kd_ray.models import build_model
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
-
-
-class CacheError(RuntimeError):
-    pass
 
 
 # --------------------------------------------------------------------------- teachers on disk
@@ -52,10 +49,10 @@ def load_teacher_files(paths: Sequence[str]) -> list[TeacherFile]:
         raise ValueError("no teacher checkpoints given")
     out = []
     for p in paths:
-        raw = storage.read_bytes(p) if storage.exists(p) else None
-        if raw is None:
+        if not storage.exists(p):
             raise FileNotFoundError(f"teacher checkpoint not found: {p}; run `kd-ray teachers` first")
-        blob = storage.load_torch(p)
+        raw = storage.read_bytes(p)
+        blob = storage.load_torch(p, raw)
         missing = [k for k in ("model", "model_args", "num_classes", "input_shape", "state_dict") if k not in blob]
         if missing:
             raise ValueError(f"corrupt checkpoint {p}: missing {missing}; delete it to retrain that teacher")
@@ -176,15 +173,12 @@ def predict(ds, model_paths: list[str], cfg: ExperimentConfig, split: str):
 
 def check_pool_resources(cfg: ExperimentConfig) -> None:
     """An actor no node can host would wait forever: fail at once instead."""
-    import ray
-
     st = cfg.soft_targets
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     for res, want in (("GPU", st.num_gpus), ("CPU", st.num_cpus)):
-        have = max(n.get(res, 0) for n in nodes)
+        have, node = largest_node(res)
         if want > have:
             raise ValueError(f"soft_targets.num_{res.lower()}s={want:g} per predictor actor, but the largest "
-                             f"node has {have:g} {res}s; lower it or add a bigger node")
+                             f"node ({node}) has {have:g} {res}s; lower it or add a bigger node")
 
 
 # --------------------------------------------------------------------------- the stage
@@ -290,11 +284,6 @@ def _shard_rows(batch: dict[str, np.ndarray], rank: int, world: int) -> dict[str
 def _take_ids(ds, ids: np.ndarray):
     keep = np.asarray(ids, dtype=np.int64)
     return ds.map_batches(lambda b: {k: v[np.isin(b["id"], keep)] for k, v in b.items()}, batch_format="numpy")
-
-
-def resoften_column(teacher_logits: np.ndarray | torch.Tensor, T: float, rule: str) -> torch.Tensor:
-    """Soft targets at another temperature from stored ``teacher_logits`` [B, K, C] (float16)."""
-    return resoften(torch.as_tensor(teacher_logits), T, rule)
 
 
 def read_cache_split(path: str, files: list[str]):

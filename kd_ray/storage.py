@@ -99,12 +99,16 @@ def save_torch(path: str, obj: Any) -> None:
     write_bytes(path, buf.getvalue())
 
 
-def load_torch(path: str) -> Any:
-    """``torch.load(..., weights_only=True)``; a corrupt or missing file names itself."""
+def load_torch(path: str, data: bytes | None = None) -> Any:
+    """``torch.load(..., weights_only=True)``; a corrupt or missing file names itself.
+
+    ``data``: the file's bytes when the caller has already read them (no second read).
+    """
     import torch
 
     try:
-        return torch.load(io.BytesIO(read_bytes(path)), map_location="cpu", weights_only=True)
+        raw = read_bytes(path) if data is None else data
+        return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint not found: {path}") from None
     except Exception as e:  # unpickling errors come in many types

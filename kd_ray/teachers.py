@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from kd_ray import storage
+from kd_ray.cluster import largest_node
 from kd_ray.config import ExperimentConfig, TeacherSpec
 from kd_ray.data import Splits, from_dataset, load_splits, select_fraction, to_dataset
 from kd_ray.losses import ensemble_average
@@ -259,20 +260,14 @@ def _actor_class():
 
 def check_resources(specs: list[TeacherSpec], ids: list[str]) -> None:
     """Fail at once (not hang) when a teacher asks for more than the largest node has."""
-    ray = _ray()
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if not nodes:
-        raise RuntimeError("no alive Ray nodes")
     for resource, attr in (("GPU", "num_gpus"), ("CPU", "num_cpus")):
-        biggest = max(nodes, key=lambda n: n["Resources"].get(resource, 0))
-        have = biggest["Resources"].get(resource, 0)
+        have, node = largest_node(resource)
         for tid, spec in zip(ids, specs):
             want = getattr(spec, attr)
             if want > have:
                 raise ValueError(
                     f"teacher {tid} asks for {want:g} {resource}s (teachers.{attr}) but the largest node "
-                    f"({biggest['NodeManagerAddress']}, node {biggest['NodeID'][:8]}) has {have:g}; lower "
-                    f"teachers.{attr} or add a node with more {resource}s"
+                    f"({node}) has {have:g}; lower teachers.{attr} or add a node with more {resource}s"
                 )
 
 

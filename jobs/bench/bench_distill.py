@@ -14,20 +14,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import bench_data_config, emit  # noqa: E402
+from common import bench_config, emit, untrained_teachers  # noqa: E402
 
-from kd_ray.config import load_config  # noqa: E402
 from kd_ray.data import from_dataset, load_splits  # noqa: E402
 from kd_ray.losses import kd_loss  # noqa: E402
 from kd_ray.models import build_model  # noqa: E402
-from kd_ray.teachers import save_teacher_model  # noqa: E402
 
 
 def plain_pytorch(rows: dict, val: dict, input_shape, epochs: int, batch_size: int, lr: float) -> list[float]:
@@ -61,13 +58,11 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=256)
     args = ap.parse_args()
-    data_sets, data_name = bench_data_config()
-    root = tempfile.mkdtemp(prefix="kd_ray_bench_distill_")
-    cfg = load_config(None, [*data_sets, f"runtime.storage_path={root}", "name=bench_distill",
-                             "soft_targets.temperature=4", "soft_targets.keep_teacher_logits=false",
-                             "soft_targets.batch_size=2048", "student.model_args={hidden: [800, 800]}",
-                             f"student.epochs={args.epochs}", f"student.batch_size={args.batch_size}",
-                             "student.lr=0.05", "student.alpha=0.9", "student.schedule=constant"])
+    cfg, data_name = bench_config("bench_distill", [
+        "soft_targets.temperature=4", "soft_targets.keep_teacher_logits=false",
+        "soft_targets.batch_size=2048", "student.model_args={hidden: [800, 800]}",
+        f"student.epochs={args.epochs}", f"student.batch_size={args.batch_size}",
+        "student.lr=0.05", "student.alpha=0.9", "student.schedule=constant"])
     splits = load_splits(cfg.data)
 
     import ray
@@ -76,13 +71,7 @@ def main() -> None:
     from kd_ray.soft_targets import build_soft_targets
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1")
-    spec = cfg.teachers.resolved()[0]
-    paths = []
-    for k in range(3):
-        torch.manual_seed(k)
-        m = build_model("mlp", splits.input_shape, splits.num_classes, hidden=[1200, 1200])
-        paths.append(os.path.join(root, f"t{k}.pt"))
-        save_teacher_model(paths[-1], f"t{k}", "bench", spec, m, splits.num_classes, splits.input_shape, torch.zeros(0))
+    _, paths = untrained_teachers(cfg, splits, 3)
     st = build_soft_targets(cfg, paths, splits)
     rows = from_dataset(st.datasets["train"], ("image", "label", "soft_targets"))
     val = from_dataset(st.datasets["val"], ("image", "label"))

@@ -12,20 +12,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import bench_data_config, emit  # noqa: E402
+from common import bench_config, emit, untrained_teachers  # noqa: E402
 
-from kd_ray.config import load_config  # noqa: E402
-from kd_ray.data import load_splits, to_dataset  # noqa: E402
+from kd_ray.data import Split, load_splits, to_dataset  # noqa: E402
 from kd_ray.losses import ensemble_average  # noqa: E402
-from kd_ray.models import build_model  # noqa: E402
-from kd_ray.teachers import save_teacher_model  # noqa: E402
 
 
 def plain_pytorch(models, images: np.ndarray, T: float, batch_size: int) -> tuple[float, np.ndarray]:
@@ -48,26 +44,14 @@ def main() -> None:
     ap.add_argument("--cpus-per-actor", type=float, default=1)
     ap.add_argument("--batch-size", type=int, default=1024)
     args = ap.parse_args()
-    data_sets, data_name = bench_data_config()
-    root = tempfile.mkdtemp(prefix="kd_ray_bench_soft_")
-    cfg = load_config(None, [*data_sets, f"runtime.storage_path={root}", "name=bench_soft",
-                             "teachers.model_args={hidden: [1200, 1200]}", f"soft_targets.actors={args.actors}",
-                             f"soft_targets.num_cpus={args.cpus_per_actor}", f"soft_targets.batch_size={args.batch_size}",
-                             "soft_targets.temperature=4"])
+    cfg, data_name = bench_config("bench_soft", [
+        f"soft_targets.actors={args.actors}", f"soft_targets.num_cpus={args.cpus_per_actor}",
+        f"soft_targets.batch_size={args.batch_size}", "soft_targets.temperature=4"])
     splits = load_splits(cfg.data)
     images = np.concatenate([splits.train.images, splits.val.images])
     ids = np.concatenate([splits.train.ids, splits.val.ids])
-    from kd_ray.data import Split
     rows = Split(ids, images, np.concatenate([splits.train.labels, splits.val.labels]))
-    spec = cfg.teachers.resolved()[0]
-    models, paths = [], []
-    for k in range(args.teachers):
-        torch.manual_seed(k)
-        m = build_model("mlp", splits.input_shape, splits.num_classes, hidden=[1200, 1200]).eval()
-        p = os.path.join(root, f"t{k}.pt")
-        save_teacher_model(p, f"t{k}", "bench", spec, m, splits.num_classes, splits.input_shape, torch.zeros(0))
-        models.append(m)
-        paths.append(p)
+    models, paths = untrained_teachers(cfg, splits, args.teachers)
 
     plain_s, plain_out = plain_pytorch(models, images, 4.0, args.batch_size)
 

@@ -11,15 +11,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import bench_data_config, emit  # noqa: E402
+from common import bench_config, emit  # noqa: E402
 
-from kd_ray.config import load_config  # noqa: E402
 from kd_ray.data import load_splits  # noqa: E402
 from kd_ray.models import build_model  # noqa: E402
 
@@ -58,12 +56,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=128)
     args = ap.parse_args()
-    data_sets, data_name = bench_data_config()
-    storage_path = tempfile.mkdtemp(prefix="kd_ray_bench_teachers_")
-    cfg = load_config(None, [*data_sets, f"runtime.storage_path={storage_path}", "name=bench_teachers",
-                             f"teachers.count={args.teachers}", f"teachers.epochs={args.epochs}",
-                             "teachers.model_args={hidden: [1200, 1200]}", f"teachers.batch_size={args.batch_size}",
-                             "teachers.lr=0.05", "teachers.jitter=0", "teachers.num_cpus=1"])
+    cfg, data_name = bench_config("bench_teachers", [
+        f"teachers.count={args.teachers}", f"teachers.epochs={args.epochs}",
+        "teachers.model_args={hidden: [1200, 1200]}", f"teachers.batch_size={args.batch_size}",
+        "teachers.lr=0.05", "teachers.jitter=0", "teachers.num_cpus=1"])
     splits = load_splits(cfg.data)
     plain_s = plain_pytorch(splits, args.teachers, args.epochs, args.batch_size, cfg.teachers.lr)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,34 @@ def bench_data_config() -> tuple[list[str], str]:
             x = (rng.integers(0, 200, (n, 784)) // (1 + y[:, None])).astype(np.uint8)
             pq.write_table(pa.table({"image": list(x), "label": y}), root / f"{split}.parquet")
     return ["data.name=parquet", f"data.root={root}", "data.image_shape=[1, 28, 28]"], "synthetic"
+
+
+def bench_config(name: str, overrides: list[str]):
+    """(config, dataset name) for a benchmark: the bench dataset, a fresh temporary storage."""
+    from kd_ray.config import load_config
+
+    data_sets, data_name = bench_data_config()
+    root = tempfile.mkdtemp(prefix=f"kd_ray_{name}_")
+    return load_config(None, [*data_sets, f"runtime.storage_path={root}", f"name={name}", *overrides]), data_name
+
+
+def untrained_teachers(cfg, splits, k: int) -> tuple[list, list[str]]:
+    """K untrained MLP 1200-1200 teachers saved as teacher checkpoints under the config's
+    storage (inference cost does not depend on the weights): (models, checkpoint paths)."""
+    import torch
+
+    from kd_ray.models import build_model
+    from kd_ray.teachers import save_teacher_model
+
+    spec = cfg.teachers.resolved()[0].model_copy(update={"model": "mlp", "model_args": {"hidden": [1200, 1200]}})
+    models, paths = [], []
+    for i in range(k):
+        torch.manual_seed(i)
+        m = build_model(spec.model, splits.input_shape, splits.num_classes, **spec.model_args).eval()
+        paths.append(os.path.join(cfg.runtime.storage_path, f"t{i}.pt"))
+        save_teacher_model(paths[-1], f"t{i}", "bench", spec, m, splits.num_classes, splits.input_shape, torch.zeros(0))
+        models.append(m)
+    return models, paths
 
 
 def machine() -> str:
