@@ -4,23 +4,28 @@
     kd-ray teachers [CONFIG] [--set ...]
     kd-ray soft-targets [CONFIG] [--set ...]
     kd-ray distill [CONFIG] [--set ...]
+    kd-ray sweep [CONFIG] [--set ...]
+    kd-ray report [CONFIG] [--set ...]
     kd-ray run [CONFIG] [--set ...]
+    kd-ray export RUN_DIR [--format torchscript|state_dict] [--out DIR]
+
+Every stage trains or computes only what is missing: running a command again reuses the
+finished teachers, soft-target cache, students and sweep trials.
 
 CONFIG defaults to jobs/configs/digits.yaml when it exists, else to the built-in defaults.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
+from kd_ray import storage
 from kd_ray.config import ConfigError, ExperimentConfig, load_config
 
 DEFAULT_CONFIG = Path("jobs/configs/digits.yaml")
-# Stages of `kd-ray run`, in order; the ones not built yet are named when `run` reaches them.
-STAGES = ("teachers", "soft-targets", "distill", "sweep", "report")
-NOT_BUILT = ("sweep", "report")
 
 
 def _config(args: argparse.Namespace) -> ExperimentConfig:
@@ -68,15 +73,48 @@ def cmd_distill(cfg: ExperimentConfig, soft=None):
     return result
 
 
-def cmd_run(cfg: ExperimentConfig) -> None:
+def cmd_sweep(cfg: ExperimentConfig, soft=None):
+    from kd_ray.sweep import run_sweep
+
+    soft = soft or cmd_soft_targets(cfg)
+    result = run_sweep(cfg, soft)
+    counts = result.results["status"].value_counts().to_dict()
+    print(f"[kd_ray] sweep: {len(result.results)} trials ({counts}) in {result.seconds:.1f} s; "
+          f"results in {result.path}/results.parquet")
+    if not result.complete:
+        print("[kd_ray] the sweep is incomplete (interrupted or failed trials): run the same command again to "
+              "finish it; finished trials are kept", file=sys.stderr)
+    return result
+
+
+def cmd_report(cfg: ExperimentConfig) -> str:
+    from kd_ray.report import write_report
+    from kd_ray.sweep import results_dir
+
+    out = results_dir(cfg)
+    text = write_report(out)
+    print(text)
+    print(f"[kd_ray] report: {out}/summary.md and {out}/accuracy_vs_fraction.png")
+    return text
+
+
+def run_stages(cfg: ExperimentConfig) -> bool:
+    """The stages in ``runtime.stages``, in order; False when the sweep is incomplete."""
     t0 = time.time()
-    ensemble = cmd_teachers(cfg)
-    soft = cmd_soft_targets(cfg, ensemble)
-    print(f"[kd_ray] soft targets: {soft.describe()}")
-    cmd_distill(cfg, soft)
-    print(f"[kd_ray] stages done in {time.time() - t0:.1f} s: teachers, soft-targets, distill (one student "
-          f"from the config). Not built yet: {', '.join(NOT_BUILT)} (see the open issues); `kd-ray run` "
-          f"will run them once they exist.")
+    ensemble = soft = result = None
+    for stage in cfg.runtime.stages:
+        if stage == "teachers":
+            ensemble = cmd_teachers(cfg)
+        elif stage == "soft-targets":
+            soft = cmd_soft_targets(cfg, ensemble)
+            print(f"[kd_ray] soft targets: {soft.describe()}")
+        elif stage == "sweep":
+            result = cmd_sweep(cfg, soft)
+        elif stage == "report":
+            cmd_report(cfg)
+    print(f"[kd_ray] kd-ray run finished in {time.time() - t0:.1f} s wall ({' -> '.join(cfg.runtime.stages)}); "
+          f"results in {storage.join(cfg.runtime.storage_path, cfg.name)}")
+    return result is None or result.complete
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,10 +136,23 @@ def main(argv: list[str] | None = None) -> int:
     add("teachers", "train the teacher ensemble")
     add("soft-targets", "compute the ensemble's soft targets (trains missing teachers first)")
     add("distill", "distil one student (trains missing teachers and soft targets first)")
-    add("run", "the whole pipeline: " + " -> ".join(STAGES))
+    add("sweep", "the Ray Tune sweep of students (trains missing teachers and soft targets first)")
+    add("report", "redraw summary.md and accuracy_vs_fraction.png from the saved sweep results")
+    add("run", "the whole pipeline: the stages in runtime.stages (default: teachers -> soft-targets -> sweep -> report)")
+    exp = sub.add_parser("export", help="write the best student as a deployable artifact plus a JSON card")
+    exp.add_argument("run_dir", help="<storage>/<name> (a sweep: its best student) or a student's run folder")
+    exp.add_argument("--format", default="torchscript", choices=["torchscript", "state_dict"])
+    exp.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export)")
 
     args = parser.parse_args(argv)
     try:
+        if args.command == "export":
+            from kd_ray.export import export_student
+
+            card = export_student(args.run_dir, args.out, args.format)
+            print(json.dumps(card, indent=2))
+            print(f"[kd_ray] exported {card['artifact']} and student_card.json to {card['path']}")
+            return 0
         cfg = _config(args)
         if args.command == "config":
             cmd_config_show(cfg)
@@ -112,8 +163,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[kd_ray] soft targets: {soft.describe()}")
         elif args.command == "distill":
             cmd_distill(cfg)
+        elif args.command == "sweep":
+            if not cmd_sweep(cfg).complete:
+                return 1
+        elif args.command == "report":
+            cmd_report(cfg)
         elif args.command == "run":
-            cmd_run(cfg)
+            if not run_stages(cfg):
+                return 1
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"kd-ray: error: {e}", file=sys.stderr)
         return 2

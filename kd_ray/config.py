@@ -169,8 +169,10 @@ class SweepConfig(_Section):
     alphas: list[float] = []  # empty: the student's alpha
     seeds: list[int] = [0]
     max_concurrent_trials: Optional[int] = Field(None, ge=1)
-    metric: str = "val_accuracy"
+    metric: str = "val_accuracy"  # what the sweep (and ASHA) optimises; *_nll is minimised
     scheduler: Literal["none", "asha"] = "none"
+    # hard-label trials are the paper's baseline: early stopping on validation (best-val model)
+    hard_early_stopping_patience: Optional[int] = Field(10, gt=0)
 
     @field_validator("fractions")
     @classmethod
@@ -219,6 +221,19 @@ class RuntimeConfig(_Section):
     num_cpus: Optional[int] = Field(None, gt=0)  # only for a local cluster started by kd_ray
     num_gpus: Optional[int] = Field(None, ge=0)
     shared_filesystem: bool = False  # a local storage_path that every node mounts (NFS)
+    # what `kd-ray run` and jobs/pipeline.py run, in this order (a stage computes what it
+    # needs from earlier ones when missing, and reuses what is finished)
+    stages: list[Literal["teachers", "soft-targets", "sweep", "report"]] = ["teachers", "soft-targets", "sweep", "report"]
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("give at least one stage")
+        order = ["teachers", "soft-targets", "sweep", "report"]
+        if v != sorted(set(v), key=order.index):
+            raise ValueError(f"stages must be distinct and in pipeline order {order}; got {v}")
+        return v
 
 
 class ExperimentConfig(_Section):

@@ -130,6 +130,8 @@ class Splits:
     test: Split
     num_classes: int
     input_shape: tuple[int, int, int]
+    # per-channel mean and std of the raw training images: what a served model's input needs
+    normalization: dict = field(default_factory=dict)
     _digest: str | None = field(default=None, repr=False)
 
     def identity(self) -> dict:
@@ -373,7 +375,8 @@ def load_splits(cfg: "DataConfig") -> Splits:
     val = train.take(val_ids)
     rest = ~np.isin(train.ids, val_ids)
     train = Split(train.ids[rest], train.images[rest], train.labels[rest])
-    return Splits(cfg.name, train, val, test, num_classes, tuple(int(d) for d in train.images.shape[1:]))
+    norm = {"mean": [float(v) for v in mean.ravel()], "std": [float(v) for v in std.ravel()]}
+    return Splits(cfg.name, train, val, test, num_classes, tuple(int(d) for d in train.images.shape[1:]), norm)
 
 
 # --------------------------------------------------------------------------- Ray Datasets

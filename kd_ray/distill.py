@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import tempfile
@@ -89,6 +90,12 @@ def train_loop_per_worker(config: dict) -> dict:
     import ray.train
     import ray.train.torch
 
+    import ray.data
+
+    # Per-epoch iteration bars (and Train's per-report log lines) from every worker drown the
+    # output, and the bars cost ~2 s per epoch on small data here; Train and Tune report epochs.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     s = StudentConfig(**config["student"])
     T, alpha = config["temperature"], (0.0 if s.targets == "hard" else s.alpha)
     ctx = ray.train.get_context()
@@ -114,11 +121,12 @@ def train_loop_per_worker(config: dict) -> dict:
 
     stream = config.get("stream")
     train_shard = None if stream else ray.train.get_dataset_shard("train")
-    # validation rows are read once and kept as tensors: one Ray Data pass, not one per epoch
-    val_rows = list(ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=1024, device=device))
+    # validation rows come as arrays from the object store, kept as tensors for every epoch
+    val_rows = _eval_batches(ray.get(config["eval"]["val"]), device)
     batch_kw = dict(batch_size=s.batch_size, device=device)
     patience = s.early_stopping_patience
     stopped = False
+    last_seen = None  # the row ids of the last epoch trained here, kept in the final checkpoint too
     for epoch in range(start_epoch, s.epochs):
         t0 = time.time()
         model.train()
@@ -153,10 +161,13 @@ def train_loop_per_worker(config: dict) -> dict:
                "resumed_from": start_epoch, "seconds": time.time() - t0}
         history.append(row)
         if val["accuracy"] > best["val_accuracy"]:
+            # the best weights are kept (and checkpointed) only when early stopping will use them
             best = {"val_accuracy": val["accuracy"], "epoch": epoch + 1,
-                    "state": {k: v.detach().cpu().clone() for k, v in plain.state_dict().items()}}
+                    "state": {k: v.detach().cpu().clone() for k, v in plain.state_dict().items()}
+                    if patience is not None else None}
         stopped = patience is not None and epoch + 1 - best["epoch"] >= patience
-        _report(row, plain, opt, sched, epoch + 1, history, best, rank, np.concatenate(seen) if seen else np.zeros(0, np.int64))
+        last_seen = np.concatenate(seen) if seen else np.zeros(0, np.int64)
+        _report(row, plain, opt, sched, epoch + 1, history, best, rank, last_seen)
         if config.get("fail_after_epoch") == epoch + 1 and start_epoch == 0:
             raise RuntimeError(f"injected failure after epoch {epoch + 1} (fault-injection test)")
         if stopped:
@@ -170,10 +181,15 @@ def train_loop_per_worker(config: dict) -> dict:
     if patience is not None:
         val = evaluate(plain, val_rows, device)
         final.update({f"val_{k}": v for k, v in val.items()})
-    test = evaluate(plain, ray.train.get_dataset_shard("test").iter_torch_batches(batch_size=1024, device=device), device)
+    test = evaluate(plain, _eval_batches(ray.get(config["eval"]["test"]), device), device)
     final.update({f"test_{k}": v for k, v in test.items()})
-    _report(final, plain, opt, sched, final["epoch"], history, best, rank, None)
+    _report(final, plain, opt, sched, final["epoch"], history, best, rank, last_seen)
     return {"history": history, "final": final}
+
+
+def _eval_batches(cols: dict[str, np.ndarray], device, size: int = 1024) -> list[dict[str, torch.Tensor]]:
+    return [{k: torch.from_numpy(np.ascontiguousarray(v[i:i + size])).to(device) for k, v in cols.items()}
+            for i in range(0, len(cols["label"]), size)]
 
 
 def _report(metrics: dict, model, opt, sched, epoch: int, history: list, best: dict, rank: int, seen_ids) -> None:
@@ -220,6 +236,8 @@ def distill(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None = N
     ``ids`` overrides the rows (default: ``student.fraction`` of the transfer set).
     ``fail_after_epoch`` injects a worker failure once, for fault-tolerance tests.
     """
+    import ray
+    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -247,26 +265,37 @@ def distill(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None = N
     config = {"student": s.model_dump(mode="json"), "temperature": T, "cache_temperature": soft.temperature,
               "rule": soft.manifest["rule"], "num_classes": C, "input_shape": soft.manifest["input_shape"],
               "fail_after_epoch": fail_after_epoch, "cpus_per_worker": 1}
-    # Materialized in the object store once: epochs then iterate blocks, never re-read parquet.
-    datasets = {"val": soft.datasets["val"].materialize(), "test": soft.datasets["test"].materialize()}
+    # Validation and test rows go to the workers as arrays in the object store: every worker
+    # evaluates on all of them, and a Ray Data pass per split would cost seconds of start-up
+    # per run. The training rows are a Ray Dataset, materialized once (epochs iterate blocks).
+    config["eval"] = {split: ray.put(soft.eval_arrays(split)) for split in ("val", "test")}
+    datasets = {}
     if soft.mode == "streaming":
         config["stream"] = {"source": soft.source(ids), "cfg": cfg, "paths": soft.model_paths}
     else:
         datasets["train"] = soft.epoch_dataset(0, ids=ids).materialize()
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=config, datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=[] if soft.mode == "streaming" else ["train"]),
+        # one worker reads the whole dataset itself (no split-coordinator actor to start)
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=["train"] if soft.mode == "cached" and s.num_workers > 1 else []),
         scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage.absolute(runs), callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
     )
+    # Train hands the workers this process's DataContext: without progress bars, or every epoch
+    # of every worker prints one (and on small data the bars cost more than the epoch).
+    data_ctx = ray.data.DataContext.get_current()
+    bars, data_ctx.enable_progress_bars = data_ctx.enable_progress_bars, False
     try:
         result = trainer.fit()
         error = result.error
     except Exception as e:  # Train V2 raises TrainingFailedError when the run fails
         error = e
+    finally:
+        data_ctx.enable_progress_bars = bars
     if error is not None:
         raise StudentError(f"student run {name} failed: {error}") from None
     out = result.return_value
@@ -276,7 +305,11 @@ def distill(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None = N
                "parameters": count_parameters(build_model(s.model, soft.manifest["input_shape"], C, **s.model_args))}
     ckpt_path = result.checkpoint.path if result.checkpoint else ""
     storage.write_json(done_path, {"metrics": metrics, "checkpoint_path": ckpt_path,
-                                   "history": history.to_dict(orient="records")})
+                                   "history": history.to_dict(orient="records"),
+                                   # what export and serving need to rebuild the model
+                                   "student": s.model_dump(mode="json"), "input_shape": soft.manifest["input_shape"],
+                                   "normalization": soft.manifest.get("normalization", {}), "num_classes": C, "temperature": T, "soft_targets": soft.path,
+                                   "ensemble": soft.manifest["ensemble"]})
     return DistillResult(metrics, ckpt_path, history, name)
 
 
@@ -293,10 +326,8 @@ def omitted_class_report(cfg: ExperimentConfig, soft: SoftTargets, result: Disti
         raise ValueError("the omitted-class report needs exactly one class in data.omit_classes")
     c = int(cfg.data.omit_classes[0])
     model = load_student(result.checkpoint_path, soft, cfg.student)
-    from kd_ray.data import from_dataset
-
     def logits_of(split: str):
-        cols = from_dataset(soft.datasets[split], ("image", "label"))
+        cols = soft.eval_arrays(split)
         with torch.no_grad():
             return model(torch.from_numpy(cols["image"])), torch.from_numpy(cols["label"])
 

@@ -27,11 +27,11 @@ import torch
 from kd_ray import storage
 from kd_ray.cluster import largest_node
 from kd_ray.config import ExperimentConfig
-from kd_ray.data import Split, Splits, load_splits, to_dataset
+from kd_ray.data import Split, Splits, from_dataset, load_splits, to_dataset
 from kd_ray.losses import ensemble_average
 from kd_ray.models import build_model
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SPLITS = ("train", "val", "test")
 
 
@@ -155,7 +155,7 @@ def augment_batch(batch: dict[str, np.ndarray], max_shift: int, seed: int, epoch
     return batch
 
 
-def predict(ds, model_paths: list[str], cfg: ExperimentConfig, split: str):
+def predict(ds, model_paths: list[str], cfg: ExperimentConfig, split: str, keep_teacher_logits: bool | None = None):
     """The lazy map: ``ds`` through an EnsemblePredictor actor pool sized from the config."""
     import ray.data
 
@@ -165,7 +165,8 @@ def predict(ds, model_paths: list[str], cfg: ExperimentConfig, split: str):
     return ds.map_batches(
         EnsemblePredictor,
         fn_constructor_kwargs=dict(model_paths=list(model_paths), temperature=st.temperature, rule=st.rule,
-                                   keep_teacher_logits=st.keep_teacher_logits, split=split, counter_name=cfg.name),
+                                   keep_teacher_logits=st.keep_teacher_logits if keep_teacher_logits is None
+                                   else keep_teacher_logits, split=split, counter_name=cfg.name),
         compute=ray.data.ActorPoolStrategy(size=st.actors),
         num_gpus=st.num_gpus, num_cpus=st.num_cpus, batch_size=st.batch_size, batch_format="numpy",
     )
@@ -233,6 +234,7 @@ class SoftTargets:
     built: bool  # False when an existing cache was reused
     datasets: dict[str, Any] = field(default_factory=dict)  # cached splits (Ray Datasets)
     _source: Any = None
+    _eval: dict = field(default_factory=dict)
 
     @property
     def temperature(self) -> float:
@@ -247,6 +249,12 @@ class SoftTargets:
         return (f"{self.mode} mode, T={self.temperature:g}, rule={self.manifest['rule']}, "
                 f"{self.manifest['rows']['train']} transfer rows, ensemble val accuracy {e['val_accuracy']:.4f}, "
                 f"test accuracy {e['test_accuracy']:.4f}, {'built' if self.built else 'reused'} at {self.path}")
+
+    def eval_arrays(self, split: str) -> dict[str, np.ndarray]:
+        """``image``, ``label`` and ``ensemble_pred`` of the val or test split as numpy arrays."""
+        if split not in self._eval:
+            self._eval[split] = from_dataset(self.datasets[split], ("image", "label", "ensemble_pred"))
+        return self._eval[split]
 
     def source(self, ids: np.ndarray | None = None):
         """The (un-augmented) transfer rows as a materialized Ray Dataset, optionally a subset."""
@@ -310,22 +318,32 @@ def _write_split(ds, root: str, split: str) -> list[str]:
 
 
 def _compute_cache(cfg: ExperimentConfig, paths: list[str], parts: dict[str, Split], work: str) -> tuple[dict, dict]:
-    """One pass of the actor pool over all splits (one pool start-up), then a write per split."""
+    """One pass of the actor pool over all splits (one pool start-up), then a write per split.
+
+    The pass keeps every teacher's logits so that each single teacher's val/test accuracy goes
+    into the manifest (the report's single-model line); the train split drops them unless
+    ``soft_targets.keep_teacher_logits`` asks for them.
+    """
     from ray.data.expressions import col
 
     codes = np.concatenate([np.full(len(parts[s]), i, np.int8) for i, s in enumerate(SPLITS)])
     source = to_dataset(Split.concat(parts[s] for s in SPLITS), extra={"split": codes})
-    done = predict(source, paths, cfg, "train").materialize()
+    done = predict(source, paths, cfg, "train", keep_teacher_logits=True).materialize()
     files, accuracy = {}, {}
     for i, split in enumerate(SPLITS):
         if not len(parts[split]):
             files[split] = []
             continue
         rows = done.filter(expr=col("split") == i).drop_columns(["split"])
-        files[split] = _write_split(rows, work, split)
         if split != "train":
-            df = rows.select_columns(["label", "ensemble_pred"]).to_pandas()
-            accuracy[f"{split}_accuracy"] = float((df["label"] == df["ensemble_pred"]).mean())
+            df = rows.select_columns(["label", "ensemble_pred", "teacher_logits"]).to_pandas()
+            labels = df["label"].to_numpy()
+            accuracy[f"{split}_accuracy"] = float((labels == df["ensemble_pred"].to_numpy()).mean())
+            teacher_pred = np.stack([np.asarray(z).reshape(len(paths), -1) for z in df["teacher_logits"]]).argmax(-1)
+            accuracy[f"teacher_{split}_accuracy"] = [float(a) for a in (teacher_pred == labels[:, None]).mean(0)]
+        if not cfg.soft_targets.keep_teacher_logits:
+            rows = rows.drop_columns(["teacher_logits"])
+        files[split] = _write_split(rows, work, split)
     return files, accuracy
 
 
@@ -367,7 +385,7 @@ def build_soft_targets(cfg: ExperimentConfig, ensemble, splits: Splits | None = 
             "rule": cfg.soft_targets.rule, "averaging": "mean of softmax(z_k/T)" if cfg.soft_targets.rule == "probs"
             else "softmax(mean_k z_k / T)", "keep_teacher_logits": cfg.soft_targets.keep_teacher_logits,
             "teachers": [{"path": t.path, "sha256": t.sha256} for t in teachers], "num_classes": num_classes,
-            "input_shape": list(splits.input_shape), "data": splits.identity(), "files": files, "rows": rows,
+            "input_shape": list(splits.input_shape), "normalization": splits.normalization, "data": splits.identity(), "files": files, "rows": rows,
             "ensemble": accuracy, "seconds": round(time.time() - t0, 2),
         }
         if local:

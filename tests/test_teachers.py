@@ -109,21 +109,3 @@ def test_diverging_teacher_is_named_and_others_kept(ray_session, digits_cfg):
 
 
 @pytest.mark.slow
-@pytest.mark.isolated
-def test_spread_places_teachers_on_both_nodes(no_ray, tmp_path):
-    import ray
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    cluster.add_node(num_cpus=2)
-    try:
-        ray.init(address=cluster.address)
-        cluster.wait_for_nodes()
-        cfg = load_config(None, [f"runtime.storage_path={tmp_path}", "teachers.count=2", "teachers.epochs=1",
-                                 "teachers.model_args={hidden: [32]}", "teachers.spread=true"])
-        result = train_ensemble(cfg)
-        nodes = {t["node_id"] for t in result.teachers}
-        assert nodes == {n["NodeID"] for n in ray.nodes() if n["Alive"]} and len(nodes) == 2
-    finally:
-        ray.shutdown()
-        cluster.shutdown()

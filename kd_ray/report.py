@@ -1,0 +1,151 @@
+"""Stage 5: the sweep's report -- the paper's Table 5 shape, the gap recovered, a plot.
+
+Pure pandas/matplotlib over ``results.parquet`` and ``sweep.json`` (written by
+:mod:`kd_ray.sweep`), so ``kd-ray report`` can redraw it any time without Ray.
+
+Gap recovered (per fraction) = (soft - hard) / (ensemble - hard), on test accuracy: 0 means
+soft targets bought nothing over hard labels on the same rows, 1 means the student on that
+fraction matched the full-data ensemble. The paper's speech result at 3 % is 0.87.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+
+from kd_ray import storage
+
+METRIC = "test_accuracy"
+
+
+def _setting(row) -> str:
+    return "hard" if row["targets"] == "hard" else f"soft T={row['temperature']:g} a={row['alpha']:g}"
+
+
+def summarize(df: pd.DataFrame, metric: str = METRIC) -> pd.DataFrame:
+    """Mean +- std over seeds of ``metric`` per (fraction, setting); finished trials only."""
+    done = df[df["status"] == "done"].copy()
+    if done.empty:
+        return pd.DataFrame(columns=["fraction", "setting", "targets", "mean", "std", "seeds", "train_rows"])
+    done["setting"] = done.apply(_setting, axis=1)
+    g = done.groupby(["fraction", "setting", "targets"], sort=True)
+    out = g[metric].agg(["mean", "std", "count"]).rename(columns={"count": "seeds"}).reset_index()
+    out["std"] = out["std"].fillna(0.0)
+    out["train_rows"] = g["train_rows_total"].first().to_numpy()
+    return out
+
+
+def gap_recovered(df: pd.DataFrame, ensemble: float, metric: str = METRIC) -> pd.DataFrame:
+    """Per fraction and soft setting: (soft - hard) / (ensemble - hard).
+
+    ``gap`` uses the means over seeds; ``gap_std`` is the spread of the same ratio computed per
+    seed (soft and hard trials of one seed share their rows, so they pair up).
+    """
+    done = df[df["status"] == "done"].copy()
+    cols = ["fraction", "setting", "soft", "hard", "ensemble", "gap", "gap_std", "seeds"]
+    if done.empty:
+        return pd.DataFrame(columns=cols)
+    done["setting"] = done.apply(_setting, axis=1)
+    hard = done[done["targets"] == "hard"].groupby(["fraction", "seed"])[metric].mean()
+    rows = []
+    for (fraction, setting), grp in done[done["targets"] == "soft"].groupby(["fraction", "setting"], sort=True):
+        if fraction not in hard.index.get_level_values(0):
+            continue
+        h = hard.loc[fraction]
+        per_seed = [(s - h[seed]) / (ensemble - h[seed]) for seed, s in zip(grp["seed"], grp[metric])
+                    if seed in h.index and ensemble - h[seed] > 0]
+        soft_mean, hard_mean = float(grp[metric].mean()), float(h.mean())
+        denom = ensemble - hard_mean
+        rows.append({"fraction": fraction, "setting": setting, "soft": soft_mean, "hard": hard_mean,
+                     "ensemble": ensemble, "gap": (soft_mean - hard_mean) / denom if denom > 0 else float("nan"),
+                     "gap_std": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0,
+                     "seeds": len(grp)})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _md_table(df: pd.DataFrame) -> str:
+    head = "| " + " | ".join(df.columns) + " |"
+    sep = "|" + "|".join("---" for _ in df.columns) + "|"
+    body = ["| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([head, sep, *body])
+
+
+def summary_markdown(df: pd.DataFrame, info: dict, metric: str = METRIC) -> str:
+    """``summary.md``: the Table-5-shaped table, the reference lines and the gap recovered."""
+    ens = float(info["ensemble_test_accuracy"])
+    teachers = info.get("teacher_test_accuracy") or []
+    s = summarize(df, metric)
+    table = pd.DataFrame({
+        "fraction": [f"{f:.0%}" if f >= 0.1 else f"{f:.1%}" for f in s["fraction"]],
+        "train rows": s["train_rows"].astype(int), "targets": s["setting"],
+        f"{metric} (mean +- std)": [f"{m:.4f} +- {d:.4f}" for m, d in zip(s["mean"], s["std"])],
+        "seeds": s["seeds"]})
+    gaps = gap_recovered(df, ens, metric)
+    gap_table = pd.DataFrame({
+        "fraction": [f"{f:.0%}" if f >= 0.1 else f"{f:.1%}" for f in gaps["fraction"]], "soft setting": gaps["setting"],
+        "soft": [f"{v:.4f}" for v in gaps["soft"]], "hard": [f"{v:.4f}" for v in gaps["hard"]],
+        "gap recovered": [f"{g:.1%} +- {d:.1%}" if np.isfinite(g) else "n/a (hard >= ensemble)"
+                          for g, d in zip(gaps["gap"], gaps["gap_std"])]})
+    counts = df["status"].value_counts().to_dict()
+    lines = [
+        f"# Sweep summary ({metric}, mean +- std over seeds)", "",
+        f"Ensemble of {info.get('teachers', len(teachers))} teachers: {ens:.4f}"
+        + (f"; single teacher: {np.mean(teachers):.4f} (range {min(teachers):.4f}-{max(teachers):.4f})"
+           if teachers else "")
+        + f". Soft targets at T={info.get('temperature')} ({info.get('rule')} averaging), "
+          f"{info.get('transfer_rows')} transfer rows.", "",
+        f"Trials: {len(df)} ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})"
+        + ("" if info.get("complete", True) else " -- the sweep is INCOMPLETE: run it again to finish") + ".", "",
+        _md_table(table), "",
+        "## Gap recovered: (soft - hard) / (ensemble - hard)", "",
+        _md_table(gap_table) if len(gap_table) else "(needs soft and hard trials at the same fraction)", "",
+    ]
+    return "\n".join(lines)
+
+
+def plot_accuracy(df: pd.DataFrame, info: dict, metric: str = METRIC) -> bytes:
+    """``accuracy_vs_fraction.png``: soft and hard curves with error bars, ensemble and
+    single-teacher lines, log x axis. Returns the PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = summarize(df, metric)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    for setting, grp in s.groupby("setting", sort=True):
+        ax.errorbar(grp["fraction"], grp["mean"], yerr=grp["std"], marker="o", capsize=3,
+                    linestyle="--" if setting == "hard" else "-", label=setting)
+    ax.axhline(float(info["ensemble_test_accuracy"]), color="black", linewidth=1, label="ensemble")
+    teachers = info.get("teacher_test_accuracy") or []
+    if teachers:
+        ax.axhline(float(np.mean(teachers)), color="gray", linestyle=":", linewidth=1, label="single teacher (mean)")
+    ax.set_xscale("log")
+    fractions = sorted(s["fraction"].unique()) if len(s) else []
+    if fractions:
+        ax.set_xticks(fractions)
+        ax.set_xticklabels([f"{f:.0%}" if f >= 0.1 else f"{f:.1%}" for f in fractions])
+        ax.minorticks_off()
+    ax.set_xlabel("fraction of the training data (log scale)")
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.set_title("Student accuracy vs data fraction")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_report(out: str, df: pd.DataFrame | None = None, info: dict | None = None) -> str:
+    """Write ``summary.md`` and ``accuracy_vs_fraction.png`` under ``out``; return the summary."""
+    if df is None or info is None:
+        from kd_ray.sweep import load_results
+
+        df, info = load_results(out)
+    text = summary_markdown(df, info)
+    storage.write_bytes(storage.join(out, "summary.md"), text.encode())
+    storage.write_bytes(storage.join(out, "accuracy_vs_fraction.png"), plot_accuracy(df, info))
+    return text

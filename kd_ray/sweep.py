@@ -1,0 +1,282 @@
+"""Stage 4: a Ray Tune sweep of students over data fraction x targets x T x alpha x seed.
+
+Each Tune trial is a small driver (:func:`_trial`) that distils one student with
+:func:`kd_ray.distill.distill` -- a TorchTrainer whose per-epoch reports reach Tune through
+``TuneReportCallback`` -- and reports the final metrics with ``ray.tune.report``. The
+teachers and the soft-target cache are computed once, before the sweep; every trial reads the
+same cache (cached mode), so the teachers' forward passes do not grow with the number of
+trials.
+
+Resources: a trial's driver only waits on its TorchTrainer, so it holds no CPU (only memory,
+see DRIVER_RESOURCES); what a trial
+holds is its Train workers (``student.num_workers`` x 1 CPU, or 1 GPU each with GPUs), and
+:func:`max_concurrent` caps the concurrent trials at what the cluster can host at once. That
+is why trials cannot deadlock by holding every CPU with drivers whose workers then never start.
+
+Resume: a sweep is named after its grid, student config and soft-target fingerprint, and each
+trial records its final row under ``<storage>/<name>/sweeps/<sweep>/trials/`` before it
+reports. Running the same sweep again runs only the trials without a record (in a new Tune
+run beside the old ones), so finished trials are never repeated, and an unfinished student
+resumes from its own Train checkpoint (student run names are deterministic). This holds after
+Ctrl+C and after the driver was killed outright. (``Tuner.restore`` was tried first: on Ray
+2.60 a restored grid search with ``max_concurrent_trials`` did not generate the trials it had
+not created before the interruption.)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from kd_ray import storage
+from kd_ray.config import ConfigError, ExperimentConfig
+from kd_ray.distill import distill
+from kd_ray.soft_targets import SoftTargets
+
+# A trial's driver only waits on its TorchTrainer: no CPU, but it reserves the memory a Train
+# run's controller and bookkeeping take on the head (~0.5 GB each, Ray issue #65443), and Tune
+# needs a non-empty resource request.
+DRIVER_RESOURCES = {"cpu": 0, "memory": 512 * 1024**2}
+GRID_KEYS = ("fraction", "targets", "temperature", "alpha", "seed")
+# the columns of results.parquet after the grid keys (final metrics of each student)
+METRIC_COLUMNS = ("test_accuracy", "test_errors", "test_nll", "test_fidelity", "val_accuracy", "val_errors",
+                  "val_nll", "val_fidelity", "train_accuracy", "epoch", "best_epoch", "train_rows_total",
+                  "parameters", "train_seconds")
+
+
+# --------------------------------------------------------------------------- pure helpers
+def trial_grid(cfg: ExperimentConfig, cache_temperature: float) -> list[dict]:
+    """Every trial of the sweep, as dicts of GRID_KEYS, in a fixed order.
+
+    Hard-label trials ignore T and alpha (alpha = 0), so there is one per (fraction, seed),
+    not one per (T, alpha); their ``temperature`` column holds the cache's T.
+    """
+    sw = cfg.sweep
+    temps = sw.temperatures or [cfg.student.temperature or cache_temperature]
+    alphas = sw.alphas or [cfg.student.alpha]
+    trials = []
+    for fraction in sw.fractions:
+        for targets in sw.targets:
+            grid_ta = [(T, a) for T in temps for a in alphas] if targets == "soft" else [(cache_temperature, 0.0)]
+            for T, alpha in grid_ta:
+                for seed in sw.seeds:
+                    t = {"fraction": float(fraction), "targets": targets, "temperature": float(T),
+                         "alpha": float(alpha), "seed": int(seed)}
+                    if t not in trials:
+                        trials.append(t)
+    if not trials:
+        raise ConfigError("sweep: the grid is empty; give at least one fraction, target kind and seed")
+    return trials
+
+
+def trial_config(cfg: ExperimentConfig, trial: dict) -> ExperimentConfig:
+    """The experiment config of one trial: the student section with the trial's values."""
+    update = {"fraction": trial["fraction"], "targets": trial["targets"], "temperature": trial["temperature"],
+              "alpha": trial["alpha"], "seed": trial["seed"]}
+    if trial["targets"] == "hard":  # the paper's baseline: early stopping on validation
+        update["early_stopping_patience"] = cfg.sweep.hard_early_stopping_patience
+    student = cfg.student.model_copy(update=update)
+    return cfg.model_copy(update={"student": student})
+
+
+def trial_resources(cfg: ExperimentConfig, use_gpu: bool) -> dict[str, float]:
+    """What one trial holds while it runs: its Train workers (the driver holds nothing)."""
+    n = cfg.student.num_workers
+    return {"CPU": float(n), "GPU": float(n if use_gpu else 0)}
+
+
+def max_concurrent(cfg: ExperimentConfig, cluster: dict[str, float], use_gpu: bool, n_trials: int) -> int:
+    """How many trials may run at once: the config's cap, the cluster's room, the grid's size."""
+    need = trial_resources(cfg, use_gpu)
+    room = min(math.floor(cluster.get(r, 0.0) / v) for r, v in need.items() if v > 0)
+    if room < 1:
+        have = {r: cluster.get(r, 0.0) for r in need}
+        raise ConfigError(f"one sweep trial needs {need} (student.num_workers={cfg.student.num_workers}) but the "
+                          f"cluster has {have}; lower student.num_workers or add resources")
+    cap = cfg.sweep.max_concurrent_trials or room
+    return max(1, min(cap, room, n_trials))
+
+
+def metric_mode(metric: str) -> str:
+    return "min" if metric.endswith("nll") else "max"
+
+
+def sweep_name(cfg: ExperimentConfig, soft: SoftTargets, trials: list[dict]) -> str:
+    """A name that changes whenever the trials would (grid, student, soft targets, metric)."""
+    key = json.dumps({"trials": trials, "student": cfg.student.model_dump(mode="json"),
+                      "sweep": cfg.sweep.model_dump(mode="json"), "soft": soft.manifest["fingerprint"],
+                      "data_seed": cfg.data.seed}, sort_keys=True)
+    return "sweep-" + hashlib.sha256(key.encode()).hexdigest()[:10]
+
+
+def results_dir(cfg: ExperimentConfig) -> str:
+    return storage.join(cfg.runtime.storage_path, cfg.name)
+
+
+def trial_key(trial: dict) -> str:
+    return (f"f{trial['fraction']:g}-{trial['targets']}-T{trial['temperature']:g}-a{trial['alpha']:g}"
+            f"-s{trial['seed']}")
+
+
+# --------------------------------------------------------------------------- the trial
+def _trial(config: dict, base: ExperimentConfig, soft: SoftTargets, record_dir: str) -> None:
+    """One Tune trial: distil one student; epochs reach Tune via TuneReportCallback.
+
+    The finished trial's row is written to ``record_dir`` before the final report, so a
+    later run of the same sweep knows it is done whatever happens to Tune afterwards.
+    """
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    t0 = time.time()
+    trial = config["trial"]
+    result = distill(trial_config(base, trial), soft, callbacks=[TuneReportCallback()])
+    m = result.metrics
+    row = {**trial, **{k: m[k] for k in METRIC_COLUMNS if k in m}}
+    row["train_seconds"] = float(result.history["seconds"].sum()) if len(result.history) else 0.0
+    row.update({"status": "done", "error": "", "wall_s": time.time() - t0, "reused": result.reused,
+                "run_name": result.run_name, "checkpoint_path": result.checkpoint_path,
+                "trial_path": ray.tune.get_context().get_trial_dir()})
+    storage.write_json(storage.join(record_dir, trial_key(trial) + ".json"), row)
+    ray.tune.report({k: v for k, v in row.items() if k not in trial} | {"final": True})
+
+
+# --------------------------------------------------------------------------- the driver
+@dataclass
+class SweepResult:
+    results: pd.DataFrame  # one row per trial
+    path: str  # <storage>/<name>: results.parquet, results.csv, sweep.json (and the report)
+    experiment_path: str  # the folder of this sweep's Tune runs and finished-trial records
+    complete: bool  # False when interrupted or a trial failed: run again to finish
+    seconds: float
+
+
+def run_sweep(cfg: ExperimentConfig, soft: SoftTargets, callbacks: list | None = None) -> SweepResult:
+    """Run the sweep over ``cfg.sweep``'s grid on ``soft`` (only its unfinished trials); save
+    the results table and ``sweep.json`` under ``<storage>/<name>/``."""
+    import ray
+    import torch
+    from ray import tune
+
+    t0 = time.time()
+    trials = trial_grid(cfg, soft.temperature)
+    if cfg.student.num_classes is not None and cfg.student.num_classes != soft.num_classes:
+        raise ConfigError(f"student.num_classes={cfg.student.num_classes} but the soft targets have "
+                          f"{soft.num_classes} classes")
+    use_gpu = cfg.student.use_gpu if cfg.student.use_gpu is not None else torch.cuda.is_available()
+    metric = cfg.sweep.metric
+    name = sweep_name(cfg, soft, trials)
+    sweep_dir = storage.join(results_dir(cfg), "sweeps", name)
+    record_dir = storage.join(sweep_dir, "trials")
+    done = finished_trials(record_dir)
+    todo = [t for t in trials if trial_key(t) not in done]
+    print(f"[kd_ray] sweep {name}: {len(trials)} trials, {len(trials) - len(todo)} already finished, "
+          f"{len(todo)} to run; metric {metric}", flush=True)
+    others: dict[str, dict] = {}  # the latest Tune run's trials that did not finish
+    if todo:
+        concurrency = max_concurrent(cfg, ray.cluster_resources(), use_gpu, len(todo))
+        for split in ("val", "test"):  # computed once here, shipped to every trial with ``soft``
+            soft.eval_arrays(split)
+        trainable = tune.with_resources(
+            tune.with_parameters(_trial, base=cfg, soft=soft, record_dir=record_dir), DRIVER_RESOURCES)
+        scheduler = None
+        if cfg.sweep.scheduler == "asha":
+            from ray.tune.schedulers import ASHAScheduler
+
+            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.student.epochs + 1,
+                                      grace_period=max(1, cfg.student.epochs // 4))
+        run = time.strftime("run-%Y%m%d-%H%M%S")
+        print(f"[kd_ray] up to {concurrency} trials at a time (Tune run {run})", flush=True)
+        grid = tune.Tuner(
+            trainable, param_space={"trial": tune.grid_search(todo)},
+            tune_config=tune.TuneConfig(metric=metric, mode=metric_mode(metric), scheduler=scheduler,
+                                        max_concurrent_trials=concurrency),
+            run_config=tune.RunConfig(name=run, storage_path=storage.absolute(sweep_dir),
+                                      callbacks=callbacks, verbose=1),
+        ).fit()
+        others = unfinished_rows(grid, asha=scheduler is not None)
+        done = finished_trials(record_dir)
+    rows = []
+    for t in trials:
+        key = trial_key(t)
+        rows.append(done.get(key) or others.get(key) or {**t, "status": "unfinished", "error": ""})
+    df = results_frame(rows)
+    complete = bool(df["status"].isin(["done", "stopped"]).all())
+    out = results_dir(cfg)
+    save_results(df, out)
+    e = soft.manifest["ensemble"]
+    storage.write_json(storage.join(out, "sweep.json"), {
+        "sweep": name, "experiment_path": sweep_dir, "metric": metric, "trials": len(trials), "complete": complete,
+        "ensemble_test_accuracy": e["test_accuracy"], "ensemble_val_accuracy": e["val_accuracy"],
+        "teacher_test_accuracy": e.get("teacher_test_accuracy", []), "teachers": len(soft.model_paths),
+        "temperature": soft.temperature, "rule": soft.manifest["rule"], "soft_targets": soft.path,
+        "transfer_rows": soft.manifest["rows"]["train"], "seconds": round(time.time() - t0, 1)})
+    return SweepResult(df, out, sweep_dir, complete, time.time() - t0)
+
+
+def finished_trials(record_dir: str) -> dict[str, dict]:
+    """The rows of the trials of this sweep that finished (any earlier run), by trial key."""
+    if not storage.exists(record_dir):
+        return {}
+    rows = [storage.read_json(p) for p in storage.list_files(record_dir, ".json")]
+    return {trial_key(r): r for r in rows}
+
+
+def unfinished_rows(grid: Any, asha: bool = False) -> dict[str, dict]:
+    """Rows for the trials of a Tune run that did not finish: failed, stopped by ASHA, or cut off."""
+    rows = {}
+    for r in grid:
+        m = r.metrics or {}
+        if m.get("final"):
+            continue
+        trial = dict(r.config["trial"])
+        row: dict[str, Any] = {**trial, "trial_path": r.path, "error": ""}
+        if r.error is not None:
+            row.update(status="error", error=str(r.error).strip().splitlines()[-1][:300])
+        elif asha and m.get("training_iteration"):
+            row["status"] = "stopped"  # ASHA ended it early: its last epoch's validation metrics only
+            row.update({k: m[k] for k in ("val_accuracy", "val_nll", "val_fidelity", "epoch") if k in m})
+        else:
+            row["status"] = "unfinished"
+        rows[trial_key(trial)] = row
+    return rows
+
+
+def results_frame(rows: list[dict]) -> pd.DataFrame:
+    """One row per trial: the grid values, the final metrics, wall time, checkpoint, status."""
+    columns = [*GRID_KEYS, *METRIC_COLUMNS, "status", "error", "wall_s", "reused", "run_name", "checkpoint_path",
+               "trial_path"]
+    df = pd.DataFrame([{c: r.get(c, np.nan) for c in columns} for r in rows], columns=columns)
+    for c in ("status", "error", "run_name", "checkpoint_path", "trial_path"):
+        df[c] = df[c].fillna("").astype(str)
+    df["reused"] = df["reused"].fillna(False).astype(bool)
+    return df
+
+
+def save_results(df: pd.DataFrame, out: str) -> None:
+    """``results.parquet`` and ``results.csv`` under ``out`` (atomic writes)."""
+    import io
+
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    storage.write_bytes(storage.join(out, "results.parquet"), buf.getvalue())
+    storage.write_bytes(storage.join(out, "results.csv"), df.to_csv(index=False).encode())
+
+
+def load_results(out: str) -> tuple[pd.DataFrame, dict]:
+    """The saved results table and sweep.json of ``out`` (``<storage>/<name>``)."""
+    import io
+
+    path = storage.join(out, "results.parquet")
+    if not storage.exists(path):
+        raise FileNotFoundError(f"no sweep results at {path}; run `kd-ray sweep` (or `kd-ray run`) first")
+    fs, p = storage.resolve(path)
+    with fs.open_input_file(p) as f:
+        df = pd.read_parquet(io.BytesIO(f.read()))
+    return df, storage.read_json(storage.join(out, "sweep.json"))

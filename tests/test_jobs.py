@@ -1,0 +1,129 @@
+"""Ray Jobs against a real head node (`ray start --head` + `ray job submit`), and cluster.yaml.
+
+The head is this test's own Ray instance, so the test is ``isolated``: it runs after the shared
+cluster has shut down, and stops its head by signalling the head's own process (never
+``ray stop``, which would kill every Ray process on the machine).
+"""
+import copy
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def test_cluster_yaml_passes_rays_validation_and_has_a_gpu_worker_type():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    validate_config(prepare_config(copy.deepcopy(cfg)))
+    types = cfg["available_node_types"]
+    gpu_types = [name for name, t in types.items() if t["resources"].get("GPU", 0) >= 1]
+    assert gpu_types and all(types[t]["min_workers"] == 0 for t in gpu_types)  # they autoscale
+    assert types[cfg["head_node_type"]]["resources"].get("GPU", 0) == 0  # a CPU head
+    assert any("pip install -e" in c for c in cfg["setup_commands"])  # installs this project
+    assert "--dashboard-host=127.0.0.1" in " ".join(cfg["head_start_ray_commands"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(url: str, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+
+
+@pytest.fixture
+def ray_head(no_ray):
+    """A real head on 127.0.0.1 with free ports and its own temp dir; yields its dashboard URL."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    port = _free_port()
+    temp = tempfile.mkdtemp(prefix="kdr", dir="/tmp")  # short: Ray's socket paths have a length limit
+    log = open(os.path.join(temp, "head.log"), "w")
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", "--port=0", "--dashboard-host=127.0.0.1", f"--dashboard-port={port}",
+         "--num-cpus=4", "--num-gpus=0", f"--temp-dir={temp}", "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for(f"{address}/api/version", timeout=120)
+        yield address, env
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _submit(address: str, env: dict, *args: str) -> str:
+    sid = f"kd-{uuid.uuid4().hex[:8]}"
+    subprocess.run([RAY, "job", "submit", "--address", address, "--submission-id", sid, "--working-dir", ".",
+                    "--no-wait", "--", sys.executable, "jobs/pipeline.py", *args],
+                   cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+    return sid
+
+
+def _wait_job(client, sid: str, timeout: float) -> str:
+    from ray.job_submission import JobStatus
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = client.get_job_status(sid)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            return str(status)
+        time.sleep(2)
+    raise TimeoutError(f"job {sid} still {status} after {timeout:.0f} s:\n{client.get_job_logs(sid)[-3000:]}")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.isolated
+def test_ray_job_submit_runs_the_pipeline_and_reports_a_bad_config(ray_head, tmp_path):
+    from ray.job_submission import JobSubmissionClient
+
+    address, env = ray_head
+    client = JobSubmissionClient(address)
+    runs = tmp_path / "runs"
+    smoke = ["--config", "jobs/configs/digits.yaml", "--set", f"runtime.storage_path={runs}", "--set", "name=smoke",
+             "--set", "teachers.count=2", "--set", "teachers.epochs=1", "--set", "teachers.model_args={hidden: [32]}",
+             "--set", "student.epochs=1", "--set", "student.model_args={hidden: [32]}",
+             "--set", "sweep.fractions=[1.0]", "--set", "sweep.targets=[soft]", "--set", "sweep.seeds=[0]"]
+    good = _submit(address, env, *smoke)
+    bad = _submit(address, env, "--config", "jobs/configs/digits.yaml", "--set", "student.alpha=3")
+
+    assert _wait_job(client, bad, timeout=120) == "FAILED"
+    bad_logs = client.get_job_logs(bad)
+    assert "config error" in bad_logs and "student.alpha" in bad_logs
+
+    status = _wait_job(client, good, timeout=400)
+    logs = client.get_job_logs(good)
+    assert status == "SUCCEEDED", logs[-4000:]
+    assert "kd-ray run finished in" in logs
+    root = runs / "smoke"
+    for name in ("results.parquet", "summary.md", "accuracy_vs_fraction.png", "teachers/t0/model.pt"):
+        assert (root / name).exists(), name

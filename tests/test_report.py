@@ -1,0 +1,51 @@
+"""The report without Ray: the Table-5 summary, the gap recovered, the PNG."""
+import matplotlib.image
+import numpy as np
+import pandas as pd
+import pytest
+
+from kd_ray.report import gap_recovered, summarize, write_report
+
+INFO = {"ensemble_test_accuracy": 0.90, "teacher_test_accuracy": [0.85, 0.87], "teachers": 2,
+        "temperature": 4.0, "rule": "probs", "transfer_rows": 1000, "complete": True}
+
+
+def _results() -> pd.DataFrame:
+    rows = []
+    acc = {(0.1, "hard"): [0.60, 0.70], (0.1, "soft"): [0.80, 0.84], (1.0, "hard"): [0.88, 0.88],
+           (1.0, "soft"): [0.89, 0.89]}
+    for (fraction, targets), values in acc.items():
+        for seed, a in enumerate(values):
+            rows.append({"fraction": fraction, "targets": targets, "temperature": 4.0,
+                         "alpha": 0.9 if targets == "soft" else 0.0, "seed": seed, "test_accuracy": a,
+                         "train_rows_total": int(1000 * fraction), "status": "done"})
+    rows.append({**rows[0], "seed": 2, "test_accuracy": float("nan"), "status": "unfinished"})
+    return pd.DataFrame(rows)
+
+
+def test_summary_is_mean_and_std_over_seeds_of_finished_trials():
+    s = summarize(_results()).set_index(["fraction", "setting"])
+    assert s.loc[(0.1, "hard"), "mean"] == pytest.approx(0.65)
+    assert s.loc[(0.1, "hard"), "std"] == pytest.approx(np.std([0.6, 0.7], ddof=1))
+    assert s.loc[(0.1, "hard"), "seeds"] == 2  # the unfinished trial is left out
+    assert s.loc[(0.1, "soft T=4 a=0.9"), "mean"] == pytest.approx(0.82)
+    assert s.loc[(1.0, "hard"), "train_rows"] == 1000
+
+
+def test_gap_recovered_is_soft_minus_hard_over_ensemble_minus_hard():
+    g = gap_recovered(_results(), ensemble=0.90).set_index("fraction")
+    assert g.loc[0.1, "gap"] == pytest.approx((0.82 - 0.65) / (0.90 - 0.65))
+    per_seed = [(0.80 - 0.60) / 0.30, (0.84 - 0.70) / 0.20]
+    assert g.loc[0.1, "gap_std"] == pytest.approx(np.std(per_seed, ddof=1))
+    assert g.loc[1.0, "gap"] == pytest.approx(0.5)
+
+
+def test_report_writes_summary_and_a_png_that_opens(tmp_path):
+    text = write_report(str(tmp_path), _results(), INFO)
+    assert (tmp_path / "summary.md").read_text() == text
+    assert "| 10% | 100 | hard | 0.6500 +- 0.0707 | 2 |" in text
+    assert "68.0% +- " in text  # gap recovered at 10 %
+    assert "single teacher: 0.8600" in text and "Ensemble of 2 teachers: 0.9000" in text
+    assert "unfinished 1" in text
+    image = matplotlib.image.imread(tmp_path / "accuracy_vs_fraction.png")
+    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200

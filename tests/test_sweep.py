@@ -1,0 +1,182 @@
+"""The Ray Tune sweep: its grid and resources (pure), and real sweeps on the shared cluster."""
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from kd_ray.cli import main
+from kd_ray.config import ConfigError, build_config, load_config
+from kd_ray.sweep import max_concurrent, trial_config, trial_grid
+
+SMALL = ["student.model_args={hidden: [64]}", "student.epochs=3", "student.batch_size=32", "student.lr=0.05"]
+
+
+def _cfg(base, name, *overrides):
+    return build_config(base.model_dump(mode="json"), [f"name={name}", *SMALL, *overrides])
+
+
+# --------------------------------------------------------------------------- pure
+def test_grid_has_one_hard_trial_per_fraction_and_seed():
+    cfg = load_config(None, ["sweep.fractions=[0.03, 0.1]", "sweep.temperatures=[2, 4]", "sweep.alphas=[0.5, 0.9]",
+                             "sweep.seeds=[0, 1]"])
+    trials = trial_grid(cfg, cache_temperature=4.0)
+    soft = [t for t in trials if t["targets"] == "soft"]
+    hard = [t for t in trials if t["targets"] == "hard"]
+    assert len(soft) == 2 * 2 * 2 * 2 and len(hard) == 2 * 2
+    assert {t["alpha"] for t in hard} == {0.0} and {t["temperature"] for t in hard} == {4.0}
+    assert {(t["temperature"], t["alpha"]) for t in soft} == {(2.0, 0.5), (2.0, 0.9), (4.0, 0.5), (4.0, 0.9)}
+    # defaults: the student's alpha and the cache's T
+    plain = trial_grid(load_config(None, ["sweep.seeds=[0]"]), cache_temperature=3.0)
+    assert len(plain) == 4 * 2 and {t["temperature"] for t in plain} == {3.0}
+
+
+def test_hard_trials_early_stop_and_soft_trials_do_not():
+    cfg = load_config(None, ["sweep.hard_early_stopping_patience=7"])
+    hard = trial_config(cfg, {"fraction": 0.1, "targets": "hard", "temperature": 4.0, "alpha": 0.0, "seed": 3})
+    soft = trial_config(cfg, {"fraction": 0.1, "targets": "soft", "temperature": 2.0, "alpha": 0.9, "seed": 3})
+    assert hard.student.early_stopping_patience == 7 and hard.student.fraction == 0.1 and hard.student.seed == 3
+    assert soft.student.early_stopping_patience is None and soft.student.temperature == 2.0
+    assert cfg.student.fraction == 1.0  # the base config is not modified
+
+
+def test_concurrency_follows_the_cluster_and_the_cap():
+    cfg = load_config(None, [])
+    assert max_concurrent(cfg, {"CPU": 2.0}, use_gpu=False, n_trials=24) == 2
+    assert max_concurrent(cfg, {"CPU": 8.0}, use_gpu=False, n_trials=3) == 3
+    capped = load_config(None, ["sweep.max_concurrent_trials=1"])
+    assert max_concurrent(capped, {"CPU": 8.0}, use_gpu=False, n_trials=24) == 1
+    two = load_config(None, ["student.num_workers=2"])
+    assert max_concurrent(two, {"CPU": 5.0}, use_gpu=False, n_trials=24) == 2
+    assert max_concurrent(two, {"CPU": 8.0, "GPU": 2.0}, use_gpu=True, n_trials=24) == 1
+    with pytest.raises(ConfigError, match="one sweep trial needs"):
+        max_concurrent(load_config(None, ["student.num_workers=3"]), {"CPU": 2.0}, use_gpu=False, n_trials=4)
+    with pytest.raises(ConfigError, match="GPU"):
+        max_concurrent(cfg, {"CPU": 8.0}, use_gpu=True, n_trials=4)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sweep.fractions=[]", "the grid is empty"),
+    ("sweep.fractions=[0, 0.5]", "every fraction must be in (0, 1]"),
+    ("sweep.fractions=[0.5, 1.5]", "every fraction must be in (0, 1]"),
+    ("sweep.seeds=[]", "the grid is empty"),
+    ("sweep.metric=accuracy", "unknown metric 'accuracy'"),
+])
+def test_bad_sweep_input_fails_before_any_work(tmp_path, capsys, override, message):
+    runs = tmp_path / "runs"
+    assert main(["run", "--set", f"runtime.storage_path={runs}", "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "sweep." in err
+    assert not runs.exists()  # nothing trained, nothing written
+
+
+# --------------------------------------------------------------------------- on the shared cluster
+@pytest.mark.ray
+@pytest.mark.slow
+def test_small_sweep_results_report_and_teacher_passes(tiny_ensemble):
+    from kd_ray.report import write_report
+    from kd_ray.soft_targets import build_soft_targets, forward_passes
+    from kd_ray.sweep import run_sweep
+
+    base, ensemble = tiny_ensemble
+    cfg = _cfg(base, "sweepsmall", "sweep.fractions=[0.03, 0.1]", "sweep.seeds=[0]", "sweep.max_concurrent_trials=4")
+    st = build_soft_targets(cfg, ensemble)
+    n_rows = sum(st.manifest["rows"].values())
+    assert forward_passes(cfg.name) == st.manifest["rows"]  # one pass over train, val and test
+    result = run_sweep(cfg, st)
+    df = result.results
+    assert result.complete and len(df) == 4 and set(df["status"]) == {"done"}
+    assert sorted(zip(df["fraction"], df["targets"])) == [(0.03, "hard"), (0.03, "soft"), (0.1, "hard"), (0.1, "soft")]
+    for col in ("fraction", "targets", "temperature", "alpha", "seed", "test_accuracy", "test_fidelity",
+                "val_accuracy", "wall_s", "checkpoint_path", "train_rows_total", "status"):
+        assert col in df.columns, col
+    assert df["test_accuracy"].between(0, 1).all() and (df["wall_s"] > 0).all()
+    # every trial read the cache: the teachers' forward passes stayed N (x K teachers each)
+    assert sum(forward_passes(cfg.name).values()) == n_rows
+    for name in ("results.parquet", "results.csv", "sweep.json"):
+        assert os.path.exists(os.path.join(result.path, name)), name
+    text = write_report(result.path)
+    assert "| 3.0% |" in text and "gap recovered" in text.lower()
+    assert os.path.getsize(os.path.join(result.path, "accuracy_vs_fraction.png")) > 1000
+
+    # what the workers trained on: nested (3 % inside 10 %), every class in each
+    label_of = dict(zip(st.transfer.ids.tolist(), st.transfer.labels.tolist()))
+    seen = {}
+    for row in df.itertuples():
+        ids = np.load(os.path.join(row.checkpoint_path, "rows_rank0.npy"))
+        assert len(ids) == row.train_rows_total
+        seen.setdefault(row.fraction, []).append(set(ids.tolist()))
+    small, large = seen[0.03], seen[0.1]
+    assert all(s == small[0] for s in small) and all(s == large[0] for s in large)  # soft and hard: same rows
+    assert small[0] < large[0]
+    assert {label_of[i] for i in small[0]} == set(range(10))
+
+
+class _Interrupt:
+    """A Tune callback that presses Ctrl+C (SIGUSR1, which Tune treats the same) once
+    ``after`` trials have completed."""
+
+    def __new__(cls, after):
+        from ray import tune
+
+        class Interrupt(tune.Callback):
+            def __init__(self):
+                self.done = 0
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                self.done += 1
+                if self.done == after:
+                    os.kill(os.getpid(), signal.SIGUSR1)
+
+        return Interrupt()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_interrupted_sweep_finishes_the_rest_when_run_again(tiny_ensemble):
+    from kd_ray.soft_targets import build_soft_targets
+    from kd_ray.sweep import run_sweep
+
+    base, ensemble = tiny_ensemble
+    cfg = _cfg(base, "sweepsmall", "sweep.fractions=[0.03, 0.1]", "sweep.targets=[hard]", "sweep.seeds=[1]",
+               "sweep.max_concurrent_trials=1")
+    st = build_soft_targets(cfg, ensemble)
+    first = run_sweep(cfg, st, callbacks=[_Interrupt(after=1)])
+    assert not first.complete
+    done = first.results[first.results["status"] == "done"]
+    assert len(done) == 1
+    finished = done.iloc[0]
+    result_json = os.path.join(os.path.dirname(finished["checkpoint_path"]), "result.json")
+    stamp = os.stat(result_json).st_mtime_ns
+
+    second = run_sweep(cfg, st)
+    assert second.complete and len(second.results) == 2 and set(second.results["status"]) == {"done"}
+    again = second.results.set_index("fraction").loc[finished["fraction"]]
+    # the finished trial was kept as it was: not re-run, not even re-read from the student's result
+    assert again["wall_s"] == finished["wall_s"] and again["checkpoint_path"] == finished["checkpoint_path"]
+    assert os.stat(result_json).st_mtime_ns == stamp
+    assert json.load(open(os.path.join(second.path, "sweep.json")))["complete"] is True
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_kd_ray_run_end_to_end_and_again(ray_session, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    argv = ["run", "--set", f"runtime.storage_path={runs}", "--set", "teachers.count=2", "--set", "teachers.epochs=2",
+            "--set", "teachers.model_args={hidden: [64]}", "--set", "student.model_args={hidden: [64]}",
+            "--set", "student.epochs=2", "--set", "sweep.fractions=[0.5]", "--set", "sweep.seeds=[0]"]
+    assert main(argv) == 0  # the default config: jobs/configs/digits.yaml
+    out = capsys.readouterr().out
+    assert "kd-ray run finished in" in out and "| fraction | train rows | targets |" in out
+    root = runs / "digits"
+    for name in ("results.parquet", "results.csv", "summary.md", "accuracy_vs_fraction.png"):
+        assert (root / name).exists(), name
+    summary = (root / "summary.md").read_text()
+
+    assert main(argv) == 0  # again: every stage is found finished
+    out = capsys.readouterr().out
+    assert "0 to train, 2 complete and reused" in out
+    assert "reused at" in out  # the soft-target cache
+    assert "2 trials ({'done': 2})" in out and "2 already finished, 0 to run" in out
+    assert (root / "summary.md").read_text() == summary
