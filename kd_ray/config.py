@@ -217,13 +217,25 @@ class SweepConfig(_Section):
 
 class RuntimeConfig(_Section):
     address: Optional[str] = None  # Ray address; None: RAY_ADDRESS, else a local cluster
-    storage_path: str = "./runs"  # local folder or s3:// / gs:// / file:// URI
+    # local folder or s3:// / gs:// / file:// URI. A relative folder is made absolute against
+    # the directory the config is loaded in: Ray actors and Tune trials (which run in their
+    # trial folders) have other working directories, and must all write to the same place.
+    storage_path: str = Field("./runs", validate_default=True)
     num_cpus: Optional[int] = Field(None, gt=0)  # only for a local cluster started by kd_ray
     num_gpus: Optional[int] = Field(None, ge=0)
     shared_filesystem: bool = False  # a local storage_path that every node mounts (NFS)
     # what `kd-ray run` and jobs/pipeline.py run, in this order (a stage computes what it
     # needs from earlier ones when missing, and reuses what is finished)
     stages: list[Literal["teachers", "soft-targets", "sweep", "report"]] = ["teachers", "soft-targets", "sweep", "report"]
+
+    @field_validator("storage_path")
+    @classmethod
+    def _storage_path(cls, v: str) -> str:
+        from kd_ray.storage import absolute
+
+        if not v:
+            raise ValueError("give a folder or an s3:// / gs:// URI")
+        return absolute(v)
 
     @field_validator("stages")
     @classmethod

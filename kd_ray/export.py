@@ -1,7 +1,7 @@
 """``kd-ray export``: the best student as a deployable artifact plus a JSON card.
 
 ``RUN_DIR`` is an experiment folder (``<storage>/<name>``, holding a sweep's
-``results.parquet``: the finished trial with the best validation accuracy is exported) or one
+``results.parquet``: the finished trial with the lowest validation NLL is exported) or one
 student's run folder (``<storage>/<name>/students/<run>``, holding ``result.json``).
 
 Formats: ``torchscript`` (``student.ts``, loads with ``torch.jit.load`` and nothing else; torch
@@ -23,21 +23,28 @@ FORMATS = ("torchscript", "state_dict")
 ARTIFACT = {"torchscript": "student.ts", "state_dict": "student_state.pt"}
 
 
+def _plain(value):
+    """A numpy scalar (from a pandas row) as the Python value JSON can write."""
+    return value.item() if hasattr(value, "item") else value
+
+
 def best_student(run_dir: str) -> tuple[str, dict]:
     """The student run folder to export from ``run_dir``, and why it was chosen."""
     if storage.exists(storage.join(run_dir, "result.json")):
         return run_dir, {"chosen": "the given student run"}
     if storage.exists(storage.join(run_dir, "results.parquet")):
-        from kd_ray.sweep import load_results
+        from kd_ray.sweep import read_results
 
-        df, _ = load_results(run_dir)
+        df = read_results(run_dir)
         done = df[df["status"] == "done"]
         if done.empty:
             raise ValueError(f"{run_dir}: the sweep has no finished trial to export")
-        best = done.sort_values(["val_accuracy", "fraction"], ascending=[False, False]).iloc[0]
+        # Lowest validation NLL: a proper score, where accuracy on a small validation set ties
+        # often and early-stopped (hard-label) runs report the very accuracy they were picked on.
+        best = done.sort_values(["val_nll", "val_accuracy"], ascending=[True, False]).iloc[0]
         return (storage.join(run_dir, "students", best["run_name"]),
-                {"chosen": "best validation accuracy among the sweep's finished trials",
-                 **{k: best[k] for k in ("fraction", "targets", "temperature", "alpha", "seed")}})
+                {"chosen": "lowest validation NLL among the sweep's finished trials",
+                 **{k: _plain(best[k]) for k in ("fraction", "targets", "temperature", "alpha", "seed")}})
     raise FileNotFoundError(f"{run_dir} holds neither a sweep's results.parquet nor a student's result.json; "
                             f"give <storage>/<name> or <storage>/<name>/students/<run>")
 

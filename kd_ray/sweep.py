@@ -13,10 +13,11 @@ holds is its Train workers (``student.num_workers`` x 1 CPU, or 1 GPU each with 
 :func:`max_concurrent` caps the concurrent trials at what the cluster can host at once. That
 is why trials cannot deadlock by holding every CPU with drivers whose workers then never start.
 
-Resume: a sweep is named after its grid, student config and soft-target fingerprint, and each
-trial records its final row under ``<storage>/<name>/sweeps/<sweep>/trials/`` before it
-reports. Running the same sweep again runs only the trials without a record (in a new Tune
-run beside the old ones), so finished trials are never repeated, and an unfinished student
+Resume: a sweep is named after what its trials' results depend on besides their grid values
+(:func:`sweep_name`), and each trial records its final row under
+``<storage>/<name>/sweeps/<sweep>/trials/`` before it reports. Running the sweep again runs only
+the grid's trials without a record (in a new Tune run beside the old ones), so finished trials
+are never repeated (and a grown grid runs only its new trials), and an unfinished student
 resumes from its own Train checkpoint (student run names are deterministic). This holds after
 Ctrl+C and after the driver was killed outright. (``Tuner.restore`` was tried first: on Ray
 2.60 a restored grid search with ``max_concurrent_trials`` did not generate the trials it had
@@ -107,10 +108,14 @@ def metric_mode(metric: str) -> str:
     return "min" if metric.endswith("nll") else "max"
 
 
-def sweep_name(cfg: ExperimentConfig, soft: SoftTargets, trials: list[dict]) -> str:
-    """A name that changes whenever the trials would (grid, student, soft targets, metric)."""
-    key = json.dumps({"trials": trials, "student": cfg.student.model_dump(mode="json"),
-                      "sweep": cfg.sweep.model_dump(mode="json"), "soft": soft.manifest["fingerprint"],
+def sweep_name(cfg: ExperimentConfig, soft: SoftTargets) -> str:
+    """What a trial's result depends on besides its own grid values: the student config, the
+    soft targets, the data seed, and how trials are stopped. Trials of sweeps with the same
+    name are interchangeable, so growing the grid (another seed, another fraction) runs only
+    the new trials, and the concurrency can change between runs."""
+    student = cfg.student.model_dump(mode="json", exclude=set(GRID_KEYS) | {"targets"})
+    sweep = cfg.sweep.model_dump(mode="json", include={"metric", "scheduler", "hard_early_stopping_patience"})
+    key = json.dumps({"student": student, "sweep": sweep, "soft": soft.manifest["fingerprint"],
                       "data_seed": cfg.data.seed}, sort_keys=True)
     return "sweep-" + hashlib.sha256(key.encode()).hexdigest()[:10]
 
@@ -171,7 +176,7 @@ def run_sweep(cfg: ExperimentConfig, soft: SoftTargets, callbacks: list | None =
                           f"{soft.num_classes} classes")
     use_gpu = cfg.student.use_gpu if cfg.student.use_gpu is not None else torch.cuda.is_available()
     metric = cfg.sweep.metric
-    name = sweep_name(cfg, soft, trials)
+    name = sweep_name(cfg, soft)
     sweep_dir = storage.join(results_dir(cfg), "sweeps", name)
     record_dir = storage.join(sweep_dir, "trials")
     done = finished_trials(record_dir)
@@ -189,7 +194,8 @@ def run_sweep(cfg: ExperimentConfig, soft: SoftTargets, callbacks: list | None =
         if cfg.sweep.scheduler == "asha":
             from ray.tune.schedulers import ASHAScheduler
 
-            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.student.epochs + 1,
+            # a trial reports each epoch, Train's final (test) report, then the driver's own
+            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.student.epochs + 2,
                                       grace_period=max(1, cfg.student.epochs // 4))
         run = time.strftime("run-%Y%m%d-%H%M%S")
         print(f"[kd_ray] up to {concurrency} trials at a time (Tune run {run})", flush=True)
@@ -201,6 +207,9 @@ def run_sweep(cfg: ExperimentConfig, soft: SoftTargets, callbacks: list | None =
                                       callbacks=callbacks, verbose=1),
         ).fit()
         others = unfinished_rows(grid, asha=scheduler is not None)
+        for key, row in others.items():
+            if row["status"] == "stopped":  # ASHA's decision is final: recorded like a finished trial
+                storage.write_json(storage.join(record_dir, key + ".json"), row)
         done = finished_trials(record_dir)
     rows = []
     for t in trials:
@@ -221,7 +230,7 @@ def run_sweep(cfg: ExperimentConfig, soft: SoftTargets, callbacks: list | None =
 
 
 def finished_trials(record_dir: str) -> dict[str, dict]:
-    """The rows of the trials of this sweep that finished (any earlier run), by trial key."""
+    """The rows of this sweep's trials that finished or ASHA stopped (any earlier run), by key."""
     if not storage.exists(record_dir):
         return {}
     rows = [storage.read_json(p) for p in storage.list_files(record_dir, ".json")]
@@ -269,8 +278,8 @@ def save_results(df: pd.DataFrame, out: str) -> None:
     storage.write_bytes(storage.join(out, "results.csv"), df.to_csv(index=False).encode())
 
 
-def load_results(out: str) -> tuple[pd.DataFrame, dict]:
-    """The saved results table and sweep.json of ``out`` (``<storage>/<name>``)."""
+def read_results(out: str) -> pd.DataFrame:
+    """The saved results table of ``out`` (``<storage>/<name>``)."""
     import io
 
     path = storage.join(out, "results.parquet")
@@ -278,5 +287,9 @@ def load_results(out: str) -> tuple[pd.DataFrame, dict]:
         raise FileNotFoundError(f"no sweep results at {path}; run `kd-ray sweep` (or `kd-ray run`) first")
     fs, p = storage.resolve(path)
     with fs.open_input_file(p) as f:
-        df = pd.read_parquet(io.BytesIO(f.read()))
-    return df, storage.read_json(storage.join(out, "sweep.json"))
+        return pd.read_parquet(io.BytesIO(f.read()))
+
+
+def load_results(out: str) -> tuple[pd.DataFrame, dict]:
+    """The saved results table and sweep.json of ``out`` (what the report needs)."""
+    return read_results(out), storage.read_json(storage.join(out, "sweep.json"))

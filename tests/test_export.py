@@ -39,9 +39,12 @@ def test_export_torchscript_and_state_dict(tiny_ensemble, tmp_path, capsys):
     root = f"{cfg.runtime.storage_path}/{cfg.name}"
     # a sweep's results table naming that student: export picks the best finished trial
     save_results(pd.DataFrame([{**{k: r.metrics[k] for k in ("fraction", "targets", "temperature", "alpha", "seed")},
-                                "val_accuracy": r.metrics["val_accuracy"], "status": "done", "run_name": r.run_name},
+                                "val_accuracy": r.metrics["val_accuracy"], "val_nll": r.metrics["val_nll"],
+                                "status": "done", "run_name": r.run_name},
                                {"fraction": 1.0, "targets": "soft", "temperature": 4.0, "alpha": 0.9, "seed": 0,
-                                "val_accuracy": 0.99, "status": "error", "run_name": "never-finished"}]), root)
+                                "val_accuracy": 0.99, "val_nll": 0.01, "status": "error", "run_name": "never-finished"},
+                               {"fraction": 1.0, "targets": "hard", "temperature": 4.0, "alpha": 0.0, "seed": 0,
+                                "val_accuracy": 1.0, "val_nll": 9.0, "status": "done", "run_name": "worse-nll"}]), root)
 
     assert main(["export", root, "--out", str(tmp_path / "ts")]) == 0
     capsys.readouterr()

@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,6 +55,21 @@ def test_concurrency_follows_the_cluster_and_the_cap():
         max_concurrent(load_config(None, ["student.num_workers=3"]), {"CPU": 2.0}, use_gpu=False, n_trials=4)
     with pytest.raises(ConfigError, match="GPU"):
         max_concurrent(cfg, {"CPU": 8.0}, use_gpu=True, n_trials=4)
+
+
+def test_sweep_identity_ignores_the_grid_and_concurrency_but_not_the_student():
+    from types import SimpleNamespace
+
+    from kd_ray.sweep import sweep_name
+
+    soft = SimpleNamespace(manifest={"fingerprint": "abc"})
+    name = sweep_name(load_config(None, []), soft)
+    # a grown grid or another concurrency: the same sweep, so finished trials are reused
+    assert sweep_name(load_config(None, ["sweep.seeds=[0, 1, 2]", "sweep.fractions=[0.5]",
+                                         "sweep.max_concurrent_trials=3"]), soft) == name
+    assert sweep_name(load_config(None, ["student.lr=0.01"]), soft) != name
+    assert sweep_name(load_config(None, ["sweep.hard_early_stopping_patience=3"]), soft) != name
+    assert sweep_name(load_config(None, []), SimpleNamespace(manifest={"fingerprint": "other"})) != name
 
 
 @pytest.mark.parametrize("override, message", [
@@ -161,22 +177,32 @@ def test_interrupted_sweep_finishes_the_rest_when_run_again(tiny_ensemble):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_kd_ray_run_end_to_end_and_again(ray_session, tmp_path, capsys):
+def test_kd_ray_run_end_to_end_with_asha_and_again(ray_session, tmp_path, capsys, monkeypatch):
+    import pandas as pd
+
+    default_config = str(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "digits.yaml")
+    monkeypatch.chdir(tmp_path)  # a relative storage path, as in the shipped configs
     runs = tmp_path / "runs"
-    argv = ["run", "--set", f"runtime.storage_path={runs}", "--set", "teachers.count=2", "--set", "teachers.epochs=2",
+    argv = ["run", default_config, "--set", "runtime.storage_path=./runs", "--set", "teachers.count=2",
+            "--set", "teachers.epochs=2",
             "--set", "teachers.model_args={hidden: [64]}", "--set", "student.model_args={hidden: [64]}",
-            "--set", "student.epochs=2", "--set", "sweep.fractions=[0.5]", "--set", "sweep.seeds=[0]"]
-    assert main(argv) == 0  # the default config: jobs/configs/digits.yaml
+            "--set", "student.epochs=4", "--set", "sweep.fractions=[0.5]", "--set", "sweep.seeds=[0]",
+            "--set", "sweep.scheduler=asha"]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert "kd-ray run finished in" in out and "| fraction | train rows | targets |" in out
-    root = runs / "digits"
+    assert list((root := runs / "digits").glob("students/student-*/result.json"))  # not under a trial folder
     for name in ("results.parquet", "results.csv", "summary.md", "accuracy_vs_fraction.png"):
         assert (root / name).exists(), name
+    df = pd.read_parquet(root / "results.parquet")
+    # ASHA (grace period 1 epoch) may stop the weaker trial early; the better one always finishes
+    assert len(df) == 2 and set(df["status"]) <= {"done", "stopped"} and (df["status"] == "done").any()
+    assert df.loc[df["status"] == "stopped", "test_accuracy"].isna().all()  # never reached its test pass
     summary = (root / "summary.md").read_text()
 
-    assert main(argv) == 0  # again: every stage is found finished
+    assert main(argv) == 0  # again: every stage is found finished, ASHA's stops included
     out = capsys.readouterr().out
     assert "0 to train, 2 complete and reused" in out
     assert "reused at" in out  # the soft-target cache
-    assert "2 trials ({'done': 2})" in out and "2 already finished, 0 to run" in out
+    assert "2 already finished, 0 to run" in out
     assert (root / "summary.md").read_text() == summary

@@ -106,6 +106,3 @@ def test_diverging_teacher_is_named_and_others_kept(ray_session, digits_cfg):
         blob = storage.load_torch(storage.join(base, tid, "model.pt"))
         assert blob["teacher_id"] == tid
     assert not storage.exists(storage.join(base, "t1", "model.pt"))
-
-
-@pytest.mark.slow

@@ -3,7 +3,7 @@
     kd-ray run jobs/configs/digits.yaml            # first: teachers, soft targets, the sweep
     python jobs/bench/bench_serving.py [--config jobs/configs/digits.yaml] [--set ...]
 
-The student is the sweep's best finished trial (by validation accuracy), exported to
+The student is the sweep's best finished trial (lowest validation NLL), exported to
 TorchScript with ``kd-ray export`` and loaded with ``torch.jit.load``; the ensemble is the
 K teachers in eager PyTorch averaging their softmax outputs (what serving it costs). Both run
 in this process with the same torch threads. Measured: latency at batch 1 (median and p99 of
