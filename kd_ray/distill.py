@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import os
 import tempfile
@@ -87,15 +86,13 @@ def _targets(batch: dict, T: float, cache_T: float, rule: str) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- the Train loop
 def train_loop_per_worker(config: dict) -> dict:
+    import ray.data
     import ray.train
     import ray.train.torch
 
-    import ray.data
-
-    # Per-epoch iteration bars (and Train's per-report log lines) from every worker drown the
-    # output; Train and Tune report epochs. (Datasets made here, in streaming mode, use this.)
+    # Per-epoch iteration bars from every worker drown the output; Train and Tune report
+    # epochs. (Datasets made here, in streaming mode, use this context.)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
     s = StudentConfig(**config["student"])
     T, alpha = config["temperature"], (0.0 if s.targets == "hard" else s.alpha)
     ctx = ray.train.get_context()
@@ -224,6 +221,18 @@ def run_name(cfg: ExperimentConfig, soft: SoftTargets, T: float) -> str:
     return f"student-{s.targets}-f{s.fraction:g}-T{T:g}-a{s.alpha:g}-s{s.seed}-{digest}"
 
 
+def check_classes(s: StudentConfig, soft: SoftTargets) -> None:
+    """A student must predict the soft targets' classes."""
+    if s.num_classes is not None and s.num_classes != soft.num_classes:
+        raise ValueError(f"student.num_classes={s.num_classes} but the soft targets have {soft.num_classes} "
+                         f"classes ({soft.path}); use the teachers' label space")
+
+
+def uses_gpu(s: StudentConfig) -> bool:
+    """GPU Train workers: as configured, else only when this process's torch sees CUDA."""
+    return s.use_gpu if s.use_gpu is not None else torch.cuda.is_available()
+
+
 def subset_ids(soft: SoftTargets, fraction: float, seed: int) -> np.ndarray:
     """The transfer-set ids a run at ``fraction`` trains on (nested, stratified)."""
     return select_fraction(soft.transfer.ids, soft.transfer.labels, fraction, seed)
@@ -237,16 +246,13 @@ def distill(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None = N
     ``fail_after_epoch`` injects a worker failure once, for fault-tolerance tests.
     """
     import ray
-    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
     s = cfg.student
     T = s.temperature or soft.temperature
     C = soft.num_classes
-    if s.num_classes is not None and s.num_classes != C:
-        raise ValueError(f"student.num_classes={s.num_classes} but the soft targets have {C} classes "
-                         f"({soft.path}); use the teachers' label space")
+    check_classes(s, soft)
     ids = subset_ids(soft, s.fraction, cfg.data.seed) if ids is None else np.asarray(ids, dtype=np.int64)
     ids = ids[np.isin(ids, soft.transfer.ids)]
     if len(ids) == 0:
@@ -261,7 +267,7 @@ def distill(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None = N
         done = storage.read_json(done_path)
         return DistillResult(done["metrics"], done["checkpoint_path"], pd.DataFrame(done["history"]), name, reused=True)
 
-    use_gpu = s.use_gpu if s.use_gpu is not None else torch.cuda.is_available()
+    use_gpu = uses_gpu(s)
     config = {"student": s.model_dump(mode="json"), "temperature": T, "cache_temperature": soft.temperature,
               "rule": soft.manifest["rule"], "num_classes": C, "input_shape": soft.manifest["input_shape"],
               "fail_after_epoch": fail_after_epoch, "cpus_per_worker": 1}

@@ -27,12 +27,19 @@ def _setting(row) -> str:
     return "hard" if row["targets"] == "hard" else f"soft T={row['temperature']:g} a={row['alpha']:g}"
 
 
+def _finished(df: pd.DataFrame) -> pd.DataFrame:
+    """The finished trials, each with its setting label ("hard" or "soft T=.. a=..")."""
+    done = df[df["status"] == "done"].copy()
+    if not done.empty:
+        done["setting"] = done.apply(_setting, axis=1)
+    return done
+
+
 def summarize(df: pd.DataFrame, metric: str = METRIC) -> pd.DataFrame:
     """Mean +- std over seeds of ``metric`` per (fraction, setting); finished trials only."""
-    done = df[df["status"] == "done"].copy()
+    done = _finished(df)
     if done.empty:
         return pd.DataFrame(columns=["fraction", "setting", "targets", "mean", "std", "seeds", "train_rows"])
-    done["setting"] = done.apply(_setting, axis=1)
     g = done.groupby(["fraction", "setting", "targets"], sort=True)
     out = g[metric].agg(["mean", "std", "count"]).rename(columns={"count": "seeds"}).reset_index()
     out["std"] = out["std"].fillna(0.0)
@@ -46,11 +53,10 @@ def gap_recovered(df: pd.DataFrame, ensemble: float, metric: str = METRIC) -> pd
     ``gap`` uses the means over seeds; ``gap_std`` is the spread of the same ratio computed per
     seed (soft and hard trials of one seed share their rows, so they pair up).
     """
-    done = df[df["status"] == "done"].copy()
+    done = _finished(df)
     cols = ["fraction", "setting", "soft", "hard", "ensemble", "gap", "gap_std", "seeds"]
     if done.empty:
         return pd.DataFrame(columns=cols)
-    done["setting"] = done.apply(_setting, axis=1)
     hard = done[done["targets"] == "hard"].groupby(["fraction", "seed"])[metric].mean()
     rows = []
     for (fraction, setting), grp in done[done["targets"] == "soft"].groupby(["fraction", "setting"], sort=True):

@@ -37,7 +37,7 @@ import pandas as pd
 
 from kd_ray import storage
 from kd_ray.config import ConfigError, ExperimentConfig
-from kd_ray.distill import distill
+from kd_ray.distill import check_classes, distill, uses_gpu
 from kd_ray.soft_targets import SoftTargets
 
 # A trial's driver only waits on its TorchTrainer: no CPU, but it reserves the memory a Train
@@ -166,15 +166,12 @@ def run_sweep(cfg: ExperimentConfig, soft: SoftTargets, callbacks: list | None =
     """Run the sweep over ``cfg.sweep``'s grid on ``soft`` (only its unfinished trials); save
     the results table and ``sweep.json`` under ``<storage>/<name>/``."""
     import ray
-    import torch
     from ray import tune
 
     t0 = time.time()
     trials = trial_grid(cfg, soft.temperature)
-    if cfg.student.num_classes is not None and cfg.student.num_classes != soft.num_classes:
-        raise ConfigError(f"student.num_classes={cfg.student.num_classes} but the soft targets have "
-                          f"{soft.num_classes} classes")
-    use_gpu = cfg.student.use_gpu if cfg.student.use_gpu is not None else torch.cuda.is_available()
+    check_classes(cfg.student, soft)  # before any trial starts
+    use_gpu = uses_gpu(cfg.student)
     metric = cfg.sweep.metric
     name = sweep_name(cfg, soft)
     sweep_dir = storage.join(results_dir(cfg), "sweeps", name)
