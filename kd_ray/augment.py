@@ -38,13 +38,21 @@ def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generato
     return shift_images(images, d[0].to(images.device), d[1].to(images.device))
 
 
-def seeded_shift(images: np.ndarray, ids: np.ndarray, max_shift: int, seed: int, epoch: int) -> np.ndarray:
-    """Deterministic shifts for a numpy batch: sample ``id`` at ``epoch`` always moves the same way."""
-    if max_shift <= 0:
-        return images
+def seeded_offsets(ids: np.ndarray, max_shift: int, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (dy, dx) shift of each sample: a pure function of (seed, epoch, id)."""
     span = 2 * max_shift + 1
     h = stable_hash(ids, seed * 1_000_003 + epoch)
-    dy = (h % span).astype(np.int64) - max_shift
-    dx = ((h // span) % span).astype(np.int64) - max_shift
-    out = shift_images(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(dy), torch.from_numpy(dx))
-    return out.numpy()
+    return (h % span).astype(np.int64) - max_shift, ((h // span) % span).astype(np.int64) - max_shift
+
+
+def seeded_shift(images, ids, max_shift: int, seed: int, epoch: int):
+    """Deterministic shifts: sample ``id`` at ``epoch`` always moves the same way. Takes and
+    returns a numpy array or a torch tensor (kept on its device)."""
+    if max_shift <= 0:
+        return images
+    if isinstance(images, torch.Tensor):
+        ids = ids.cpu().numpy() if isinstance(ids, torch.Tensor) else ids
+        dy, dx = seeded_offsets(np.asarray(ids), max_shift, seed, epoch)
+        return shift_images(images, torch.from_numpy(dy).to(images.device), torch.from_numpy(dx).to(images.device))
+    dy, dx = seeded_offsets(np.asarray(ids), max_shift, seed, epoch)
+    return shift_images(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(dy), torch.from_numpy(dx)).numpy()

@@ -155,6 +155,16 @@ class StudentConfig(_Section):
     use_gpu: Optional[bool] = None  # None: when the driver's torch sees CUDA (set true for GPU workers)
     max_failures: int = Field(0, ge=0)
     early_stopping_patience: Optional[int] = Field(None, gt=0)
+    # a worker whose share of the cached rows fits this reads it once into memory; larger
+    # shares (or 0) stream from Ray Data every epoch
+    max_in_memory_mb: float = Field(2048, ge=0)
+    # How soft targets meet augmentation (shifts of up to soft_targets.jitter pixels):
+    #   cached        the fixed cached soft targets of the un-augmented images, no augmentation
+    #   inconsistent  the cached soft targets, but the student alone sees a shifted image
+    #   consistent    every epoch the teachers label the very shifted view the student trains on
+    #                 (streaming through an EnsemblePredictor actor pool; Beyer et al. 2022)
+    # None: consistent in streaming mode, cached otherwise.
+    teaching: Optional[Literal["cached", "inconsistent", "consistent"]] = None
 
     @field_validator("model")
     @classmethod
@@ -173,6 +183,19 @@ class SweepConfig(_Section):
     scheduler: Literal["none", "asha"] = "none"
     # hard-label trials are the paper's baseline: early stopping on validation (best-val model)
     hard_early_stopping_patience: Optional[int] = Field(10, gt=0)
+    # soft-target trials per teaching mode (student.teaching); empty: the student's mode
+    teaching: list[Literal["cached", "inconsistent", "consistent"]] = []
+    # epoch budgets to sweep (patience); empty: student.epochs. Hard-label trials run once, with
+    # the largest budget (they stop early on validation).
+    epochs: list[int] = []
+
+    @field_validator("epochs")
+    @classmethod
+    def _epochs(cls, v: list[int]) -> list[int]:
+        bad = [e for e in v if not e > 0]
+        if bad:
+            raise ValueError(f"every epoch budget must be > 0; got {bad}")
+        return v
 
     @field_validator("fractions")
     @classmethod
@@ -263,6 +286,22 @@ class ExperimentConfig(_Section):
         if not v or "/" in v or v.startswith("."):
             raise ValueError(f"name must be a plain folder name, got {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _teaching(self) -> "ExperimentConfig":
+        modes = set(self.sweep.teaching) | {self.student.teaching or "cached"}
+        if modes & {"inconsistent", "consistent"} and self.soft_targets.jitter <= 0:
+            raise ValueError("inconsistent and consistent teaching augment the student's images: set "
+                             "soft_targets.jitter to the largest shift in pixels (e.g. 1)")
+        if self.soft_targets.resolved_mode == "streaming" and modes & {"cached", "inconsistent"} and (
+                self.student.teaching or self.sweep.teaching):
+            raise ValueError("cached and inconsistent teaching read cached soft targets of the transfer set: "
+                             "set soft_targets.mode: cached (consistent trials stream either way)")
+        return self
+
+    def teaching(self) -> str:
+        """The student's resolved teaching mode."""
+        return self.student.teaching or ("consistent" if self.soft_targets.resolved_mode == "streaming" else "cached")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -31,7 +31,8 @@ from kd_ray.config import ExperimentConfig, StudentConfig
 from kd_ray.data import select_fraction
 from kd_ray.losses import kd_loss, resoften
 from kd_ray.models import build_model, count_parameters
-from kd_ray.soft_targets import SoftTargets, streaming_epoch
+from kd_ray.augment import seeded_shift
+from kd_ray.soft_targets import SoftTargets, consistent_stream, forward_passes, pass_counter, worker_share
 from kd_ray.teachers import make_optimizer, make_scheduler
 
 
@@ -72,6 +73,41 @@ def bias_adjustment(val_logits: torch.Tensor, val_labels: torch.Tensor, cls: int
         if acc > best_acc + 1e-12:
             best, best_acc = float(d), acc
     return best
+
+
+class EpochStream:
+    """Cuts one ordered stream of numpy blocks spanning several epochs (an ``epoch`` column, not
+    decreasing) into each epoch's batches of ``batch_size`` rows (an epoch's last may be short),
+    as tensors on ``device``. Consistent teaching streams all epochs through one dataset."""
+
+    def __init__(self, blocks, batch_size: int, device="cpu"):
+        self._blocks, self._head = iter(blocks), None
+        self.batch_size, self.device = batch_size, device
+
+    def epoch(self, e: int):
+        pending: dict[str, np.ndarray] | None = None
+        while True:
+            if self._head is None:
+                self._head = next(self._blocks, None)
+                if self._head is None:
+                    break
+            block = self._head
+            ep = block["epoch"]
+            j = int(np.searchsorted(ep, e, side="left"))  # rows of an epoch left early: skipped
+            k = int(np.searchsorted(ep, e, side="right"))
+            self._head = {c: v[k:] for c, v in block.items()} if k < len(ep) else None
+            if j == k and k < len(ep):
+                break  # the next epoch's rows
+            part = {c: v[j:k] for c, v in block.items()}
+            pending = part if pending is None else {c: np.concatenate([pending[c], part[c]]) for c in part}
+            while len(pending["epoch"]) >= self.batch_size:
+                yield self._tensors({c: v[:self.batch_size] for c, v in pending.items()})
+                pending = {c: v[self.batch_size:] for c, v in pending.items()}
+        if pending is not None and len(pending["epoch"]):
+            yield self._tensors(pending)
+
+    def _tensors(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return {c: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for c, v in batch.items()}
 
 
 def _targets(batch: dict, T: float, cache_T: float, rule: str) -> torch.Tensor:
@@ -116,27 +152,40 @@ def train_loop_per_worker(config: dict) -> dict:
     model = ray.train.torch.prepare_model(model)  # device move; DDP when world > 1
     plain = model.module if hasattr(model, "module") else model
 
+    teaching, jitter = config["teaching"], config["jitter"]
     stream = config.get("stream")
     train_shard = None if stream else ray.train.get_dataset_shard("train")
+    if stream:  # consistent teaching: every remaining epoch through one predictor pool
+        ds = consistent_stream(stream["rows"], worker_share(stream["ids"], rank, world), stream["cfg"],
+                               stream["paths"], range(start_epoch, s.epochs), s.seed, stream["counters"])
+        epochs = EpochStream(ds.iter_batches(batch_size=None, batch_format="numpy"), s.batch_size, device)
+    # A cached shard that fits student.max_in_memory_mb is read once into tensors: per-epoch
+    # Ray Data iteration costs ~15 % of a small model's step time on CPU (bench_distill).
+    in_memory = _read_shard(train_shard, device) if train_shard is not None and config.get("in_memory") else None
     # validation rows come as arrays from the object store, kept as tensors for every epoch
     val_rows = _eval_batches(ray.get(config["eval"]["val"]), device)
     batch_kw = dict(batch_size=s.batch_size, device=device)
     patience = s.early_stopping_patience
     stopped = False
-    last_seen = None  # the row ids of the last epoch trained here, kept in the final checkpoint too
+    last_seen = last_sample = None  # the row ids of the last epoch trained here, kept in the final checkpoint too
     for epoch in range(start_epoch, s.epochs):
         t0 = time.time()
         model.train()
-        if stream:  # a fresh augmented view through the teachers, this worker's share
-            epoch_ds = streaming_epoch(stream["source"], stream["cfg"], stream["paths"], epoch, s.seed, rank, world)
-            batches = epoch_ds.iter_torch_batches(**batch_kw)
+        if stream:  # a fresh augmented view, labelled by the teachers; this worker's share
+            batches = epochs.epoch(epoch)
+        elif in_memory is not None:  # the shard, read once, reshuffled every epoch
+            batches = shuffled_batches(in_memory, s.batch_size, s.seed * 1000 + epoch)
         else:
             batches = train_shard.iter_torch_batches(**batch_kw, local_shuffle_buffer_size=4096,
                                                      local_shuffle_seed=s.seed * 1000 + epoch)
         n = correct = 0
         loss_sum = torch.zeros((), device=device)
-        seen = []
+        seen, sample = [], None
         for b in batches:
+            if teaching == "inconsistent":  # the student alone sees the shifted view
+                b["image"] = seeded_shift(b["image"], b["id"], jitter, s.seed, epoch)
+            if sample is None:  # the epoch's first batch, kept in the final checkpoint
+                sample = {k: b[k].cpu().numpy() for k in ("id", "image", "soft_targets") if k in b}
             logits = model(b["image"])
             soft = _targets(b, T, config["cache_temperature"], config["rule"]) if alpha > 0 else None
             loss, _ = kd_loss(logits, soft, b["label"], T, alpha)
@@ -164,7 +213,8 @@ def train_loop_per_worker(config: dict) -> dict:
                     if patience is not None else None}
         stopped = patience is not None and epoch + 1 - best["epoch"] >= patience
         last_seen = np.concatenate(seen) if seen else np.zeros(0, np.int64)
-        _report(row, plain, opt, sched, epoch + 1, history, best, rank, last_seen)
+        last_sample = sample
+        _report(row, plain, opt, sched, epoch + 1, history, best, rank, last_seen, sample)
         if config.get("fail_after_epoch") == epoch + 1 and start_epoch == 0:
             raise RuntimeError(f"injected failure after epoch {epoch + 1} (fault-injection test)")
         if stopped:
@@ -180,8 +230,26 @@ def train_loop_per_worker(config: dict) -> dict:
         final.update({f"val_{k}": v for k, v in val.items()})
     test = evaluate(plain, _eval_batches(ray.get(config["eval"]["test"]), device), device)
     final.update({f"test_{k}": v for k, v in test.items()})
-    _report(final, plain, opt, sched, final["epoch"], history, best, rank, last_seen)
+    _report(final, plain, opt, sched, final["epoch"], history, best, rank, last_seen, last_sample)
     return {"history": history, "final": final}
+
+
+def _read_shard(shard, device) -> dict[str, torch.Tensor]:
+    """Every row of a Ray Data shard as one tensor per column (numeric columns only)."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for b in shard.iter_batches(batch_size=None, batch_format="numpy"):
+        for k, v in b.items():
+            parts.setdefault(k, []).append(np.asarray(v))
+    return {k: torch.from_numpy(np.ascontiguousarray(np.concatenate(v))).to(device) for k, v in parts.items()}
+
+
+def shuffled_batches(rows: dict[str, torch.Tensor], batch_size: int, seed: int):
+    """One epoch over in-memory rows: a seeded permutation cut into batches (the last may be short)."""
+    n = len(rows["id"])
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    for i in range(0, n, batch_size):
+        idx = order[i: i + batch_size].to(rows["id"].device)
+        yield {k: v[idx] for k, v in rows.items()}
 
 
 def _eval_batches(cols: dict[str, np.ndarray], device, size: int = 1024) -> list[dict[str, torch.Tensor]]:
@@ -189,8 +257,10 @@ def _eval_batches(cols: dict[str, np.ndarray], device, size: int = 1024) -> list
             for i in range(0, len(cols["label"]), size)]
 
 
-def _report(metrics: dict, model, opt, sched, epoch: int, history: list, best: dict, rank: int, seen_ids) -> None:
-    """A checkpoint with every report (rank 0 saves the model; every rank its row ids)."""
+def _report(metrics: dict, model, opt, sched, epoch: int, history: list, best: dict, rank: int, seen_ids,
+            sample: dict | None = None) -> None:
+    """A checkpoint with every report: rank 0 saves the model; every rank the ids of its rows
+    and the epoch's first batch as trained on (image after augmentation, soft targets)."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as d:
@@ -200,6 +270,8 @@ def _report(metrics: dict, model, opt, sched, epoch: int, history: list, best: d
                         "best_epoch": best["epoch"], "best_model": best["state"]}, os.path.join(d, "student.pt"))
         if seen_ids is not None:
             np.save(os.path.join(d, f"rows_rank{rank}.npy"), seen_ids)
+        if sample is not None:
+            np.savez(os.path.join(d, f"first_batch_rank{rank}.npz"), **sample)
         ray.train.report(dict(metrics), checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
@@ -215,10 +287,25 @@ class DistillResult:
 
 def run_name(cfg: ExperimentConfig, soft: SoftTargets, T: float) -> str:
     s = cfg.student
+    teaching = teaching_mode(cfg, soft)
     key = json.dumps({"student": s.model_dump(mode="json"), "T": T, "soft": soft.manifest["fingerprint"],
-                      "data_seed": cfg.data.seed}, sort_keys=True)
+                      "data_seed": cfg.data.seed, "teaching": teaching,
+                      "jitter": cfg.soft_targets.jitter if teaching != "cached" else 0}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
-    return f"student-{s.targets}-f{s.fraction:g}-T{T:g}-a{s.alpha:g}-s{s.seed}-{digest}"
+    mode = "" if teaching == "cached" else f"{teaching}-"
+    return f"student-{s.targets}-{mode}f{s.fraction:g}-T{T:g}-a{s.alpha:g}-e{s.epochs}-s{s.seed}-{digest}"
+
+
+def teaching_mode(cfg: ExperimentConfig, soft: SoftTargets) -> str:
+    """How this student meets augmentation (StudentConfig.teaching). A hard-label student needs
+    no teachers: with cached rows its "consistent" views are the in-worker shifts."""
+    mode = cfg.teaching()
+    if mode == "consistent" and cfg.student.targets == "hard" and soft.mode == "cached":
+        return "inconsistent"
+    if mode != "consistent" and soft.mode == "streaming":
+        raise ValueError(f"student.teaching={mode} reads cached soft targets, but {soft.path} is a streaming-mode "
+                         f"cache (no transfer rows): set soft_targets.mode: cached")
+    return mode
 
 
 def check_classes(s: StudentConfig, soft: SoftTargets) -> None:
@@ -268,22 +355,30 @@ def distill(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None = N
         return DistillResult(done["metrics"], done["checkpoint_path"], pd.DataFrame(done["history"]), name, reused=True)
 
     use_gpu = uses_gpu(s)
+    teaching = teaching_mode(cfg, soft)
     config = {"student": s.model_dump(mode="json"), "temperature": T, "cache_temperature": soft.temperature,
               "rule": soft.manifest["rule"], "num_classes": C, "input_shape": soft.manifest["input_shape"],
-              "fail_after_epoch": fail_after_epoch, "cpus_per_worker": 1}
+              "fail_after_epoch": fail_after_epoch, "cpus_per_worker": 1, "teaching": teaching,
+              "jitter": cfg.soft_targets.jitter}
     # Validation and test rows go to the workers as arrays in the object store: every worker
     # evaluates on all of them, and a Ray Data pass per split would cost seconds of start-up
     # per run. The training rows are a Ray Dataset, materialized once (epochs iterate blocks).
     config["eval"] = {split: ray.put(soft.eval_arrays(split)) for split in ("val", "test")}
     datasets = {}
-    if soft.mode == "streaming":
-        config["stream"] = {"source": soft.source(ids), "cfg": cfg, "paths": soft.model_paths}
+    counter = f"{cfg.name}/{name}"  # this run's teacher passes (consistent teaching)
+    if teaching == "consistent":
+        # the subset's rows go to the predictor actors once, through the object store; the
+        # workers send (epoch, position) rows and get back the view and its soft targets
+        config["stream"] = {"rows": ray.put(soft.transfer_rows(ids)), "ids": ids, "cfg": cfg,
+                            "paths": soft.model_paths, "counters": [cfg.name, counter]}
+        pass_counter(counter)
     else:
         datasets["train"] = soft.epoch_dataset(0, ids=ids).materialize()
         # A dataset carries the DataContext it was made with into the workers: without progress
         # bars, or every epoch of every worker prints one (on small data the bars cost more than
         # the epoch itself: 2.75 s -> 0.17 s per epoch for 126 rows, measured).
         datasets["train"].context.enable_progress_bars = False
+        config["in_memory"] = datasets["train"].size_bytes() / s.num_workers <= s.max_in_memory_mb * 1024**2
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=config, datasets=datasets,
         # one worker reads the whole dataset itself (no split-coordinator actor to start)
@@ -304,8 +399,12 @@ def distill(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None = N
         raise StudentError(f"student run {name} failed: {error}") from None
     out = result.return_value
     history = pd.DataFrame(out["history"])
+    teacher_rows = forward_passes(counter).get("train", 0) if teaching == "consistent" else 0
     metrics = {**out["final"], "train_rows_total": int(len(ids)), "temperature": T, "alpha": s.alpha,
-               "targets": s.targets, "fraction": s.fraction, "seed": s.seed,
+               "targets": s.targets, "fraction": s.fraction, "seed": s.seed, "teaching": teaching,
+               "epochs": s.epochs, "teacher_rows": int(teacher_rows),
+               # teacher forward passes during this run (each row through K teachers)
+               "teacher_passes": int(teacher_rows) * len(soft.model_paths),
                "parameters": count_parameters(build_model(s.model, soft.manifest["input_shape"], C, **s.model_args))}
     ckpt_path = result.checkpoint.path if result.checkpoint else ""
     storage.write_json(done_path, {"metrics": metrics, "checkpoint_path": ckpt_path,

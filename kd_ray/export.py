@@ -33,7 +33,7 @@ def best_student(run_dir: str) -> tuple[str, dict]:
     if storage.exists(storage.join(run_dir, "result.json")):
         return run_dir, {"chosen": "the given student run"}
     if storage.exists(storage.join(run_dir, "results.parquet")):
-        from kd_ray.sweep import read_results
+        from kd_ray.sweep import GRID_KEYS, read_results
 
         df = read_results(run_dir)
         done = df[df["status"] == "done"]
@@ -44,7 +44,7 @@ def best_student(run_dir: str) -> tuple[str, dict]:
         best = done.sort_values(["val_nll", "val_accuracy"], ascending=[True, False]).iloc[0]
         return (storage.join(run_dir, "students", best["run_name"]),
                 {"chosen": "lowest validation NLL among the sweep's finished trials",
-                 **{k: _plain(best[k]) for k in ("fraction", "targets", "temperature", "alpha", "seed")}})
+                 **{k: _plain(best[k]) for k in GRID_KEYS if k in best}})
     raise FileNotFoundError(f"{run_dir} holds neither a sweep's results.parquet nor a student's result.json; "
                             f"give <storage>/<name> or <storage>/<name>/students/<run>")
 

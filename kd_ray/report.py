@@ -23,15 +23,23 @@ METRIC = "test_accuracy"
 MIN_GAP = 0.002
 
 
-def _setting(row) -> str:
-    return "hard" if row["targets"] == "hard" else f"soft T={row['temperature']:g} a={row['alpha']:g}"
+def _setting(row, with_epochs: bool) -> str:
+    """"hard", or the soft setting: its teaching mode ("soft" for cached), T, alpha (and the
+    epoch budget when the sweep has several)."""
+    if row["targets"] == "hard":
+        return "hard"
+    mode = row.get("teaching", "cached")
+    label = f"{'soft' if mode in ('cached', None) or pd.isna(mode) else mode} T={row['temperature']:g} a={row['alpha']:g}"
+    return label + (f" {int(row['epochs'])} ep" if with_epochs else "")
 
 
 def _finished(df: pd.DataFrame) -> pd.DataFrame:
-    """The finished trials, each with its setting label ("hard" or "soft T=.. a=..")."""
+    """The finished trials, each with its setting label (see :func:`_setting`)."""
     done = df[df["status"] == "done"].copy()
     if not done.empty:
-        done["setting"] = done.apply(_setting, axis=1)
+        soft = done[done["targets"] == "soft"]
+        with_epochs = "epochs" in done and soft["epochs"].nunique() > 1
+        done["setting"] = done.apply(_setting, axis=1, with_epochs=with_epochs)
     return done
 
 
@@ -87,16 +95,17 @@ def summary_markdown(df: pd.DataFrame, info: dict, metric: str = METRIC) -> str:
     teachers = info.get("teacher_test_accuracy") or []
     s = summarize(df, metric)
     table = pd.DataFrame({
-        "fraction": [f"{f:.0%}" if f >= 0.1 else f"{f:.1%}" for f in s["fraction"]],
+        "fraction": [_pct(f) for f in s["fraction"]],
         "train rows": s["train_rows"].astype(int), "targets": s["setting"],
         f"{metric} (mean +- std)": [f"{m:.4f} +- {d:.4f}" for m, d in zip(s["mean"], s["std"])],
         "seeds": s["seeds"]})
     gaps = gap_recovered(df, ens, metric)
     gap_table = pd.DataFrame({
-        "fraction": [f"{f:.0%}" if f >= 0.1 else f"{f:.1%}" for f in gaps["fraction"]], "soft setting": gaps["setting"],
+        "fraction": [_pct(f) for f in gaps["fraction"]], "soft setting": gaps["setting"],
         "soft": [f"{v:.4f}" for v in gaps["soft"]], "hard": [f"{v:.4f}" for v in gaps["hard"]],
         "gap recovered": [f"{g:.1%} +- {d:.1%}" if np.isfinite(g) else "n/a (ensemble not 0.2 points above hard)"
                           for g, d in zip(gaps["gap"], gaps["gap_std"])]})
+    pivot = gap_pivot(gaps)
     counts = df["status"].value_counts().to_dict()
     lines = [
         f"# Sweep summary ({metric}, mean +- std over seeds)", "",
@@ -111,7 +120,61 @@ def summary_markdown(df: pd.DataFrame, info: dict, metric: str = METRIC) -> str:
         "## Gap recovered: (soft - hard) / (ensemble - hard)", "",
         _md_table(gap_table) if len(gap_table) else "(needs soft and hard trials at the same fraction)", "",
     ]
+    if len(pivot) > 1:  # several soft settings (teaching modes, epoch budgets): side by side
+        lines += ["## Gap recovered per setting and fraction (mean +- std over seeds)", "", _md_table(pivot), ""]
     return "\n".join(lines)
+
+
+def _pct(f: float) -> str:
+    return f"{f:.0%}" if f >= 0.1 else f"{f:.1%}"
+
+
+def gap_pivot(gaps: pd.DataFrame) -> pd.DataFrame:
+    """The gap recovered as a table: one row per soft setting, one column per fraction."""
+    if gaps.empty:
+        return pd.DataFrame()
+    fractions = sorted(gaps["fraction"].unique())
+    rows = []
+    for setting, grp in gaps.groupby("setting", sort=True):
+        by = grp.set_index("fraction")
+        row = {"setting": setting}
+        for f in fractions:
+            g = by["gap"].get(f, float("nan"))
+            row[_pct(f)] = f"{g:.1%} +- {by['gap_std'][f]:.1%}" if np.isfinite(g) else "n/a"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plot_gap(gaps: pd.DataFrame) -> bytes:
+    """``gap_vs_fraction.png``: the gap recovered vs the data fraction, one curve per soft
+    setting, per-seed spread as error bars, log x axis. Returns the PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    for setting, grp in gaps.dropna(subset=["gap"]).groupby("setting", sort=True):
+        ax.errorbar(grp["fraction"], 100 * grp["gap"], yerr=100 * grp["gap_std"], marker="o", capsize=3,
+                    label=setting)
+    ax.axhline(100, color="black", linewidth=1, label="ensemble (100 %)")
+    ax.axhline(0, color="gray", linestyle="--", linewidth=1, label="hard labels (0 %)")
+    ax.set_xscale("log")
+    fractions = sorted(gaps["fraction"].unique())
+    if fractions:
+        ax.set_xticks(fractions)
+        ax.set_xticklabels([_pct(f) for f in fractions])
+        ax.minorticks_off()
+    ax.set_xlabel("fraction of the training data (log scale)")
+    ax.set_ylabel("gap recovered, % (soft - hard) / (ensemble - hard)")
+    ax.set_title("Share of the hard-label-to-ensemble gap recovered")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
 
 
 def plot_accuracy(df: pd.DataFrame, info: dict, metric: str = METRIC) -> bytes:
@@ -135,7 +198,7 @@ def plot_accuracy(df: pd.DataFrame, info: dict, metric: str = METRIC) -> bytes:
     fractions = sorted(s["fraction"].unique()) if len(s) else []
     if fractions:
         ax.set_xticks(fractions)
-        ax.set_xticklabels([f"{f:.0%}" if f >= 0.1 else f"{f:.1%}" for f in fractions])
+        ax.set_xticklabels([_pct(f) for f in fractions])
         ax.minorticks_off()
     ax.set_xlabel("fraction of the training data (log scale)")
     ax.set_ylabel(metric.replace("_", " "))
@@ -158,4 +221,7 @@ def write_report(out: str, df: pd.DataFrame | None = None, info: dict | None = N
     text = summary_markdown(df, info)
     storage.write_bytes(storage.join(out, "summary.md"), text.encode())
     storage.write_bytes(storage.join(out, "accuracy_vs_fraction.png"), plot_accuracy(df, info))
+    gaps = gap_recovered(df, float(info["ensemble_test_accuracy"]))
+    if len(gaps):
+        storage.write_bytes(storage.join(out, "gap_vs_fraction.png"), plot_gap(gaps))
     return text

@@ -9,8 +9,8 @@
   logits are kept and the data's identity; a cache is used only when its manifest matches
   and every file it lists reads back with the listed row count, else it is rebuilt.
 * **streaming** (default with augmentation): the transfer set is augmented and run through
-  the teachers again for every epoch (:meth:`SoftTargets.epoch_dataset`), so teacher and
-  student see the same view. Validation and test predictions are still cached.
+  the teachers again for every epoch (:func:`consistent_stream`), so teacher and student see
+  the same view ("consistent teaching"). Validation and test predictions are still cached.
 """
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ class EnsemblePredictor:
     """Callable class for ``Dataset.map_batches`` on an actor pool: K teachers per batch."""
 
     def __init__(self, model_paths: list[str], temperature: float, rule: str, keep_teacher_logits: bool,
-                 split: str = "train", counter_name: str | None = None):
+                 split: str = "train", counter_names: Sequence[str] = ()):
         import ray
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -131,45 +131,102 @@ class EnsemblePredictor:
         torch.set_num_threads(max(1, int(cpus)))
         self.models = [build_teacher(f.blob, self.device) for f in load_teacher_files(model_paths)]
         self.T, self.rule, self.keep, self.split = temperature, rule, keep_teacher_logits, split
-        self.counter = ray.get_actor(f"kd_ray_passes:{counter_name}") if counter_name else None
+        self.counters = [ray.get_actor(f"kd_ray_passes:{name}") for name in counter_names]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if "image" not in batch:
             raise ValueError(f"the dataset has no 'image' column; columns found: {sorted(batch)}")
         images = torch.from_numpy(np.ascontiguousarray(batch["image"], dtype=np.float32)).to(self.device)
         batch.update(ensemble_outputs(self.models, images, self.T, self.rule, self.keep))
-        if self.counter is not None:  # per split: a ``split`` column (codes into SPLITS) wins
+        if self.counters:  # per split: a ``split`` column (codes into SPLITS) wins
             import ray
 
             codes = batch.get("split")
             counts = ({self.split: len(images)} if codes is None else
                       {SPLITS[c]: int(n) for c, n in zip(*np.unique(codes, return_counts=True))})
-            ray.get([self.counter.add.remote(s, n) for s, n in counts.items()])
+            ray.get([c.add.remote(s, n) for c in self.counters for s, n in counts.items()])
         return batch
 
 
-def augment_batch(batch: dict[str, np.ndarray], max_shift: int, seed: int, epoch: int) -> dict[str, np.ndarray]:
-    from kd_ray.augment import seeded_shift
+class ConsistentTeacher(EnsemblePredictor):
+    """The EnsemblePredictor of consistent teaching. Rows in: ``(epoch, pos)``. Rows out: transfer
+    row ``pos``, shifted as (seed, epoch, id) decides, with the teachers' soft targets on that
+    very view -- so the student trains on exactly the images the teachers labelled."""
 
-    batch["image"] = seeded_shift(batch["image"], batch["id"], max_shift, seed, epoch)
-    return batch
+    def __init__(self, rows: list, max_shift: int, seed: int, **kwargs):
+        import ray
+
+        super().__init__(**kwargs)
+        self.rows = ray.get(rows[0])  # {id, image, label}: read once per actor from the object store
+        self.max_shift, self.seed = max_shift, seed
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from kd_ray.augment import seeded_shift
+
+        pos, epochs = batch["pos"], batch["epoch"]
+        out = {k: v[pos] for k, v in self.rows.items()}
+        for e in np.unique(epochs):
+            m = epochs == e
+            out["image"][m] = seeded_shift(out["image"][m], out["id"][m], self.max_shift, self.seed, int(e))
+        out["epoch"] = epochs
+        return super().__call__(out)
 
 
-def predict(ds, model_paths: list[str], cfg: ExperimentConfig, split: str, keep_teacher_logits: bool | None = None):
-    """The lazy map: ``ds`` through an EnsemblePredictor actor pool sized from the config."""
+def predict(ds, model_paths: list[str], cfg: ExperimentConfig, split: str, keep_teacher_logits: bool | None = None,
+            predictor: type = EnsemblePredictor, counters: Sequence[str] | None = None, **predictor_kwargs):
+    """The lazy map: ``ds`` through a ``predictor`` actor pool sized from the config. Teacher
+    passes are counted under the experiment's name (and ``counters``, if given)."""
     import ray.data
 
     st = cfg.soft_targets
-    pass_counter(cfg.name)  # owned by this driver, so it outlives the actor pool
-    ray.data.DataContext.get_current().wait_for_min_actors_s = int(st.wait_for_actors_s)
+    names = [cfg.name] if counters is None else list(counters)
+    for name in names:
+        pass_counter(name)  # owned by this process, so it outlives the actor pool
+    ds.context.wait_for_min_actors_s = int(st.wait_for_actors_s)
     return ds.map_batches(
-        EnsemblePredictor,
+        predictor,
         fn_constructor_kwargs=dict(model_paths=list(model_paths), temperature=st.temperature, rule=st.rule,
                                    keep_teacher_logits=st.keep_teacher_logits if keep_teacher_logits is None
-                                   else keep_teacher_logits, split=split, counter_name=cfg.name),
+                                   else keep_teacher_logits, split=split, counter_names=names, **predictor_kwargs),
         compute=ray.data.ActorPoolStrategy(size=st.actors),
         num_gpus=st.num_gpus, num_cpus=st.num_cpus, batch_size=st.batch_size, batch_format="numpy",
     )
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of ``n`` rows in ``epoch``: a permutation that is a pure function of (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def worker_share(ids: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """Positions (into ``ids``) of the rows worker ``rank`` of ``world`` trains on: disjoint, stable."""
+    if world == 1:
+        return np.arange(len(ids))
+    from kd_ray.data import stable_hash
+
+    return np.flatnonzero(stable_hash(ids, 0) % np.uint64(world) == np.uint64(rank))
+
+
+def consistent_stream(rows_ref, positions: np.ndarray, cfg: ExperimentConfig, model_paths: list[str],
+                      epochs: Sequence[int], seed: int, counters: Sequence[str] | None = None):
+    """Consistent teaching as one lazy Ray Dataset over ``epochs``: per epoch, the rows at
+    ``positions`` of ``rows_ref`` (an object-store ``{id, image, label}``) in a seeded order,
+    shifted and labelled on the same view by a :class:`ConsistentTeacher` actor pool.
+
+    One dataset for all epochs starts the actor pool once per run (a pool per epoch would cost
+    an actor start-up, seconds, every epoch). Rows come out in order, epoch by epoch (an
+    ``epoch`` column), so :class:`kd_ray.distill.EpochStream` can cut them into epochs.
+    """
+    import pyarrow as pa
+    import ray.data
+
+    positions = np.asarray(positions, dtype=np.int64)
+    ds = ray.data.from_arrow([pa.table({"epoch": np.full(len(positions), e, np.int64),
+                                        "pos": positions[epoch_order(len(positions), seed, e)]}) for e in epochs])
+    ds.context.execution_options.preserve_order = True
+    ds.context.enable_progress_bars = False
+    return predict(ds, model_paths, cfg, "train", predictor=ConsistentTeacher, counters=counters,
+                   rows=[rows_ref], max_shift=cfg.soft_targets.jitter, seed=seed)
 
 
 def check_pool_resources(cfg: ExperimentConfig) -> None:
@@ -233,7 +290,6 @@ class SoftTargets:
     transfer: Split
     built: bool  # False when an existing cache was reused
     datasets: dict[str, Any] = field(default_factory=dict)  # cached splits (Ray Datasets)
-    _source: Any = None
     _eval: dict = field(default_factory=dict)
 
     @property
@@ -256,37 +312,21 @@ class SoftTargets:
             self._eval[split] = from_dataset(self.datasets[split], ("image", "label", "ensemble_pred"))
         return self._eval[split]
 
-    def source(self, ids: np.ndarray | None = None):
-        """The (un-augmented) transfer rows as a materialized Ray Dataset, optionally a subset."""
-        if self._source is None:
-            self._source = to_dataset(self.transfer)
-        return self._source if ids is None else _take_ids(self._source, ids).materialize()
+    def transfer_rows(self, ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The un-augmented transfer rows ``{id, image, label}`` as numpy arrays, optionally a subset."""
+        part = self.transfer if ids is None else self.transfer.take(ids)
+        return {"id": part.ids, "image": part.images, "label": part.labels}
 
     def epoch_dataset(self, epoch: int, seed: int = 0, ids: np.ndarray | None = None):
         """The training rows for one epoch: the cache (cached mode) or a fresh augmented
         pass through the teachers (streaming mode). ``ids`` restricts to a subset."""
+        import ray
+
         if self.mode == "cached":
             ds = self.datasets["train"]
             return ds if ids is None else _take_ids(ds, ids)
-        return streaming_epoch(self.source(ids), self.cfg, self.model_paths, epoch, seed)
-
-
-def streaming_epoch(source, cfg: ExperimentConfig, model_paths: list[str], epoch: int, seed: int,
-                    rank: int = 0, world: int = 1):
-    """source -> (this worker's share) -> seeded augmentation for ``epoch`` -> the teachers."""
-    ds = source
-    if world > 1:
-        ds = ds.map_batches(_shard_rows, fn_kwargs=dict(rank=rank, world=world), batch_format="numpy")
-    ds = ds.map_batches(augment_batch, fn_kwargs=dict(max_shift=cfg.soft_targets.jitter, seed=seed, epoch=epoch),
-                        batch_format="numpy")
-    return predict(ds, model_paths, cfg, "train")
-
-
-def _shard_rows(batch: dict[str, np.ndarray], rank: int, world: int) -> dict[str, np.ndarray]:
-    from kd_ray.data import stable_hash
-
-    keep = (stable_hash(batch["id"], 0) % np.uint64(world)) == np.uint64(rank)
-    return {k: v[keep] for k, v in batch.items()}
+        rows = self.transfer_rows(ids)
+        return consistent_stream(ray.put(rows), np.arange(len(rows["id"])), self.cfg, self.model_paths, [epoch], seed)
 
 
 def _take_ids(ds, ids: np.ndarray):

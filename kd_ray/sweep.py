@@ -44,31 +44,38 @@ from kd_ray.soft_targets import SoftTargets
 # run's controller and bookkeeping take on the head (~0.5 GB each, Ray issue #65443), and Tune
 # needs a non-empty resource request.
 DRIVER_RESOURCES = {"cpu": 0, "memory": 512 * 1024**2}
-GRID_KEYS = ("fraction", "targets", "temperature", "alpha", "seed")
+GRID_KEYS = ("fraction", "targets", "teaching", "temperature", "alpha", "epochs", "seed")
 # the columns of results.parquet after the grid keys (final metrics of each student)
 METRIC_COLUMNS = ("test_accuracy", "test_errors", "test_nll", "test_fidelity", "val_accuracy", "val_errors",
                   "val_nll", "val_fidelity", "train_accuracy", "epoch", "best_epoch", "train_rows_total",
-                  "parameters", "train_seconds")
+                  "parameters", "teacher_passes", "train_seconds")
 
 
 # --------------------------------------------------------------------------- pure helpers
 def trial_grid(cfg: ExperimentConfig, cache_temperature: float) -> list[dict]:
     """Every trial of the sweep, as dicts of GRID_KEYS, in a fixed order.
 
-    Hard-label trials ignore T and alpha (alpha = 0), so there is one per (fraction, seed),
-    not one per (T, alpha); their ``temperature`` column holds the cache's T.
+    Soft-target trials: teaching modes x T x alpha x epoch budgets x seeds. Hard-label trials
+    need no teachers, T, alpha or teaching mode (``teaching`` "none", alpha 0, the cache's T),
+    and stop early on validation, so there is one per (fraction, seed), with the largest epoch
+    budget.
     """
     sw = cfg.sweep
     temps = sw.temperatures or [cfg.student.temperature or cache_temperature]
     alphas = sw.alphas or [cfg.student.alpha]
+    teachings = sw.teaching or [cfg.teaching()]
+    budgets = sw.epochs or [cfg.student.epochs]
     trials = []
     for fraction in sw.fractions:
         for targets in sw.targets:
-            grid_ta = [(T, a) for T in temps for a in alphas] if targets == "soft" else [(cache_temperature, 0.0)]
-            for T, alpha in grid_ta:
+            if targets == "soft":
+                grid = [(m, T, a, e) for m in teachings for T in temps for a in alphas for e in budgets]
+            else:
+                grid = [("none", cache_temperature, 0.0, max(budgets))]
+            for teaching, T, alpha, epochs in grid:
                 for seed in sw.seeds:
-                    t = {"fraction": float(fraction), "targets": targets, "temperature": float(T),
-                         "alpha": float(alpha), "seed": int(seed)}
+                    t = {"fraction": float(fraction), "targets": targets, "teaching": teaching,
+                         "temperature": float(T), "alpha": float(alpha), "epochs": int(epochs), "seed": int(seed)}
                     if t not in trials:
                         trials.append(t)
     if not trials:
@@ -79,27 +86,37 @@ def trial_grid(cfg: ExperimentConfig, cache_temperature: float) -> list[dict]:
 def trial_config(cfg: ExperimentConfig, trial: dict) -> ExperimentConfig:
     """The experiment config of one trial: the student section with the trial's values."""
     update = {"fraction": trial["fraction"], "targets": trial["targets"], "temperature": trial["temperature"],
-              "alpha": trial["alpha"], "seed": trial["seed"]}
+              "alpha": trial["alpha"], "seed": trial["seed"], "epochs": trial["epochs"],
+              "teaching": None if trial["teaching"] == "none" else trial["teaching"]}
     if trial["targets"] == "hard":  # the paper's baseline: early stopping on validation
         update["early_stopping_patience"] = cfg.sweep.hard_early_stopping_patience
     student = cfg.student.model_copy(update=update)
     return cfg.model_copy(update={"student": student})
 
 
-def trial_resources(cfg: ExperimentConfig, use_gpu: bool) -> dict[str, float]:
-    """What one trial holds while it runs: its Train workers (the driver holds nothing)."""
+def trial_resources(cfg: ExperimentConfig, use_gpu: bool, trial: dict | None = None) -> dict[str, float]:
+    """What one trial holds while it runs: its Train workers (the driver holds nothing) and,
+    for consistent teaching, the predictor actors its workers stream through (one pool each)."""
     n = cfg.student.num_workers
-    return {"CPU": float(n), "GPU": float(n if use_gpu else 0)}
+    need = {"CPU": float(n), "GPU": float(n if use_gpu else 0)}
+    if trial is not None and trial.get("teaching") == "consistent":
+        st = cfg.soft_targets
+        need["CPU"] += n * st.actors * st.num_cpus
+        need["GPU"] += n * st.actors * st.num_gpus
+    return need
 
 
-def max_concurrent(cfg: ExperimentConfig, cluster: dict[str, float], use_gpu: bool, n_trials: int) -> int:
-    """How many trials may run at once: the config's cap, the cluster's room, the grid's size."""
-    need = trial_resources(cfg, use_gpu)
-    room = min(math.floor(cluster.get(r, 0.0) / v) for r, v in need.items() if v > 0)
+def max_concurrent(cfg: ExperimentConfig, cluster: dict[str, float], use_gpu: bool, n_trials: int,
+                   trial: dict | None = None) -> int:
+    """How many trials (like ``trial``) may run at once: the config's cap, the cluster's room,
+    the number of trials."""
+    need = trial_resources(cfg, use_gpu, trial)
+    room = min(math.floor(cluster.get(r, 0.0) / v + 1e-9) for r, v in need.items() if v > 0)
     if room < 1:
         have = {r: cluster.get(r, 0.0) for r in need}
-        raise ConfigError(f"one sweep trial needs {need} (student.num_workers={cfg.student.num_workers}) but the "
-                          f"cluster has {have}; lower student.num_workers or add resources")
+        raise ConfigError(f"one sweep trial needs {need} (student.num_workers={cfg.student.num_workers}"
+                          + (", plus its predictor actors" if trial and trial.get("teaching") == "consistent" else "")
+                          + f") but the cluster has {have}; lower student.num_workers or add resources")
     cap = cfg.sweep.max_concurrent_trials or room
     return max(1, min(cap, room, n_trials))
 
@@ -125,8 +142,8 @@ def results_dir(cfg: ExperimentConfig) -> str:
 
 
 def trial_key(trial: dict) -> str:
-    return (f"f{trial['fraction']:g}-{trial['targets']}-T{trial['temperature']:g}-a{trial['alpha']:g}"
-            f"-s{trial['seed']}")
+    return (f"f{trial['fraction']:g}-{trial['targets']}-{trial['teaching']}-T{trial['temperature']:g}"
+            f"-a{trial['alpha']:g}-e{trial['epochs']}-s{trial['seed']}")
 
 
 # --------------------------------------------------------------------------- the trial
@@ -182,31 +199,42 @@ def run_sweep(cfg: ExperimentConfig, soft: SoftTargets, callbacks: list | None =
           f"{len(todo)} to run; metric {metric}", flush=True)
     others: dict[str, dict] = {}  # the latest Tune run's trials that did not finish
     if todo:
-        concurrency = max_concurrent(cfg, ray.cluster_resources(), use_gpu, len(todo))
         for split in ("val", "test"):  # computed once here, shipped to every trial with ``soft``
             soft.eval_arrays(split)
         trainable = tune.with_resources(
             tune.with_parameters(_trial, base=cfg, soft=soft, record_dir=record_dir), DRIVER_RESOURCES)
-        scheduler = None
-        if cfg.sweep.scheduler == "asha":
-            from ray.tune.schedulers import ASHAScheduler
+        # Trials that hold the same resources run in one Tune run, with the concurrency that
+        # fits them (consistent-teaching trials also hold predictor actors, so fewer fit).
+        groups: dict[tuple, list[dict]] = {}
+        for t in todo:
+            groups.setdefault(tuple(sorted(trial_resources(cfg, use_gpu, t).items())), []).append(t)
+        for i, group in enumerate(groups.values()):
+            concurrency = max_concurrent(cfg, ray.cluster_resources(), use_gpu, len(group), group[0])
+            scheduler = None
+            if cfg.sweep.scheduler == "asha":
+                from ray.tune.schedulers import ASHAScheduler
 
-            # a trial reports each epoch, Train's final (test) report, then the driver's own
-            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.student.epochs + 2,
-                                      grace_period=max(1, cfg.student.epochs // 4))
-        run = time.strftime("run-%Y%m%d-%H%M%S")
-        print(f"[kd_ray] up to {concurrency} trials at a time (Tune run {run})", flush=True)
-        grid = tune.Tuner(
-            trainable, param_space={"trial": tune.grid_search(todo)},
-            tune_config=tune.TuneConfig(metric=metric, mode=metric_mode(metric), scheduler=scheduler,
-                                        max_concurrent_trials=concurrency),
-            run_config=tune.RunConfig(name=run, storage_path=storage.absolute(sweep_dir),
-                                      callbacks=callbacks, verbose=1),
-        ).fit()
-        others = unfinished_rows(grid, asha=scheduler is not None)
-        for key, row in others.items():
-            if row["status"] == "stopped":  # ASHA's decision is final: recorded like a finished trial
-                storage.write_json(storage.join(record_dir, key + ".json"), row)
+                # a trial reports each epoch, Train's final (test) report, then the driver's own
+                budget = max(t["epochs"] for t in group)
+                scheduler = ASHAScheduler(time_attr="training_iteration", max_t=budget + 2,
+                                          grace_period=max(1, budget // 4))
+            run = time.strftime("run-%Y%m%d-%H%M%S") + (f"-{i}" if len(groups) > 1 else "")
+            print(f"[kd_ray] {len(group)} trials, up to {concurrency} at a time, each holding "
+                  f"{dict(trial_resources(cfg, use_gpu, group[0]))} (Tune run {run})", flush=True)
+            grid = tune.Tuner(
+                trainable, param_space={"trial": tune.grid_search(group)},
+                tune_config=tune.TuneConfig(metric=metric, mode=metric_mode(metric), scheduler=scheduler,
+                                            max_concurrent_trials=concurrency),
+                run_config=tune.RunConfig(name=run, storage_path=storage.absolute(sweep_dir),
+                                          callbacks=callbacks, verbose=1),
+            ).fit()
+            left = unfinished_rows(grid, asha=scheduler is not None)
+            for key, row in left.items():
+                if row["status"] == "stopped":  # ASHA's decision is final: recorded like a finished trial
+                    storage.write_json(storage.join(record_dir, key + ".json"), row)
+            others.update(left)
+            if any(r["status"] == "unfinished" for r in left.values()):
+                break  # interrupted: the next run of the sweep picks up the rest
         done = finished_trials(record_dir)
     rows = []
     for t in trials:

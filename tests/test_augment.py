@@ -29,3 +29,14 @@ def test_random_shift_bounded():
     out = random_shift(x, 2, torch.Generator().manual_seed(0))
     # at most 2 rows and 2 columns zeroed, so at least 6x6 ones remain
     assert (out.sum(dim=(1, 2, 3)) >= 36).all()
+
+
+def test_seeded_shift_gives_the_same_view_for_numpy_and_torch():
+    # the inconsistent student shifts torch batches in the Train loop; the consistent teacher
+    # shifts numpy batches in its actor: one sample's view must not depend on which
+    images = np.random.default_rng(1).normal(size=(32, 1, 8, 8)).astype(np.float32)
+    ids = np.arange(100, 132)
+    want = seeded_shift(images, ids, 1, seed=3, epoch=4)
+    got = seeded_shift(torch.from_numpy(images), torch.from_numpy(ids), 1, seed=3, epoch=4)
+    assert isinstance(got, torch.Tensor) and np.array_equal(got.numpy(), want)
+    assert not np.array_equal(want, images)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from kd_ray.config import ConfigError, build_config
-from kd_ray.distill import StudentError, bias_adjustment, distill, omitted_class_report, subset_ids
+from kd_ray.distill import (StudentError, bias_adjustment, distill, omitted_class_report, shuffled_batches,
+                            subset_ids)
 from kd_ray.soft_targets import build_soft_targets
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -17,6 +18,39 @@ STUDENT = ["student.model_args={hidden: [128]}", "student.epochs=30", "student.b
 
 def _cfg(base, name, *overrides):
     return build_config(base.model_dump(mode="json"), [f"name={name}", *STUDENT, *overrides])
+
+
+def test_in_memory_epochs_visit_every_row_once_in_a_seeded_order():
+    rows = {"id": torch.arange(10, 20), "image": torch.randn(10, 3)}
+    epoch = list(shuffled_batches(rows, 4, seed=7))
+    assert [len(b["id"]) for b in epoch] == [4, 4, 2]
+    ids = torch.cat([b["id"] for b in epoch])
+    assert sorted(ids.tolist()) == list(range(10, 20))
+    for b in epoch:  # columns stay aligned
+        assert torch.equal(b["image"], rows["image"][b["id"] - 10])
+    again = torch.cat([b["id"] for b in shuffled_batches(rows, 4, seed=7)])
+    other = torch.cat([b["id"] for b in shuffled_batches(rows, 4, seed=8)])
+    assert torch.equal(ids, again) and not torch.equal(ids, other)
+
+
+def test_epoch_stream_cuts_one_ordered_stream_into_epochs_of_batches():
+    from kd_ray.distill import EpochStream
+
+    # 2 epochs x 5 rows, blocks of 3 that straddle the epoch boundary
+    epoch = np.repeat([0, 1], 5)
+    ids = np.tile(np.arange(5), 2)
+    blocks = [{"epoch": epoch[i:i + 3], "id": ids[i:i + 3]} for i in range(0, 10, 3)]
+    stream = EpochStream(iter(blocks), batch_size=2)
+    first = list(stream.epoch(0))
+    assert [b["id"].tolist() for b in first] == [[0, 1], [2, 3], [4]]  # an epoch's last batch may be short
+    assert all(isinstance(b["id"], torch.Tensor) for b in first)
+    second = list(stream.epoch(1))
+    assert [b["id"].tolist() for b in second] == [[0, 1], [2, 3], [4]]
+    assert list(stream.epoch(2)) == []
+    # an epoch that is left early (early stopping) does not leak its rows into the next
+    stream = EpochStream(iter(blocks), batch_size=2)
+    next(iter(stream.epoch(0)))
+    assert [b["id"].tolist() for b in stream.epoch(1)] == [[0, 1], [2, 3], [4]]
 
 
 def test_bias_adjustment_picks_the_delta_that_fixes_the_class():
@@ -64,7 +98,9 @@ def test_worker_failure_resumes_from_its_checkpoint(tiny_ensemble):
 
 def test_two_workers_see_disjoint_halves(tiny_ensemble):
     base, ensemble = tiny_ensemble
-    cfg = _cfg(base, "ddp", "student.epochs=2", "student.num_workers=2")
+    # max_in_memory_mb=0: each epoch streams the worker's shard from Ray Data (the path for
+    # shares too large for memory); the other tests read their shard into memory once
+    cfg = _cfg(base, "ddp", "student.epochs=2", "student.num_workers=2", "student.max_in_memory_mb=0")
     st = build_soft_targets(cfg, ensemble)
     r = distill(cfg, st)
     assert r.metrics["test_accuracy"] > 0.5

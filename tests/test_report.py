@@ -49,3 +49,25 @@ def test_report_writes_summary_and_a_png_that_opens(tmp_path):
     assert "unfinished 1" in text
     image = matplotlib.image.imread(tmp_path / "accuracy_vs_fraction.png")
     assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200
+
+
+def test_gap_recovered_per_teaching_mode_table_and_plot(tmp_path):
+    df = _results()
+    df["teaching"] = np.where(df["targets"] == "hard", "none", "cached")
+    df["epochs"] = 40
+    consistent = df[df["targets"] == "soft"].copy()
+    consistent["teaching"] = "consistent"
+    consistent["test_accuracy"] += 0.02
+    df = pd.concat([df, consistent], ignore_index=True)
+    g = gap_recovered(df, ensemble=0.90).set_index(["setting", "fraction"])
+    assert g.loc[("soft T=4 a=0.9", 0.1), "gap"] == pytest.approx((0.82 - 0.65) / 0.25)
+    assert g.loc[("consistent T=4 a=0.9", 0.1), "gap"] == pytest.approx((0.84 - 0.65) / 0.25)
+    text = write_report(str(tmp_path), df, INFO)
+    assert "## Gap recovered per setting and fraction" in text
+    assert "| consistent T=4 a=0.9 | 76.0% +- " in text
+    image = matplotlib.image.imread(tmp_path / "gap_vs_fraction.png")
+    assert image.ndim == 3 and image.shape[0] > 200
+    # several epoch budgets: each is its own setting
+    longer = df[df["teaching"] == "consistent"].assign(epochs=200)
+    labels = set(gap_recovered(pd.concat([df, longer]), 0.90)["setting"])
+    assert {"consistent T=4 a=0.9 40 ep", "consistent T=4 a=0.9 200 ep", "soft T=4 a=0.9 40 ep"} <= labels

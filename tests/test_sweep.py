@@ -9,7 +9,7 @@ import pytest
 
 from kd_ray.cli import main
 from kd_ray.config import ConfigError, build_config, load_config
-from kd_ray.sweep import max_concurrent, trial_config, trial_grid
+from kd_ray.sweep import max_concurrent, trial_config, trial_grid, trial_resources
 
 SMALL = ["student.model_args={hidden: [64]}", "student.epochs=3", "student.batch_size=32", "student.lr=0.05"]
 
@@ -33,10 +33,51 @@ def test_grid_has_one_hard_trial_per_fraction_and_seed():
     assert len(plain) == 4 * 2 and {t["temperature"] for t in plain} == {3.0}
 
 
+def test_grid_sweeps_teaching_modes_and_epoch_budgets():
+    cfg = load_config(None, ["soft_targets.jitter=1", "soft_targets.mode=cached", "sweep.fractions=[0.03]",
+                             "sweep.seeds=[0, 1]",
+                             "sweep.teaching=[cached, inconsistent, consistent]", "sweep.epochs=[10, 40]"])
+    trials = trial_grid(cfg, cache_temperature=4.0)
+    soft = [t for t in trials if t["targets"] == "soft"]
+    hard = [t for t in trials if t["targets"] == "hard"]
+    assert len(soft) == 3 * 2 * 2
+    assert {(t["teaching"], t["epochs"]) for t in soft} == {(m, e) for m in ("cached", "inconsistent", "consistent")
+                                                             for e in (10, 40)}
+    # the hard baseline needs no teachers and stops early: once per seed, with the largest budget
+    assert [(t["teaching"], t["epochs"], t["seed"]) for t in hard] == [("none", 40, 0), ("none", 40, 1)]
+    c = trial_config(cfg, soft[-1])
+    assert (c.student.teaching, c.student.epochs) == (soft[-1]["teaching"], soft[-1]["epochs"])
+    assert trial_config(cfg, hard[0]).student.teaching is None
+    # augmentation-based modes need a shift; cached/inconsistent need cached rows
+    with pytest.raises(ConfigError, match="soft_targets.jitter"):
+        load_config(None, ["sweep.teaching=[consistent]"])
+    with pytest.raises(ConfigError, match="soft_targets.mode: cached"):
+        load_config(None, ["soft_targets.jitter=1", "sweep.teaching=[cached, consistent]"])
+
+
+def test_consistent_trials_also_hold_their_predictor_actors():
+    cfg = load_config(None, ["soft_targets.jitter=1", "soft_targets.mode=cached",
+                             "sweep.teaching=[cached, consistent]"])
+    cached = {"teaching": "cached"}
+    consistent = {"teaching": "consistent"}
+    assert trial_resources(cfg, False, cached) == {"CPU": 1.0, "GPU": 0.0}
+    assert trial_resources(cfg, False, consistent) == {"CPU": 2.0, "GPU": 0.0}
+    # 2 cores: two cached trials at a time, but one consistent trial (its worker + its actor)
+    assert max_concurrent(cfg, {"CPU": 2.0}, False, 24, cached) == 2
+    assert max_concurrent(cfg, {"CPU": 2.0}, False, 24, consistent) == 1
+    gpu = build_config(cfg.model_dump(mode="json"), ["soft_targets.num_gpus=0.5", "soft_targets.num_cpus=0.5"])
+    assert trial_resources(gpu, True, consistent) == {"CPU": 1.5, "GPU": 1.5}
+    assert max_concurrent(gpu, {"CPU": 8.0, "GPU": 2.0}, True, 24, consistent) == 1
+    with pytest.raises(ConfigError, match="plus its predictor actors"):
+        max_concurrent(cfg, {"CPU": 1.0}, False, 4, consistent)
+
+
 def test_hard_trials_early_stop_and_soft_trials_do_not():
     cfg = load_config(None, ["sweep.hard_early_stopping_patience=7"])
-    hard = trial_config(cfg, {"fraction": 0.1, "targets": "hard", "temperature": 4.0, "alpha": 0.0, "seed": 3})
-    soft = trial_config(cfg, {"fraction": 0.1, "targets": "soft", "temperature": 2.0, "alpha": 0.9, "seed": 3})
+    hard = trial_config(cfg, {"fraction": 0.1, "targets": "hard", "teaching": "none", "temperature": 4.0,
+                              "alpha": 0.0, "epochs": 20, "seed": 3})
+    soft = trial_config(cfg, {"fraction": 0.1, "targets": "soft", "teaching": "cached", "temperature": 2.0,
+                              "alpha": 0.9, "epochs": 20, "seed": 3})
     assert hard.student.early_stopping_patience == 7 and hard.student.fraction == 0.1 and hard.student.seed == 3
     assert soft.student.early_stopping_patience is None and soft.student.temperature == 2.0
     assert cfg.student.fraction == 1.0  # the base config is not modified
@@ -127,6 +168,63 @@ def test_small_sweep_results_report_and_teacher_passes(tiny_ensemble):
     assert all(s == small[0] for s in small) and all(s == large[0] for s in large)  # soft and hard: same rows
     assert small[0] < large[0]
     assert {label_of[i] for i in small[0]} == set(range(10))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_consistent_teaching_sweep_streams_the_students_view_through_the_teachers(tiny_ensemble):
+    import torch
+
+    from kd_ray.augment import seeded_shift
+    from kd_ray.losses import ensemble_average
+    from kd_ray.soft_targets import build_soft_targets, build_teacher, forward_passes, load_teacher_files
+    from kd_ray.sweep import run_sweep
+
+    base, ensemble = tiny_ensemble
+    cfg = _cfg(base, "sweepconsistent", "soft_targets.jitter=1", "soft_targets.mode=cached",
+               "sweep.fractions=[0.1]", "sweep.targets=[soft]", "sweep.teaching=[cached, inconsistent, consistent]",
+               "sweep.seeds=[0]", "sweep.epochs=[2]", "sweep.max_concurrent_trials=4")
+    st = build_soft_targets(cfg, ensemble)
+    cache_passes = sum(forward_passes(cfg.name).values())
+    result = run_sweep(cfg, st)
+    df = result.results.set_index("teaching")
+    assert result.complete and set(df["status"]) == {"done"}
+    assert sorted(df.index) == ["cached", "consistent", "inconsistent"]
+    K, n = len(ensemble.model_paths), int(df.loc["consistent", "train_rows_total"])
+    # the consistent trial ran every row of its subset through the K teachers once per epoch
+    assert df.loc["consistent", "teacher_passes"] == 2 * n * K
+    assert df.loc["cached", "teacher_passes"] == 0 and df.loc["inconsistent", "teacher_passes"] == 0
+    assert forward_passes(cfg.name)["train"] == st.manifest["rows"]["train"] + 2 * n
+    assert sum(forward_passes(cfg.name).values()) == cache_passes + 2 * n
+
+    # what the consistent student trained on in its last epoch (epoch index 1): the seeded shift
+    # of its rows, and the teachers' soft targets of that very shifted image
+    def trained_on(teaching):
+        b = dict(np.load(os.path.join(df.loc[teaching, "checkpoint_path"], "first_batch_rank0.npz")))
+        rows = st.transfer_rows(b["id"])
+        where = {i: k for k, i in enumerate(rows["id"].tolist())}
+        return b, rows["image"][[where[i] for i in b["id"].tolist()]]
+
+    teachers = [build_teacher(f.blob, torch.device("cpu")) for f in load_teacher_files(ensemble.model_paths)]
+
+    def soft_targets_of(images):
+        with torch.no_grad():
+            logits = torch.stack([m(torch.from_numpy(images)) for m in teachers])
+        return ensemble_average(logits, st.temperature, "probs").numpy()
+
+    b, original = trained_on("consistent")
+    assert np.array_equal(b["image"], seeded_shift(original, b["id"], 1, seed=0, epoch=1))
+    assert not np.array_equal(b["image"], original)
+    assert np.abs(b["soft_targets"] - soft_targets_of(b["image"])).max() <= 1e-5
+    assert np.abs(b["soft_targets"] - soft_targets_of(original)).max() > 1e-3
+    # inconsistent: the same shifted view, but the cached targets of the original image
+    b, original = trained_on("inconsistent")
+    assert np.array_equal(b["image"], seeded_shift(original, b["id"], 1, seed=0, epoch=1))
+    assert np.abs(b["soft_targets"] - soft_targets_of(original)).max() <= 1e-5
+    # cached: the original image and its cached targets
+    b, original = trained_on("cached")
+    assert np.array_equal(b["image"], original)
+    assert np.abs(b["soft_targets"] - soft_targets_of(original)).max() <= 1e-5
 
 
 class _Interrupt:
