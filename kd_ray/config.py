@@ -154,7 +154,10 @@ class StudentConfig(_Section):
     num_workers: int = Field(1, ge=1)
     use_gpu: Optional[bool] = None  # None: when the driver's torch sees CUDA (set true for GPU workers)
     max_failures: int = Field(0, ge=0)
-    early_stopping_patience: Optional[int] = Field(None, gt=0)
+    early_stopping_patience: Optional[int] = Field(None, gt=0)  # epochs without a better validation
+    # validate, report and checkpoint every N epochs (and after the last): on a few dozen rows an
+    # epoch is one step, and a report with its checkpoint costs more than the step
+    report_every: int = Field(1, gt=0)
     # a worker whose share of the cached rows fits this reads it once into memory; larger
     # shares (or 0) stream from Ray Data every epoch
     max_in_memory_mb: float = Field(2048, ge=0)

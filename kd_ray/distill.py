@@ -168,8 +168,8 @@ def train_loop_per_worker(config: dict) -> dict:
     patience = s.early_stopping_patience
     stopped = False
     last_seen = last_sample = None  # the row ids of the last epoch trained here, kept in the final checkpoint too
+    t_report = time.time()  # a history row's seconds: training and validation since the last report
     for epoch in range(start_epoch, s.epochs):
-        t0 = time.time()
         model.train()
         if stream:  # a fresh augmented view, labelled by the teachers; this worker's share
             batches = epochs.epoch(epoch)
@@ -201,10 +201,15 @@ def train_loop_per_worker(config: dict) -> dict:
         if not math.isfinite(train_loss):
             raise StudentError(f"student loss became {train_loss} in epoch {epoch + 1}; lower student.lr "
                                f"(now {s.lr}). The last good checkpoint (epoch {epoch}) is kept.")
+        last_seen = np.concatenate(seen) if seen else np.zeros(0, np.int64)
+        last_sample = sample
+        if (epoch + 1) % s.report_every and epoch + 1 < s.epochs:
+            continue  # validation, report and checkpoint every student.report_every epochs
         val = evaluate(plain, val_rows, device)
         row = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": correct / max(n, 1),
                "train_rows": n, **{f"val_{k}": v for k, v in val.items()},
-               "resumed_from": start_epoch, "seconds": time.time() - t0}
+               "resumed_from": start_epoch, "seconds": time.time() - t_report}
+        t_report = time.time()
         history.append(row)
         if val["accuracy"] > best["val_accuracy"]:
             # the best weights are kept (and checkpointed) only when early stopping will use them
@@ -212,8 +217,6 @@ def train_loop_per_worker(config: dict) -> dict:
                     "state": {k: v.detach().cpu().clone() for k, v in plain.state_dict().items()}
                     if patience is not None else None}
         stopped = patience is not None and epoch + 1 - best["epoch"] >= patience
-        last_seen = np.concatenate(seen) if seen else np.zeros(0, np.int64)
-        last_sample = sample
         _report(row, plain, opt, sched, epoch + 1, history, best, rank, last_seen, sample)
         if config.get("fail_after_epoch") == epoch + 1 and start_epoch == 0:
             raise RuntimeError(f"injected failure after epoch {epoch + 1} (fault-injection test)")

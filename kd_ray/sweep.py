@@ -127,13 +127,13 @@ def metric_mode(metric: str) -> str:
 
 def sweep_name(cfg: ExperimentConfig, soft: SoftTargets) -> str:
     """What a trial's result depends on besides its own grid values: the student config, the
-    soft targets, the data seed, and how trials are stopped. Trials of sweeps with the same
+    soft targets, the data seed, the augmentation's shift, and how trials are stopped. Trials of sweeps with the same
     name are interchangeable, so growing the grid (another seed, another fraction) runs only
     the new trials, and the concurrency can change between runs."""
     student = cfg.student.model_dump(mode="json", exclude=set(GRID_KEYS) | {"targets"})
     sweep = cfg.sweep.model_dump(mode="json", include={"metric", "scheduler", "hard_early_stopping_patience"})
     key = json.dumps({"student": student, "sweep": sweep, "soft": soft.manifest["fingerprint"],
-                      "data_seed": cfg.data.seed}, sort_keys=True)
+                      "data_seed": cfg.data.seed, "jitter": cfg.soft_targets.jitter}, sort_keys=True)
     return "sweep-" + hashlib.sha256(key.encode()).hexdigest()[:10]
 
 
@@ -215,9 +215,9 @@ def run_sweep(cfg: ExperimentConfig, soft: SoftTargets, callbacks: list | None =
                 from ray.tune.schedulers import ASHAScheduler
 
                 # a trial reports each epoch, Train's final (test) report, then the driver's own
-                budget = max(t["epochs"] for t in group)
-                scheduler = ASHAScheduler(time_attr="training_iteration", max_t=budget + 2,
-                                          grace_period=max(1, budget // 4))
+                reports = math.ceil(max(t["epochs"] for t in group) / cfg.student.report_every)
+                scheduler = ASHAScheduler(time_attr="training_iteration", max_t=reports + 2,
+                                          grace_period=max(1, reports // 4))
             run = time.strftime("run-%Y%m%d-%H%M%S") + (f"-{i}" if len(groups) > 1 else "")
             print(f"[kd_ray] {len(group)} trials, up to {concurrency} at a time, each holding "
                   f"{dict(trial_resources(cfg, use_gpu, group[0]))} (Tune run {run})", flush=True)

@@ -17,7 +17,8 @@ def test_shipped_configs_load(path):
 
 def test_shipped_config_set_includes_the_required_ones():
     names = {p.name for p in CONFIGS}
-    assert {"digits.yaml", "fashion_mnist.yaml", "mnist_paper.yaml", "cifar10_gpu.yaml"} <= names
+    assert {"digits.yaml", "fashion_mnist.yaml", "mnist_paper.yaml", "cifar10_gpu.yaml", "digits_consistent.yaml",
+            "fashion_mnist_consistent.yaml"} <= names
 
 
 def test_paper_mnist_config():

@@ -146,13 +146,16 @@ def test_streaming_mode_recomputes_soft_targets_inside_train(tiny_ensemble):
     from kd_ray.soft_targets import forward_passes
 
     base, ensemble = tiny_ensemble
-    cfg = _cfg(base, "streamstudent", "soft_targets.jitter=1", "student.epochs=3", "student.fraction=0.5")
+    cfg = _cfg(base, "streamstudent", "soft_targets.jitter=1", "student.epochs=3", "student.fraction=0.5",
+               "student.report_every=2")
     st = build_soft_targets(cfg, ensemble)
     assert st.mode == "streaming"
     r = distill(cfg, st)
     n = len(subset_ids(st, 0.5, cfg.data.seed))
-    assert list(r.history["train_rows"]) == [n, n, n]
+    assert list(r.history["epoch"]) == [2, 3]  # validated and reported every 2 epochs, and after the last
+    assert list(r.history["train_rows"]) == [n, n]
     assert forward_passes(cfg.name)["train"] == 3 * n  # the teachers ran once per epoch
+    assert r.metrics["teacher_passes"] == 3 * n * len(ensemble.model_paths)
     assert r.history["train_loss"].iloc[-1] < r.history["train_loss"].iloc[0]
     assert r.metrics["test_accuracy"] > 0.5
 

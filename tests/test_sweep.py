@@ -110,6 +110,7 @@ def test_sweep_identity_ignores_the_grid_and_concurrency_but_not_the_student():
                                          "sweep.max_concurrent_trials=3"]), soft) == name
     assert sweep_name(load_config(None, ["student.lr=0.01"]), soft) != name
     assert sweep_name(load_config(None, ["sweep.hard_early_stopping_patience=3"]), soft) != name
+    assert sweep_name(load_config(None, ["soft_targets.jitter=2", "soft_targets.mode=cached"]), soft) != name
     assert sweep_name(load_config(None, []), SimpleNamespace(manifest={"fingerprint": "other"})) != name
 
 
