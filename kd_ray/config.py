@@ -192,14 +192,6 @@ class SweepConfig(_Section):
     # the largest budget (they stop early on validation).
     epochs: list[int] = []
 
-    @field_validator("epochs")
-    @classmethod
-    def _epochs(cls, v: list[int]) -> list[int]:
-        bad = [e for e in v if not e > 0]
-        if bad:
-            raise ValueError(f"every epoch budget must be > 0; got {bad}")
-        return v
-
     @field_validator("fractions")
     @classmethod
     def _fractions(cls, v: list[float]) -> list[float]:
@@ -217,12 +209,13 @@ class SweepConfig(_Section):
             raise ValueError("the grid is empty: give at least one value")
         return v
 
-    @field_validator("temperatures")
+    @field_validator("temperatures", "epochs")
     @classmethod
-    def _temperatures(cls, v: list[float]) -> list[float]:
+    def _positive(cls, v: list, info) -> list:
         bad = [t for t in v if not t > 0]
         if bad:
-            raise ValueError(f"every temperature must be > 0; got {bad}")
+            what = {"temperatures": "temperature", "epochs": "epoch budget"}[info.field_name]
+            raise ValueError(f"every {what} must be > 0; got {bad}")
         return v
 
     @field_validator("alphas")

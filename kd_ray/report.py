@@ -148,45 +148,22 @@ def gap_pivot(gaps: pd.DataFrame) -> pd.DataFrame:
 def plot_gap(gaps: pd.DataFrame) -> bytes:
     """``gap_vs_fraction.png``: the gap recovered vs the data fraction, one curve per soft
     setting, per-seed spread as error bars, log x axis. Returns the PNG bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    fig, ax = _new_plot()
     for setting, grp in gaps.dropna(subset=["gap"]).groupby("setting", sort=True):
         ax.errorbar(grp["fraction"], 100 * grp["gap"], yerr=100 * grp["gap_std"], marker="o", capsize=3,
                     label=setting)
     ax.axhline(100, color="black", linewidth=1, label="ensemble (100 %)")
     ax.axhline(0, color="gray", linestyle="--", linewidth=1, label="hard labels (0 %)")
-    ax.set_xscale("log")
-    fractions = sorted(gaps["fraction"].unique())
-    if fractions:
-        ax.set_xticks(fractions)
-        ax.set_xticklabels([_pct(f) for f in fractions])
-        ax.minorticks_off()
-    ax.set_xlabel("fraction of the training data (log scale)")
-    ax.set_ylabel("gap recovered, % (soft - hard) / (ensemble - hard)")
-    ax.set_title("Share of the hard-label-to-ensemble gap recovered")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _fraction_plot_png(fig, ax, sorted(gaps["fraction"].unique()),
+                              "gap recovered, % (soft - hard) / (ensemble - hard)",
+                              "Share of the hard-label-to-ensemble gap recovered")
 
 
 def plot_accuracy(df: pd.DataFrame, info: dict, metric: str = METRIC) -> bytes:
     """``accuracy_vs_fraction.png``: soft and hard curves with error bars, ensemble and
     single-teacher lines, log x axis. Returns the PNG bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     s = summarize(df, metric)
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    fig, ax = _new_plot()
     for setting, grp in s.groupby("setting", sort=True):
         ax.errorbar(grp["fraction"], grp["mean"], yerr=grp["std"], marker="o", capsize=3,
                     linestyle="--" if setting == "hard" else "-", label=setting)
@@ -194,15 +171,32 @@ def plot_accuracy(df: pd.DataFrame, info: dict, metric: str = METRIC) -> bytes:
     teachers = info.get("teacher_test_accuracy") or []
     if teachers:
         ax.axhline(float(np.mean(teachers)), color="gray", linestyle=":", linewidth=1, label="single teacher (mean)")
+    return _fraction_plot_png(fig, ax, sorted(s["fraction"].unique()) if len(s) else [],
+                              metric.replace("_", " "), "Student accuracy vs data fraction")
+
+
+def _new_plot():
+    """A figure and axes for the report's plots (headless backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(6.4, 4.4), dpi=110)
+
+
+def _fraction_plot_png(fig, ax, fractions: list[float], ylabel: str, title: str) -> bytes:
+    """Finish a plot over data fractions (log x axis, one tick per fraction) and return its PNG bytes."""
+    import matplotlib.pyplot as plt
+
     ax.set_xscale("log")
-    fractions = sorted(s["fraction"].unique()) if len(s) else []
     if fractions:
         ax.set_xticks(fractions)
         ax.set_xticklabels([_pct(f) for f in fractions])
         ax.minorticks_off()
     ax.set_xlabel("fraction of the training data (log scale)")
-    ax.set_ylabel(metric.replace("_", " "))
-    ax.set_title("Student accuracy vs data fraction")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -213,7 +207,8 @@ def plot_accuracy(df: pd.DataFrame, info: dict, metric: str = METRIC) -> bytes:
 
 
 def write_report(out: str, df: pd.DataFrame | None = None, info: dict | None = None) -> str:
-    """Write ``summary.md`` and ``accuracy_vs_fraction.png`` under ``out``; return the summary."""
+    """Write ``summary.md``, ``accuracy_vs_fraction.png`` and (with soft and hard trials)
+    ``gap_vs_fraction.png`` under ``out``; return the summary."""
     if df is None or info is None:
         from kd_ray.sweep import load_results
 
