@@ -1,0 +1,49 @@
+"""The ensemble's accuracy on the un-augmented images and on the seeded shifted views that
+consistent teaching labels (no Ray; reads a finished run's teachers).
+
+    python jobs/analysis/ensemble_on_shifts.py jobs/configs/digits_consistent.yaml [--storage runs] [--epochs 0 1]
+
+Answers one question from the consistent-teaching results: are the teachers' labels on the
+shifted views worse than on the originals?
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from kd_ray import storage
+from kd_ray.augment import seeded_shift
+from kd_ray.config import load_config
+from kd_ray.data import load_splits
+from kd_ray.losses import ensemble_average
+from kd_ray.soft_targets import build_teacher, load_teacher_files
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("config")
+    ap.add_argument("--storage", help="runtime.storage_path of the finished run (default: the config's)")
+    ap.add_argument("--epochs", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    cfg = load_config(args.config, [f"runtime.storage_path={args.storage}"] if args.storage else [])
+    paths = storage.read_json(storage.join(cfg.runtime.storage_path, cfg.name, "teachers", "ensemble.json"))["model_paths"]
+    teachers = [build_teacher(f.blob, torch.device("cpu")) for f in load_teacher_files(paths)]
+    splits = load_splits(cfg.data)
+    out = {}
+    for name, part in (("train", splits.train), ("test", splits.test)):
+        views = {"original": part.images, **{f"shift epoch {e}": seeded_shift(
+            part.images, part.ids, cfg.soft_targets.jitter, args.seed, e) for e in args.epochs}}
+        for view, images in views.items():
+            with torch.no_grad():
+                logits = torch.stack([m(torch.from_numpy(images)) for m in teachers])
+            acc = float((ensemble_average(logits, 1.0).argmax(1).numpy() == part.labels).mean())
+            out[f"{name} {view}"] = round(acc, 4)
+            print(f"{name:5s} {view:15s} ensemble accuracy {acc:.4f}")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
