@@ -285,8 +285,8 @@ def test_kd_ray_run_end_to_end_with_asha_and_again(ray_session, tmp_path, capsys
     argv = ["run", default_config, "--set", "runtime.storage_path=./runs", "--set", "teachers.count=2",
             "--set", "teachers.epochs=2",
             "--set", "teachers.model_args={hidden: [64]}", "--set", "student.model_args={hidden: [64]}",
-            "--set", "student.epochs=4", "--set", "sweep.fractions=[0.5]", "--set", "sweep.seeds=[0]",
-            "--set", "sweep.scheduler=asha"]
+            "--set", "student.epochs=4", "--set", "student.report_every=1",  # ASHA sees 4 reports
+            "--set", "sweep.fractions=[0.5]", "--set", "sweep.seeds=[0]", "--set", "sweep.scheduler=asha"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "kd-ray run finished in" in out and "| fraction | train rows | targets |" in out
