@@ -56,3 +56,20 @@ def seeded_shift(images, ids, max_shift: int, seed: int, epoch: int):
         return shift_images(images, torch.from_numpy(dy).to(images.device), torch.from_numpy(dx).to(images.device))
     dy, dx = seeded_offsets(np.asarray(ids), max_shift, seed, epoch)
     return shift_images(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(dy), torch.from_numpy(dx)).numpy()
+
+
+def seeded_mixup(n: int, a: float, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mixup partners for a pool of ``n`` images (Beyer et al. 2022's "function matching"):
+    image ``i`` of the pool becomes ``lam[i] * x[i] + (1 - lam[i]) * x[partner[i]]``, with
+    ``lam ~ Beta(a, a)`` and ``partner`` uniform over the pool; a pure function of
+    (n, a, seed, epoch), so teacher and student see the same mixed image."""
+    if not a > 0:
+        raise ValueError(f"mixup needs a Beta parameter > 0, got {a}")
+    rng = np.random.default_rng([seed, epoch, 0x6D6978])  # a stream apart from epoch_order's
+    return rng.integers(0, n, n), rng.beta(a, a, n).astype(np.float32)
+
+
+def mix(images, partner_images, lam):
+    """``lam * images + (1 - lam) * partner_images`` per sample (numpy or torch, [B, C, H, W])."""
+    w = lam.reshape(-1, *([1] * (images.ndim - 1)))
+    return w * images + (1 - w) * partner_images

@@ -123,6 +123,10 @@ class SoftTargetsConfig(_Section):
     rule: Literal["probs", "logits"] = "probs"  # losses.RULES
     mode: Optional[Literal["cached", "streaming"]] = None  # None: streaming iff jitter > 0
     jitter: int = Field(0, ge=0)  # streaming mode: shift up to k pixels, same view for both
+    # consistent teaching only: mix each shifted image with another of the student's subset,
+    # weight ~ Beta(mixup, mixup), and let the teachers label the mixed image (Beyer et al.
+    # 2022's "function matching"); 0: no mixup
+    mixup: float = Field(0.0, ge=0)
     keep_teacher_logits: bool = True
     batch_size: int = Field(512, gt=0)
     actors: int = Field(1, ge=1)  # size of the EnsemblePredictor actor pool
@@ -158,6 +162,9 @@ class StudentConfig(_Section):
     # validate, report and checkpoint every N epochs (and after the last): on a few dozen rows an
     # epoch is one step, and a report with its checkpoint costs more than the step
     report_every: int = Field(1, gt=0)
+    # patience counted in optimizer steps: a run on a small subset (one step per epoch) gets
+    # more epochs, at least ceil(min_steps / steps per epoch); None: exactly ``epochs``
+    min_steps: Optional[int] = Field(None, gt=0)
     # a worker whose share of the cached rows fits this reads it once into memory; larger
     # shares (or 0) stream from Ray Data every epoch
     max_in_memory_mb: float = Field(2048, ge=0)
@@ -168,6 +175,14 @@ class StudentConfig(_Section):
     #                 (streaming through an EnsemblePredictor actor pool; Beyer et al. 2022)
     # None: consistent in streaming mode, cached otherwise.
     teaching: Optional[Literal["cached", "inconsistent", "consistent"]] = None
+
+    def identity(self, exclude: set[str] = frozenset()) -> dict:
+        """The fields a run's result depends on (JSON), for run and sweep names. ``min_steps``
+        counts only when set, so runs from before it existed keep their names."""
+        out = self.model_dump(mode="json", exclude=set(exclude))
+        if out.get("min_steps", 0) is None:
+            del out["min_steps"]
+        return out
 
     @field_validator("model")
     @classmethod

@@ -29,7 +29,7 @@ import torch
 from kd_ray import storage
 from kd_ray.config import ExperimentConfig, StudentConfig
 from kd_ray.data import select_fraction
-from kd_ray.losses import kd_loss, resoften
+from kd_ray.losses import kd_loss, mixed_labels, resoften
 from kd_ray.models import build_model, count_parameters
 from kd_ray.augment import seeded_shift
 from kd_ray.soft_targets import SoftTargets, consistent_stream, forward_passes, pass_counter, worker_share
@@ -185,10 +185,12 @@ def train_loop_per_worker(config: dict) -> dict:
             if teaching == "inconsistent":  # the student alone sees the shifted view
                 b["image"] = seeded_shift(b["image"], b["id"], jitter, s.seed, epoch)
             if sample is None:  # the epoch's first batch, kept in the final checkpoint
-                sample = {k: b[k].cpu().numpy() for k in ("id", "image", "soft_targets") if k in b}
+                sample = {k: b[k].cpu().numpy() for k in ("id", "image", "soft_targets", "mix_weight") if k in b}
             logits = model(b["image"])
             soft = _targets(b, T, config["cache_temperature"], config["rule"]) if alpha > 0 else None
-            loss, _ = kd_loss(logits, soft, b["label"], T, alpha)
+            labels = (mixed_labels(b["label"], b["mix_label"], b["mix_weight"], config["num_classes"])
+                      if "mix_weight" in b else b["label"])  # a mixed image's hard label is mixed too
+            loss, _ = kd_loss(logits, soft, labels, T, alpha)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -291,9 +293,12 @@ class DistillResult:
 def run_name(cfg: ExperimentConfig, soft: SoftTargets, T: float) -> str:
     s = cfg.student
     teaching = teaching_mode(cfg, soft)
-    key = json.dumps({"student": s.model_dump(mode="json"), "T": T, "soft": soft.manifest["fingerprint"],
-                      "data_seed": cfg.data.seed, "teaching": teaching,
-                      "jitter": cfg.soft_targets.jitter if teaching != "cached" else 0}, sort_keys=True)
+    key = {"student": s.identity(), "T": T, "soft": soft.manifest["fingerprint"],
+           "data_seed": cfg.data.seed, "teaching": teaching,
+           "jitter": cfg.soft_targets.jitter if teaching != "cached" else 0}
+    if teaching == "consistent" and cfg.soft_targets.mixup > 0:
+        key["mixup"] = cfg.soft_targets.mixup
+    key = json.dumps(key, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     mode = "" if teaching == "cached" else f"{teaching}-"
     return f"student-{s.targets}-{mode}f{s.fraction:g}-T{T:g}-a{s.alpha:g}-e{s.epochs}-s{s.seed}-{digest}"
@@ -321,6 +326,15 @@ def check_classes(s: StudentConfig, soft: SoftTargets) -> None:
 def uses_gpu(s: StudentConfig) -> bool:
     """GPU Train workers: as configured, else only when this process's torch sees CUDA."""
     return s.use_gpu if s.use_gpu is not None else torch.cuda.is_available()
+
+
+def schedule_epochs(s: StudentConfig, rows: int) -> int:
+    """Epochs a run on ``rows`` rows trains: ``student.epochs``, or more when ``student.min_steps``
+    asks for more optimizer steps than that gives (each worker steps over its share)."""
+    if s.min_steps is None:
+        return s.epochs
+    steps_per_epoch = math.ceil(math.ceil(rows / s.num_workers) / s.batch_size)
+    return max(s.epochs, math.ceil(s.min_steps / steps_per_epoch))
 
 
 def subset_ids(soft: SoftTargets, fraction: float, seed: int) -> np.ndarray:
@@ -359,6 +373,7 @@ def distill(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None = N
 
     use_gpu = uses_gpu(s)
     teaching = teaching_mode(cfg, soft)
+    s = s.model_copy(update={"epochs": schedule_epochs(s, len(ids))})  # what the workers train
     config = {"student": s.model_dump(mode="json"), "temperature": T, "cache_temperature": soft.temperature,
               "rule": soft.manifest["rule"], "num_classes": C, "input_shape": soft.manifest["input_shape"],
               "fail_after_epoch": fail_after_epoch, "cpus_per_worker": 1, "teaching": teaching,

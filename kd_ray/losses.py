@@ -73,7 +73,8 @@ def kd_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``alpha * T^2 * KL(soft_teacher || soft_student) + (1 - alpha) * CE(labels)``.
 
-    ``soft_targets`` are probabilities (not logits, not log-probabilities). With ``alpha=1``
+    ``soft_targets`` are probabilities (not logits, not log-probabilities). ``labels`` are class
+    indices [B], or class probabilities [B, C] (mixup's mixed labels, see :func:`mixed_labels`). With ``alpha=1``
     labels may be None; with ``alpha=0`` soft targets may be None (plain hard-label training).
     Returns the total loss and its named terms (detached) for logging.
     """
@@ -94,9 +95,15 @@ def kd_loss(
     if alpha < 1:
         if labels is None:
             raise ValueError("kd_loss: alpha < 1 needs labels")
-        hard = F.cross_entropy(student_logits.float(), labels.long())
+        hard = F.cross_entropy(student_logits.float(), labels.float() if labels.is_floating_point() else labels.long())
     total = alpha * soft + (1.0 - alpha) * hard
     return total, {"soft": soft.detach(), "hard": hard.detach()}
+
+
+def mixed_labels(labels: torch.Tensor, mix_labels: torch.Tensor, weights: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The label distribution of mixed images: ``w * onehot(labels) + (1 - w) * onehot(mix_labels)``, [B, C]."""
+    w = weights.float().unsqueeze(1)
+    return w * F.one_hot(labels.long(), num_classes) + (1 - w) * F.one_hot(mix_labels.long(), num_classes)
 
 
 def logit_matching_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

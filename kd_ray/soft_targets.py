@@ -150,24 +150,41 @@ class EnsemblePredictor:
 
 class ConsistentTeacher(EnsemblePredictor):
     """The EnsemblePredictor of consistent teaching. Rows in: ``(epoch, pos)``. Rows out: transfer
-    row ``pos``, shifted as (seed, epoch, id) decides, with the teachers' soft targets on that
+    row ``pos``, shifted as (seed, epoch, id) decides and, with ``mixup`` > 0, mixed with another
+    row of ``pool`` (the positions this stream trains on) as :func:`kd_ray.augment.seeded_mixup`
+    decides (columns ``mix_label`` and ``mix_weight``), with the teachers' soft targets on that
     very view -- so the student trains on exactly the images the teachers labelled."""
 
-    def __init__(self, rows: list, max_shift: int, seed: int, **kwargs):
+    def __init__(self, rows: list, max_shift: int, seed: int, mixup: float = 0.0, pool=None, **kwargs):
         import ray
 
         super().__init__(**kwargs)
         self.rows = ray.get(rows[0])  # {id, image, label}: read once per actor from the object store
-        self.max_shift, self.seed = max_shift, seed
+        self.max_shift, self.seed, self.mixup = max_shift, seed, mixup
+        self.pool = np.sort(np.asarray(pool, dtype=np.int64)) if mixup > 0 else None
+
+    def view(self, pos: np.ndarray, epoch: int) -> np.ndarray:
+        """The shifted images of rows ``pos`` in ``epoch``."""
+        from kd_ray.augment import seeded_shift
+
+        return seeded_shift(self.rows["image"][pos], self.rows["id"][pos], self.max_shift, self.seed, epoch)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from kd_ray.augment import seeded_shift
+        from kd_ray.augment import mix, seeded_mixup
 
         pos, epochs = batch["pos"], batch["epoch"]
         out = {k: v[pos] for k, v in self.rows.items()}
+        if self.mixup > 0:
+            out["mix_label"], out["mix_weight"] = out["label"].copy(), np.ones(len(pos), np.float32)
         for e in np.unique(epochs):
             m = epochs == e
-            out["image"][m] = seeded_shift(out["image"][m], out["id"][m], self.max_shift, self.seed, int(e))
+            out["image"][m] = self.view(pos[m], int(e))
+            if self.mixup > 0:
+                partner, lam = seeded_mixup(len(self.pool), self.mixup, self.seed, int(e))
+                j = np.searchsorted(self.pool, pos[m])
+                other = self.pool[partner[j]]
+                out["image"][m] = mix(out["image"][m], self.view(other, int(e)), lam[j])
+                out["mix_label"][m], out["mix_weight"][m] = self.rows["label"][other], lam[j]
         out["epoch"] = epochs
         return super().__call__(out)
 
@@ -211,7 +228,8 @@ def consistent_stream(rows_ref, positions: np.ndarray, cfg: ExperimentConfig, mo
                       epochs: Sequence[int], seed: int, counters: Sequence[str] | None = None):
     """Consistent teaching as one lazy Ray Dataset over ``epochs``: per epoch, the rows at
     ``positions`` of ``rows_ref`` (an object-store ``{id, image, label}``) in a seeded order,
-    shifted and labelled on the same view by a :class:`ConsistentTeacher` actor pool.
+    shifted (and mixed, with ``soft_targets.mixup``) and labelled on the same view by a
+    :class:`ConsistentTeacher` actor pool.
 
     One dataset for all epochs starts the actor pool once per run (a pool per epoch would cost
     an actor start-up, seconds, every epoch). Rows come out in order, epoch by epoch (an
@@ -226,7 +244,8 @@ def consistent_stream(rows_ref, positions: np.ndarray, cfg: ExperimentConfig, mo
     ds.context.execution_options.preserve_order = True
     ds.context.enable_progress_bars = False
     return predict(ds, model_paths, cfg, "train", predictor=ConsistentTeacher, counters=counters,
-                   rows=[rows_ref], max_shift=cfg.soft_targets.jitter, seed=seed)
+                   rows=[rows_ref], max_shift=cfg.soft_targets.jitter, seed=seed,
+                   mixup=cfg.soft_targets.mixup, pool=positions)
 
 
 def check_pool_resources(cfg: ExperimentConfig) -> None:

@@ -130,10 +130,13 @@ def sweep_name(cfg: ExperimentConfig, soft: SoftTargets) -> str:
     soft targets, the data seed, the augmentation's shift, and how trials are stopped. Trials of sweeps with the same
     name are interchangeable, so growing the grid (another seed, another fraction) runs only
     the new trials, and the concurrency can change between runs."""
-    student = cfg.student.model_dump(mode="json", exclude=set(GRID_KEYS) | {"targets"})
+    student = cfg.student.identity(exclude=set(GRID_KEYS) | {"targets"})
     sweep = cfg.sweep.model_dump(mode="json", include={"metric", "scheduler", "hard_early_stopping_patience"})
-    key = json.dumps({"student": student, "sweep": sweep, "soft": soft.manifest["fingerprint"],
-                      "data_seed": cfg.data.seed, "jitter": cfg.soft_targets.jitter}, sort_keys=True)
+    key = {"student": student, "sweep": sweep, "soft": soft.manifest["fingerprint"],
+           "data_seed": cfg.data.seed, "jitter": cfg.soft_targets.jitter}
+    if cfg.soft_targets.mixup > 0:  # only when used, so sweeps from before mixup keep their names
+        key["mixup"] = cfg.soft_targets.mixup
+    key = json.dumps(key, sort_keys=True)
     return "sweep-" + hashlib.sha256(key.encode()).hexdigest()[:10]
 
 
@@ -250,7 +253,8 @@ def run_sweep(cfg: ExperimentConfig, soft: SoftTargets, callbacks: list | None =
         "ensemble_test_accuracy": e["test_accuracy"], "ensemble_val_accuracy": e["val_accuracy"],
         "teacher_test_accuracy": e.get("teacher_test_accuracy", []), "teachers": len(soft.model_paths),
         "temperature": soft.temperature, "rule": soft.manifest["rule"], "soft_targets": soft.path,
-        "transfer_rows": soft.manifest["rows"]["train"], "seconds": round(time.time() - t0, 1)})
+        "transfer_rows": soft.manifest["rows"]["train"], "seconds": round(time.time() - t0, 1),
+        "jitter": cfg.soft_targets.jitter, "mixup": cfg.soft_targets.mixup, "min_steps": cfg.student.min_steps})
     return SweepResult(df, out, sweep_dir, complete, time.time() - t0)
 
 

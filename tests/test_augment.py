@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from kd_ray.augment import random_shift, seeded_shift, shift_images
@@ -40,3 +41,22 @@ def test_seeded_shift_gives_the_same_view_for_numpy_and_torch():
     got = seeded_shift(torch.from_numpy(images), torch.from_numpy(ids), 1, seed=3, epoch=4)
     assert isinstance(got, torch.Tensor) and np.array_equal(got.numpy(), want)
     assert not np.array_equal(want, images)
+
+
+def test_seeded_mixup_is_a_function_of_seed_and_epoch():
+    from kd_ray.augment import mix, seeded_mixup
+
+    partner, lam = seeded_mixup(50, 1.0, seed=3, epoch=2)
+    again = seeded_mixup(50, 1.0, seed=3, epoch=2)
+    assert np.array_equal(partner, again[0]) and np.array_equal(lam, again[1])
+    assert not np.array_equal(partner, seeded_mixup(50, 1.0, seed=4, epoch=2)[0])
+    assert not np.array_equal(lam, seeded_mixup(50, 1.0, seed=3, epoch=3)[1])
+    assert partner.min() >= 0 and partner.max() < 50 and ((lam >= 0) & (lam <= 1)).all()
+    assert 0.3 < lam.mean() < 0.7  # Beta(1, 1) is uniform
+    with pytest.raises(ValueError, match="Beta parameter"):
+        seeded_mixup(50, 0.0, 0, 0)
+    # the mixed image, per sample, in numpy and in torch
+    x, y = np.ones((2, 1, 2, 2), np.float32), np.zeros((2, 1, 2, 2), np.float32)
+    w = np.array([0.25, 1.0], np.float32)
+    assert np.allclose(mix(x, y, w)[:, 0, 0, 0], [0.25, 1.0])
+    assert torch.allclose(mix(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(w)), torch.from_numpy(mix(x, y, w)))

@@ -33,6 +33,21 @@ def test_in_memory_epochs_visit_every_row_once_in_a_seeded_order():
     assert torch.equal(ids, again) and not torch.equal(ids, other)
 
 
+def test_min_steps_gives_small_subsets_more_epochs():
+    from kd_ray.config import StudentConfig
+    from kd_ray.distill import schedule_epochs
+
+    s = StudentConfig(epochs=40, batch_size=64, min_steps=2000)
+    assert schedule_epochs(s, 40) == 2000  # one step per epoch
+    assert schedule_epochs(s, 126) == 1000  # two steps per epoch
+    assert schedule_epochs(s, 1204) == 106  # 19 steps per epoch: ceil(2000 / 19)
+    assert schedule_epochs(s, 200_000) == 40  # never fewer than student.epochs
+    assert schedule_epochs(s.model_copy(update={"num_workers": 2}), 126) == 2000  # 63 rows a worker
+    assert schedule_epochs(s.model_copy(update={"min_steps": None}), 40) == 40
+    # runs from before min_steps existed keep their names
+    assert "min_steps" not in StudentConfig().identity() and s.identity()["min_steps"] == 2000
+
+
 def test_epoch_stream_cuts_one_ordered_stream_into_epochs_of_batches():
     from kd_ray.distill import EpochStream
 

@@ -116,3 +116,18 @@ def test_kd_loss_rejects_class_mismatch_and_bad_alpha():
         kd_loss(z, torch.full((2, 5), 0.2), None, T=1.0, alpha=1.0)
     with pytest.raises(ValueError, match="alpha"):
         kd_loss(z, None, torch.zeros(2, dtype=torch.long), T=1.0, alpha=1.5)
+
+
+def test_mixed_labels_weight_the_cross_entropy_of_both_images():
+    from kd_ray.losses import mixed_labels
+
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+    y, y2, w = torch.tensor([0, 2]), torch.tensor([1, 2]), torch.tensor([0.75, 0.4])
+    probs = mixed_labels(y, y2, w, 3)
+    assert torch.allclose(probs, torch.tensor([[0.75, 0.25, 0.0], [0.0, 0.0, 1.0]]))
+    loss, _ = kd_loss(logits, None, probs, T=4.0, alpha=0.0)
+    ce = torch.nn.functional.cross_entropy
+    expected = (w * ce(logits, y, reduction="none") + (1 - w) * ce(logits, y2, reduction="none")).mean()
+    assert torch.allclose(loss, expected)
+    # class indices still work, and equal one-hot probabilities
+    assert torch.allclose(kd_loss(logits, None, y, 4.0, 0.0)[0], kd_loss(logits, None, mixed_labels(y, y, w, 3), 4.0, 0.0)[0])

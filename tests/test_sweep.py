@@ -176,13 +176,15 @@ def test_small_sweep_results_report_and_teacher_passes(tiny_ensemble):
 def test_consistent_teaching_sweep_streams_the_students_view_through_the_teachers(tiny_ensemble):
     import torch
 
-    from kd_ray.augment import seeded_shift
+    from kd_ray.augment import mix, seeded_mixup, seeded_shift
+    from kd_ray.distill import subset_ids
     from kd_ray.losses import ensemble_average
     from kd_ray.soft_targets import build_soft_targets, build_teacher, forward_passes, load_teacher_files
     from kd_ray.sweep import run_sweep
 
     base, ensemble = tiny_ensemble
-    cfg = _cfg(base, "sweepconsistent", "soft_targets.jitter=1", "soft_targets.mode=cached",
+    # mixup: consistent teaching mixes each shifted image with another of the subset
+    cfg = _cfg(base, "sweepconsistent", "soft_targets.jitter=1", "soft_targets.mixup=1.0", "soft_targets.mode=cached",
                "sweep.fractions=[0.1]", "sweep.targets=[soft]", "sweep.teaching=[cached, inconsistent, consistent]",
                "sweep.seeds=[0]", "sweep.epochs=[2]", "sweep.max_concurrent_trials=4")
     st = build_soft_targets(cfg, ensemble)
@@ -199,7 +201,8 @@ def test_consistent_teaching_sweep_streams_the_students_view_through_the_teacher
     assert sum(forward_passes(cfg.name).values()) == cache_passes + 2 * n
 
     # what the consistent student trained on in its last epoch (epoch index 1): the seeded shift
-    # of its rows, and the teachers' soft targets of that very shifted image
+    # of its rows mixed with the shifted partner seeded_mixup chose, and the teachers' soft
+    # targets of that very mixed image
     def trained_on(teaching):
         b = dict(np.load(os.path.join(df.loc[teaching, "checkpoint_path"], "first_batch_rank0.npz")))
         rows = st.transfer_rows(b["id"])
@@ -214,8 +217,14 @@ def test_consistent_teaching_sweep_streams_the_students_view_through_the_teacher
         return ensemble_average(logits, st.temperature, "probs").numpy()
 
     b, original = trained_on("consistent")
-    assert np.array_equal(b["image"], seeded_shift(original, b["id"], 1, seed=0, epoch=1))
-    assert not np.array_equal(b["image"], original)
+    rows = st.transfer_rows(subset_ids(st, 0.1, cfg.data.seed))  # the stream's rows, in its positions
+    p = np.array([rows["id"].tolist().index(i) for i in b["id"].tolist()])
+    partner, lam = seeded_mixup(len(rows["id"]), 1.0, seed=0, epoch=1)
+    q = partner[p]
+    view = mix(seeded_shift(rows["image"][p], rows["id"][p], 1, seed=0, epoch=1),
+               seeded_shift(rows["image"][q], rows["id"][q], 1, seed=0, epoch=1), lam[p])
+    assert np.allclose(b["image"], view, atol=1e-6) and np.array_equal(b["mix_weight"], lam[p])
+    assert not np.allclose(b["image"], seeded_shift(original, b["id"], 1, seed=0, epoch=1))
     assert np.abs(b["soft_targets"] - soft_targets_of(b["image"])).max() <= 1e-5
     assert np.abs(b["soft_targets"] - soft_targets_of(original)).max() > 1e-3
     # inconsistent: the same shifted view, but the cached targets of the original image

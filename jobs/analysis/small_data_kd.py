@@ -1,0 +1,107 @@
+"""One sweep trial's student, in a plain single-process PyTorch loop (no Ray): a fast way to
+try distillation settings on a small subset before a sweep spends its minutes on them.
+
+    python jobs/analysis/small_data_kd.py jobs/configs/digits_consistent.yaml --fraction 0.03 \
+        --teaching consistent --set student.alpha=1 --set soft_targets.mixup=1 --set student.min_steps=2000
+
+It reads a finished run's teachers, takes the same nested stratified subset as the sweep
+(``select_fraction`` with the data seed, as ``distill`` does) and trains the config's student on it:
+
+- ``hard``: labels only (the sweep's baseline, here without early stopping);
+- ``cached``: the ensemble's soft targets of the un-augmented images, fixed;
+- ``consistent``: every step the teachers label the very view the student trains on: a seeded
+  shift of up to ``soft_targets.jitter`` pixels and, with ``soft_targets.mixup`` A > 0, a mix
+  of two subset images with weight ~ Beta(A, A) (Beyer et al. 2022's "function matching").
+
+Prints test accuracy per seed and the mean. The figures in the README come from ``kd-ray run``
+sweeps; this script only chooses what those sweeps try.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from kd_ray import storage
+from kd_ray.augment import mix, seeded_mixup, seeded_shift
+from kd_ray.config import load_config
+from kd_ray.data import load_splits, select_fraction
+from kd_ray.distill import schedule_epochs
+from kd_ray.losses import ensemble_average, kd_loss, mixed_labels
+from kd_ray.models import build_model
+from kd_ray.soft_targets import build_teacher, load_teacher_files
+from kd_ray.teachers import make_optimizer, make_scheduler
+
+
+def train_student(cfg, teachers, subset, test, teaching: str, seed: int) -> float:
+    """The sweep trial's loop, in one process: same model, optimiser, schedule, loss and views."""
+    s = cfg.student
+    T, alpha = (s.temperature or cfg.soft_targets.temperature), (0.0 if teaching == "hard" else s.alpha)
+    st = cfg.soft_targets
+    torch.manual_seed(seed)
+    model = build_model(s.model, list(subset.images.shape[1:]), 10, **s.model_args)
+    epochs = schedule_epochs(s, len(subset))
+    s = s.model_copy(update={"epochs": epochs})
+    opt = make_optimizer(model.parameters(), s)
+    sched = make_scheduler(opt, s)
+    images, labels, ids = torch.from_numpy(subset.images), torch.from_numpy(subset.labels), subset.ids
+
+    def teach(x):
+        with torch.no_grad():
+            return ensemble_average(torch.stack([m(x) for m in teachers]), T, st.rule)
+
+    cached, n = teach(images), len(ids)
+    for epoch in range(epochs):
+        view, targets = images, labels
+        if teaching == "consistent":  # ConsistentTeacher's view: shifted, then mixed
+            view = seeded_shift(images, ids, st.jitter, seed, epoch)
+            if st.mixup > 0:
+                partner, lam = seeded_mixup(n, st.mixup, seed, epoch)
+                view = mix(view, view[partner], torch.from_numpy(lam))
+                targets = mixed_labels(labels, labels[partner], torch.from_numpy(lam), 10)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        for i in range(0, n, s.batch_size):
+            idx = order[i: i + s.batch_size]
+            x = view[idx]
+            soft = (teach(x) if teaching == "consistent" else cached[idx]) if alpha > 0 else None
+            loss = kd_loss(model(x), soft, targets[idx], T, alpha)[0]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+    model.eval()
+    with torch.no_grad():
+        return float((model(torch.from_numpy(test.images)).argmax(1).numpy() == test.labels).mean())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("config")
+    ap.add_argument("--storage", help="runtime.storage_path of the run that trained the teachers")
+    ap.add_argument("--fraction", type=float, default=0.03)
+    ap.add_argument("--teaching", choices=["hard", "cached", "consistent"], default="consistent")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--set", action="append", default=[], help="config overrides, as kd-ray --set")
+    args = ap.parse_args()
+    sets = list(args.set) + ([f"runtime.storage_path={args.storage}"] if args.storage else [])
+    cfg = load_config(args.config, sets)
+    torch.set_num_threads(1)
+    paths = storage.read_json(storage.join(cfg.runtime.storage_path, cfg.name, "teachers", "ensemble.json"))["model_paths"]
+    teachers = [build_teacher(f.blob, torch.device("cpu")) for f in load_teacher_files(paths)]
+    splits = load_splits(cfg.data)
+    accs, t0 = [], time.time()
+    # the sweep's subset: nested, stratified, chosen by the data seed (the same for every trial seed)
+    subset = splits.train.take(select_fraction(splits.train.ids, splits.train.labels, args.fraction, cfg.data.seed))
+    for seed in args.seeds:
+        accs.append(train_student(cfg, teachers, subset, splits.test, args.teaching, seed))
+    out = {"fraction": args.fraction, "teaching": args.teaching, "set": args.set,
+           "test_accuracy": [round(a, 4) for a in accs], "mean": round(float(np.mean(accs)), 4),
+           "seconds": round(time.time() - t0, 1)}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
