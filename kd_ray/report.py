@@ -113,12 +113,7 @@ def summary_markdown(df: pd.DataFrame, info: dict, metric: str = METRIC) -> str:
         + (f"; single teacher: {np.mean(teachers):.4f} (range {min(teachers):.4f}-{max(teachers):.4f})"
            if teachers else "")
         + f". Soft targets at T={info.get('temperature')} ({info.get('rule')} averaging), "
-          f"{info.get('transfer_rows')} transfer rows."
-        + (f" Augmentation (inconsistent, consistent): shifts up to {info['jitter']} px" if info.get("jitter") else "")
-        + (f"; consistent teaching mixes images, weight ~ Beta({info['mixup']:g}, {info['mixup']:g})"
-           if info.get("jitter") and info.get("mixup") else "") + ("." if info.get("jitter") else "")
-        + (f" At least {info['min_steps']} optimizer steps per student (student.min_steps)."
-           if info.get("min_steps") else ""), "",
+          f"{info.get('transfer_rows')} transfer rows." + _training_note(info), "",
         f"Trials: {len(df)} ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})"
         + ("" if info.get("complete", True) else " -- the sweep is INCOMPLETE: run it again to finish") + ".", "",
         _md_table(table), "",
@@ -178,6 +173,19 @@ def plot_accuracy(df: pd.DataFrame, info: dict, metric: str = METRIC) -> bytes:
         ax.axhline(float(np.mean(teachers)), color="gray", linestyle=":", linewidth=1, label="single teacher (mean)")
     return _fraction_plot_png(fig, ax, sorted(s["fraction"].unique()) if len(s) else [],
                               metric.replace("_", " "), "Student accuracy vs data fraction")
+
+
+def _training_note(info: dict) -> str:
+    """The summary's sentences on augmentation and patience (empty when the sweep used neither)."""
+    note = ""
+    if info.get("jitter"):
+        note += f" Augmentation (inconsistent, consistent): shifts up to {info['jitter']} px"
+        if info.get("mixup"):
+            note += f"; consistent teaching mixes images, weight ~ Beta({info['mixup']:g}, {info['mixup']:g})"
+        note += "."
+    if info.get("min_steps"):
+        note += f" At least {info['min_steps']} optimizer steps per student (student.min_steps)."
+    return note
 
 
 def _new_plot():

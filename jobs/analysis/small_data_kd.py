@@ -29,7 +29,7 @@ from kd_ray import storage
 from kd_ray.augment import mix, seeded_mixup, seeded_shift
 from kd_ray.config import load_config
 from kd_ray.data import load_splits, select_fraction
-from kd_ray.distill import schedule_epochs
+from kd_ray.distill import schedule_epochs, shuffled_batches
 from kd_ray.losses import ensemble_average, kd_loss, mixed_labels
 from kd_ray.models import build_model
 from kd_ray.soft_targets import build_teacher, load_teacher_files
@@ -62,12 +62,11 @@ def train_student(cfg, teachers, subset, test, teaching: str, seed: int) -> floa
                 partner, lam = seeded_mixup(n, st.mixup, seed, epoch)
                 view = mix(view, view[partner], torch.from_numpy(lam))
                 targets = mixed_labels(labels, labels[partner], torch.from_numpy(lam), 10)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-        for i in range(0, n, s.batch_size):
-            idx = order[i: i + s.batch_size]
-            x = view[idx]
-            soft = (teach(x) if teaching == "consistent" else cached[idx]) if alpha > 0 else None
-            loss = kd_loss(model(x), soft, targets[idx], T, alpha)[0]
+        rows = {"id": torch.from_numpy(ids), "image": view, "target": targets, "cached": cached}
+        for b in shuffled_batches(rows, s.batch_size, seed * 1000 + epoch):  # the in-memory trial's order
+            x = b["image"]
+            soft = (teach(x) if teaching == "consistent" else b["cached"]) if alpha > 0 else None
+            loss = kd_loss(model(x), soft, b["target"], T, alpha)[0]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
