@@ -121,11 +121,11 @@ class TeachersConfig(TeacherSpec):
 class SoftTargetsConfig(_Section):
     temperature: float = Field(4.0, gt=0)
     rule: Literal["probs", "logits"] = "probs"  # losses.RULES
-    mode: Optional[Literal["cached", "streaming"]] = None  # None: streaming iff jitter > 0
+    mode: Optional[Literal["cached", "streaming"]] = None  # None: streaming iff there is augmentation
     jitter: int = Field(0, ge=0)  # streaming mode: shift up to k pixels, same view for both
-    # consistent teaching only: mix each shifted image with another of the student's subset,
+    # consistent teaching only: mix each (shifted) image with another of the student's subset,
     # weight ~ Beta(mixup, mixup), and let the teachers label the mixed image (Beyer et al.
-    # 2022's "function matching"); 0: no mixup
+    # 2022's "function matching"); 0: no mixup. With jitter 0 the views are mixed, not shifted.
     mixup: float = Field(0.0, ge=0)
     keep_teacher_logits: bool = True
     batch_size: int = Field(512, gt=0)
@@ -136,7 +136,7 @@ class SoftTargetsConfig(_Section):
 
     @property
     def resolved_mode(self) -> str:
-        return self.mode or ("streaming" if self.jitter > 0 else "cached")
+        return self.mode or ("streaming" if self.jitter > 0 or self.mixup > 0 else "cached")
 
 
 class StudentConfig(_Section):
@@ -301,9 +301,14 @@ class ExperimentConfig(_Section):
     @model_validator(mode="after")
     def _teaching(self) -> "ExperimentConfig":
         modes = set(self.sweep.teaching) | {self.student.teaching or "cached"}
-        if modes & {"inconsistent", "consistent"} and self.soft_targets.jitter <= 0:
-            raise ValueError("inconsistent and consistent teaching augment the student's images: set "
-                             "soft_targets.jitter to the largest shift in pixels (e.g. 1)")
+        st = self.soft_targets
+        if "inconsistent" in modes and st.jitter <= 0:
+            raise ValueError("inconsistent teaching shifts the student's images: set soft_targets.jitter to "
+                             "the largest shift in pixels (e.g. 1)")
+        if "consistent" in modes and st.jitter <= 0 and st.mixup <= 0:
+            raise ValueError("consistent teaching augments the images teacher and student share: set "
+                             "soft_targets.jitter to the largest shift in pixels (e.g. 1), soft_targets.mixup "
+                             "to a Beta parameter (e.g. 1.0), or both")
         if self.soft_targets.resolved_mode == "streaming" and modes & {"cached", "inconsistent"} and (
                 self.student.teaching or self.sweep.teaching):
             raise ValueError("cached and inconsistent teaching read cached soft targets of the transfer set: "

@@ -179,10 +179,9 @@ def _training_note(info: dict) -> str:
     """The summary's sentences on augmentation and patience (empty when the sweep used neither)."""
     note = ""
     if info.get("jitter"):
-        note += f" Augmentation (inconsistent, consistent): shifts up to {info['jitter']} px"
-        if info.get("mixup"):
-            note += f"; consistent teaching mixes images, weight ~ Beta({info['mixup']:g}, {info['mixup']:g})"
-        note += "."
+        note += f" Augmentation (inconsistent, consistent): shifts up to {info['jitter']} px."
+    if info.get("mixup"):
+        note += f" Consistent teaching mixes images, weight ~ Beta({info['mixup']:g}, {info['mixup']:g})."
     if info.get("min_steps"):
         note += f" At least {info['min_steps']} optimizer steps per student (student.min_steps)."
     return note

@@ -118,6 +118,25 @@ def test_streaming_recomputes_each_epoch_on_the_students_view(tiny_ensemble):
     assert forward_passes(cfg.name)["train"] == 2 * n
 
 
+def test_mixup_alone_streams_mixed_unshifted_views(tiny_ensemble):
+    from kd_ray.augment import mix, seeded_mixup
+
+    base, ensemble = tiny_ensemble
+    # function matching without shifts (soft_targets.jitter 0): augmentation by mixup alone
+    cfg = _cfg(base, "mixonly", "soft_targets.mixup=1.0", "soft_targets.temperature=2")
+    st = build_soft_targets(cfg, ensemble)
+    assert st.mode == "streaming"
+    src = st.transfer_rows()
+    rows = _rows(st.epoch_dataset(0, seed=5))
+    pos = np.array([src["id"].tolist().index(i) for i in rows["id"].tolist()])  # stream positions
+    partner, lam = seeded_mixup(len(src["id"]), 1.0, seed=5, epoch=0)
+    # each view is the row mixed with its seeded partner, neither shifted
+    assert np.allclose(rows["image"], mix(src["image"][pos], src["image"][partner[pos]], lam[pos]), atol=1e-6)
+    assert np.array_equal(rows["mix_weight"], lam[pos]) and np.array_equal(rows["mix_label"], src["label"][partner[pos]])
+    want, _ = _direct(ensemble, rows["image"].astype(np.float32), 2.0, "probs")
+    assert np.abs(rows["soft_targets"] - want).max() <= 1e-6  # the teachers labelled that very view
+
+
 def test_bad_inputs(tiny_ensemble, tmp_path):
     base, ensemble = tiny_ensemble
     cfg = _cfg(base, "bad")

@@ -51,6 +51,11 @@ def test_grid_sweeps_teaching_modes_and_epoch_budgets():
     # augmentation-based modes need a shift; cached/inconsistent need cached rows
     with pytest.raises(ConfigError, match="soft_targets.jitter"):
         load_config(None, ["sweep.teaching=[consistent]"])
+    # mixup alone is augmentation enough for consistent teaching (it streams), not for inconsistent
+    assert load_config(None, ["soft_targets.mixup=1.0"]).soft_targets.resolved_mode == "streaming"
+    assert load_config(None, ["soft_targets.mixup=1.0", "soft_targets.mode=cached", "sweep.teaching=[consistent]"])
+    with pytest.raises(ConfigError, match="inconsistent teaching shifts"):
+        load_config(None, ["soft_targets.mixup=1.0", "soft_targets.mode=cached", "sweep.teaching=[inconsistent]"])
     with pytest.raises(ConfigError, match="soft_targets.mode: cached"):
         load_config(None, ["soft_targets.jitter=1", "sweep.teaching=[cached, consistent]"])
 
