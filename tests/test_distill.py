@@ -100,6 +100,14 @@ def test_soft_targets_beat_hard_labels_at_ten_percent(tiny_ensemble):
     # a finished run is read back, not retrained
     again = distill(_cfg(base, "tenpct", "student.fraction=0.1", "student.seed=0"), st)
     assert again.reused and again.metrics["test_accuracy"] == soft_acc[0]
+    # ... and a run from scratch elsewhere is bit-for-bit the same: the same soft-target cache,
+    # the same student (loss history and test accuracy)
+    st2 = build_soft_targets(_cfg(base, "tenpct_again"), ensemble)
+    rows = [ds.to_pandas().sort_values("id") for ds in (st.datasets["train"], st2.datasets["train"])]
+    assert np.array_equal(np.stack(rows[0]["soft_targets"]), np.stack(rows[1]["soft_targets"]))
+    fresh = distill(_cfg(base, "tenpct_again", "student.fraction=0.1", "student.seed=0"), st2)
+    assert not fresh.reused and fresh.metrics["test_accuracy"] == soft_acc[0]
+    assert list(fresh.history["train_loss"]) == list(again.history["train_loss"])
 
 
 def test_worker_failure_resumes_from_its_checkpoint(tiny_ensemble):
