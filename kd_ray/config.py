@@ -135,8 +135,13 @@ class SoftTargetsConfig(_Section):
     wait_for_actors_s: float = Field(60.0, gt=0)  # fail (not hang) if the pool cannot start
 
     @property
+    def augments(self) -> bool:
+        """Whether the transfer set is augmented (shifts, mixup or both)."""
+        return self.jitter > 0 or self.mixup > 0
+
+    @property
     def resolved_mode(self) -> str:
-        return self.mode or ("streaming" if self.jitter > 0 or self.mixup > 0 else "cached")
+        return self.mode or ("streaming" if self.augments else "cached")
 
 
 class StudentConfig(_Section):
@@ -305,11 +310,11 @@ class ExperimentConfig(_Section):
         if "inconsistent" in modes and st.jitter <= 0:
             raise ValueError("inconsistent teaching shifts the student's images: set soft_targets.jitter to "
                              "the largest shift in pixels (e.g. 1)")
-        if "consistent" in modes and st.jitter <= 0 and st.mixup <= 0:
+        if "consistent" in modes and not st.augments:
             raise ValueError("consistent teaching augments the images teacher and student share: set "
                              "soft_targets.jitter to the largest shift in pixels (e.g. 1), soft_targets.mixup "
                              "to a Beta parameter (e.g. 1.0), or both")
-        if self.soft_targets.resolved_mode == "streaming" and modes & {"cached", "inconsistent"} and (
+        if st.resolved_mode == "streaming" and modes & {"cached", "inconsistent"} and (
                 self.student.teaching or self.sweep.teaching):
             raise ValueError("cached and inconsistent teaching read cached soft targets of the transfer set: "
                              "set soft_targets.mode: cached (consistent trials stream either way)")

@@ -48,12 +48,13 @@ def test_grid_sweeps_teaching_modes_and_epoch_budgets():
     c = trial_config(cfg, soft[-1])
     assert (c.student.teaching, c.student.epochs) == (soft[-1]["teaching"], soft[-1]["epochs"])
     assert trial_config(cfg, hard[0]).student.teaching is None
-    # augmentation-based modes need a shift; cached/inconsistent need cached rows
+    # augmentation-based modes need augmentation; cached/inconsistent need cached rows
     with pytest.raises(ConfigError, match="soft_targets.jitter"):
         load_config(None, ["sweep.teaching=[consistent]"])
     # mixup alone is augmentation enough for consistent teaching (it streams), not for inconsistent
     assert load_config(None, ["soft_targets.mixup=1.0"]).soft_targets.resolved_mode == "streaming"
-    assert load_config(None, ["soft_targets.mixup=1.0", "soft_targets.mode=cached", "sweep.teaching=[consistent]"])
+    mixed = load_config(None, ["soft_targets.mixup=1.0", "soft_targets.mode=cached", "sweep.teaching=[consistent]"])
+    assert (mixed.sweep.teaching, mixed.soft_targets.jitter) == (["consistent"], 0)
     with pytest.raises(ConfigError, match="inconsistent teaching shifts"):
         load_config(None, ["soft_targets.mixup=1.0", "soft_targets.mode=cached", "sweep.teaching=[inconsistent]"])
     with pytest.raises(ConfigError, match="soft_targets.mode: cached"):
