@@ -13,7 +13,8 @@ It reads a finished run's teachers, takes the same nested stratified subset as t
   shift of up to ``soft_targets.jitter`` pixels and, with ``soft_targets.mixup`` A > 0, a mix
   of two subset images with weight ~ Beta(A, A) (Beyer et al. 2022's "function matching").
 
-Prints test accuracy per seed and the mean. The figures in the README come from ``kd-ray run``
+Prints test accuracy per seed and the mean, and the student's fidelity (agreement with the
+ensemble's class) on the test images and on the subset's own images. The figures in the README come from ``kd-ray run``
 sweeps; this script only chooses what those sweeps try.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ from kd_ray import storage
 from kd_ray.augment import mix, seeded_mixup, seeded_shift
 from kd_ray.config import load_config
 from kd_ray.data import load_splits, select_fraction
-from kd_ray.distill import schedule_epochs, shuffled_batches
+from kd_ray.distill import evaluate, schedule_epochs, shuffled_batches
 from kd_ray.losses import ensemble_average, kd_loss, mixed_labels
 from kd_ray.models import build_model
 from kd_ray.soft_targets import build_teacher, load_teacher_files
@@ -71,9 +72,14 @@ def train_student(cfg, teachers, subset, test, teaching: str, seed: int) -> floa
             loss.backward()
             opt.step()
         sched.step()
-    model.eval()
-    with torch.no_grad():
-        return float((model(torch.from_numpy(test.images)).argmax(1).numpy() == test.labels).mean())
+    # accuracy and fidelity (top-1 agreement with the ensemble; Stanton et al. 2021), as the sweep
+    # reports them, on the test images and on the subset's own (un-augmented) images
+    x_test = torch.from_numpy(test.images)
+    on_test = evaluate(model, [{"image": x_test, "label": torch.from_numpy(test.labels),
+                                "ensemble_pred": teach(x_test).argmax(1)}], "cpu")
+    on_subset = evaluate(model, [{"image": images, "label": labels, "ensemble_pred": cached.argmax(1)}], "cpu")
+    return {"test_accuracy": on_test["accuracy"], "test_fidelity": on_test["fidelity"],
+            "subset_fidelity": on_subset["fidelity"]}
 
 
 def main() -> None:
@@ -91,13 +97,13 @@ def main() -> None:
     paths = storage.read_json(storage.join(cfg.runtime.storage_path, cfg.name, "teachers", "ensemble.json"))["model_paths"]
     teachers = [build_teacher(f.blob, torch.device("cpu")) for f in load_teacher_files(paths)]
     splits = load_splits(cfg.data)
-    accs, t0 = [], time.time()
+    t0 = time.time()
     # the sweep's subset: nested, stratified, chosen by the data seed (the same for every trial seed)
     subset = splits.train.take(select_fraction(splits.train.ids, splits.train.labels, args.fraction, cfg.data.seed))
-    for seed in args.seeds:
-        accs.append(train_student(cfg, teachers, subset, splits.test, args.teaching, seed))
+    runs = [train_student(cfg, teachers, subset, splits.test, args.teaching, seed) for seed in args.seeds]
     out = {"fraction": args.fraction, "teaching": args.teaching, "set": args.set,
-           "test_accuracy": [round(a, 4) for a in accs], "mean": round(float(np.mean(accs)), 4),
+           **{k: [round(r[k], 4) for r in runs] for k in runs[0]},
+           "mean": round(float(np.mean([r["test_accuracy"] for r in runs])), 4),
            "seconds": round(time.time() - t0, 1)}
     print(json.dumps(out))
 
