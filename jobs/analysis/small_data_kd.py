@@ -14,8 +14,8 @@ It reads a finished run's teachers, takes the same nested stratified subset as t
   of two subset images with weight ~ Beta(A, A) (Beyer et al. 2022's "function matching").
 
 Prints test accuracy per seed and the mean, and the student's fidelity (agreement with the
-ensemble's class) on the test images and on the subset's own images. The figures in the README come from ``kd-ray run``
-sweeps; this script only chooses what those sweeps try.
+ensemble's class) on the test images and on the subset's own images. The figures in the README
+come from ``kd-ray run`` sweeps; this script only chooses what those sweeps try.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from kd_ray.soft_targets import build_teacher, load_teacher_files
 from kd_ray.teachers import make_optimizer, make_scheduler
 
 
-def train_student(cfg, teachers, subset, test, teaching: str, seed: int) -> float:
+def train_student(cfg, teachers, subset, test, teaching: str, seed: int) -> dict[str, float]:
     """The sweep trial's loop, in one process: same model, optimiser, schedule, loss and views."""
     s = cfg.student
     T, alpha = (s.temperature or cfg.soft_targets.temperature), (0.0 if teaching == "hard" else s.alpha)
