@@ -66,10 +66,21 @@ def load_teacher_files(paths: Sequence[str]) -> list[TeacherFile]:
     return out
 
 
-def build_teacher(blob: dict, device: torch.device) -> torch.nn.Module:
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # SoftTargetsConfig.precision
+
+
+def build_teacher(blob: dict, device: torch.device, precision: str = "float32") -> torch.nn.Module:
+    """A teacher in eval mode on ``device``, its weights cast to ``precision``."""
     model = build_model(blob["model"], blob["input_shape"], blob["num_classes"], **blob["model_args"])
     model.load_state_dict(blob["state_dict"])
-    return model.to(device).eval()
+    return model.to(device=device, dtype=PRECISIONS[precision]).eval()
+
+
+@torch.no_grad()
+def teacher_logits(models: Sequence[torch.nn.Module], images: torch.Tensor) -> torch.Tensor:
+    """The K teachers' logits ``[K, B, C]`` in float32; each teacher gets the images in its own
+    precision (:func:`build_teacher`)."""
+    return torch.stack([m(images.to(next(m.parameters()).dtype)).float() for m in models])
 
 
 # --------------------------------------------------------------------------- the predictor
@@ -77,7 +88,7 @@ def build_teacher(blob: dict, device: torch.device) -> torch.nn.Module:
 def ensemble_outputs(models: Sequence[torch.nn.Module], images: torch.Tensor, T: float, rule: str,
                      keep_teacher_logits: bool) -> dict[str, np.ndarray]:
     """The K teachers on one batch -> the columns a soft-target row gets."""
-    logits = torch.stack([m(images).float() for m in models])  # [K, B, C]
+    logits = teacher_logits(models, images)  # [K, B, C]
     out = {
         "soft_targets": ensemble_average(logits, T, rule).cpu().numpy().astype(np.float32),
         "ensemble_pred": ensemble_average(logits, 1.0, rule).argmax(1).cpu().numpy().astype(np.int64),
@@ -123,13 +134,13 @@ class EnsemblePredictor:
     """Callable class for ``Dataset.map_batches`` on an actor pool: K teachers per batch."""
 
     def __init__(self, model_paths: list[str], temperature: float, rule: str, keep_teacher_logits: bool,
-                 split: str = "train", counter_names: Sequence[str] = ()):
+                 split: str = "train", counter_names: Sequence[str] = (), precision: str = "float32"):
         import ray
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1) if ray.is_initialized() else 1
         torch.set_num_threads(max(1, int(cpus)))
-        self.models = [build_teacher(f.blob, self.device) for f in load_teacher_files(model_paths)]
+        self.models = [build_teacher(f.blob, self.device, precision) for f in load_teacher_files(model_paths)]
         self.T, self.rule, self.keep, self.split = temperature, rule, keep_teacher_logits, split
         self.counters = [ray.get_actor(f"kd_ray_passes:{name}") for name in counter_names]
 
@@ -204,7 +215,8 @@ def predict(ds, model_paths: list[str], cfg: ExperimentConfig, split: str, keep_
         predictor,
         fn_constructor_kwargs=dict(model_paths=list(model_paths), temperature=st.temperature, rule=st.rule,
                                    keep_teacher_logits=st.keep_teacher_logits if keep_teacher_logits is None
-                                   else keep_teacher_logits, split=split, counter_names=names, **predictor_kwargs),
+                                   else keep_teacher_logits, split=split, counter_names=names,
+                                   precision=st.precision, **predictor_kwargs),
         compute=ray.data.ActorPoolStrategy(size=st.actors),
         num_gpus=st.num_gpus, num_cpus=st.num_cpus, batch_size=st.batch_size, batch_format="numpy",
     )
@@ -266,6 +278,8 @@ def fingerprint(teachers: list[TeacherFile], cfg: ExperimentConfig, identity: di
         "rule": st.rule, "keep_teacher_logits": st.keep_teacher_logits, "data": identity,
         "transfer": {"omit_classes": cfg.data.omit_classes, "keep_classes": cfg.data.keep_classes, "rows": len(transfer)},
     }
+    if st.precision != "float32":  # named only when not the default, so float32 caches keep their names
+        blob["precision"] = st.precision
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -443,6 +457,7 @@ def build_soft_targets(cfg: ExperimentConfig, ensemble, splits: Splits | None = 
             "schema": SCHEMA_VERSION, "fingerprint": fp, "mode": mode, "temperature": cfg.soft_targets.temperature,
             "rule": cfg.soft_targets.rule, "averaging": "mean of softmax(z_k/T)" if cfg.soft_targets.rule == "probs"
             else "softmax(mean_k z_k / T)", "keep_teacher_logits": cfg.soft_targets.keep_teacher_logits,
+            "precision": cfg.soft_targets.precision,
             "teachers": [{"path": t.path, "sha256": t.sha256} for t in teachers], "num_classes": num_classes,
             "input_shape": list(splits.input_shape), "normalization": splits.normalization, "data": splits.identity(), "files": files, "rows": rows,
             "ensemble": accuracy, "seconds": round(time.time() - t0, 2),

@@ -58,6 +58,7 @@ def test_defaults_and_overrides():
     ("student.model=vit", "student.model"),
     ("data.name=imagenet", "data.name"),
     ("soft_targets.rule=median", "soft_targets.rule"),
+    ("soft_targets.precision=float16", "soft_targets.precision"),
     ("data.val_fraction=1.0", "data.val_fraction"),
 ])
 def test_bad_values_name_the_field(override, field):

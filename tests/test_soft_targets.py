@@ -7,7 +7,7 @@ from kd_ray import storage
 from kd_ray.data import load_splits
 from kd_ray.losses import ensemble_average, resoften
 from kd_ray.soft_targets import (build_soft_targets, build_teacher, forward_passes,
-                                 load_teacher_files, predict)
+                                 load_teacher_files, predict, teacher_logits)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -58,6 +58,27 @@ def test_soft_targets_equal_direct_computation_and_are_computed_once(tiny_ensemb
     assert passes == {"train": n, "val": len(splits.val), "test": len(splits.test)}
 
 
+def test_bfloat16_teachers_give_the_float32_soft_targets_within_rounding(tiny_ensemble):
+    base, ensemble = tiny_ensemble
+    cfg = _cfg(base, "bf16", "soft_targets.precision=bfloat16", "soft_targets.temperature=3")
+    splits = load_splits(cfg.data)
+    st = build_soft_targets(cfg, ensemble, splits)
+    assert st.manifest["precision"] == "bfloat16"
+    rows = _rows(st.datasets["train"])
+    order = np.argsort(splits.train.ids)
+    want, logits = _direct(ensemble, splits.train.images[order], 3.0, "probs")  # float32
+    got = rows["soft_targets"]
+    assert got.dtype == np.float32 and np.allclose(got.sum(1), 1.0, atol=1e-6)  # averaged in float32
+    assert 0 < np.abs(got - want).max() < 0.02  # bfloat16 arithmetic, rounded: close, not equal
+    pred32 = ensemble_average(logits, 1.0, "probs").argmax(1).numpy()
+    assert (rows["ensemble_pred"] == pred32).mean() >= 0.99
+    # the teachers really run in bfloat16, and hand back float32 logits
+    models = [build_teacher(f.blob, torch.device("cpu"), "bfloat16") for f in load_teacher_files(ensemble.model_paths)]
+    assert all(p.dtype == torch.bfloat16 for m in models for p in m.parameters())
+    z = teacher_logits(models, torch.from_numpy(splits.train.images[:8]))
+    assert z.dtype == torch.float32 and z.shape == (3, 8, 10)
+
+
 def test_resoftened_targets_match_a_fresh_computation(tiny_ensemble):
     base, ensemble = tiny_ensemble
     at4 = build_soft_targets(_cfg(base, "resoften", "soft_targets.temperature=4"), ensemble)
@@ -72,7 +93,8 @@ def test_fingerprint_staleness_and_broken_caches(tiny_ensemble, tmp_path):
     cfg = _cfg(base, "stale")
     first = build_soft_targets(cfg, ensemble)
     paths = {first.path}
-    for override in ("soft_targets.temperature=7", "soft_targets.rule=logits", "data.val_fraction=0.2"):
+    for override in ("soft_targets.temperature=7", "soft_targets.rule=logits", "data.val_fraction=0.2",
+                     "soft_targets.precision=bfloat16"):
         st = build_soft_targets(_cfg(base, "stale", override), ensemble)
         assert st.built and st.path not in paths  # never the stale cache
         paths.add(st.path)

@@ -18,7 +18,7 @@ from kd_ray.augment import seeded_shift
 from kd_ray.config import load_config
 from kd_ray.data import load_splits
 from kd_ray.losses import ensemble_average
-from kd_ray.soft_targets import build_teacher, load_teacher_files
+from kd_ray.soft_targets import build_teacher, load_teacher_files, teacher_logits
 
 
 def main() -> None:
@@ -30,15 +30,15 @@ def main() -> None:
     args = ap.parse_args()
     cfg = load_config(args.config, [f"runtime.storage_path={args.storage}"] if args.storage else [])
     paths = storage.read_json(storage.join(cfg.runtime.storage_path, cfg.name, "teachers", "ensemble.json"))["model_paths"]
-    teachers = [build_teacher(f.blob, torch.device("cpu")) for f in load_teacher_files(paths)]
+    teachers = [build_teacher(f.blob, torch.device("cpu"), cfg.soft_targets.precision)
+                for f in load_teacher_files(paths)]
     splits = load_splits(cfg.data)
     out = {}
     for name, part in (("train", splits.train), ("test", splits.test)):
         views = {"original": part.images, **{f"shift epoch {e}": seeded_shift(
             part.images, part.ids, cfg.soft_targets.jitter, args.seed, e) for e in args.epochs}}
         for view, images in views.items():
-            with torch.no_grad():
-                logits = torch.stack([m(torch.from_numpy(images)) for m in teachers])
+            logits = teacher_logits(teachers, torch.from_numpy(images))
             acc = float((ensemble_average(logits, 1.0).argmax(1).numpy() == part.labels).mean())
             out[f"{name} {view}"] = round(acc, 4)
             print(f"{name:5s} {view:15s} ensemble accuracy {acc:.4f}")

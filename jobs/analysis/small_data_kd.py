@@ -33,7 +33,7 @@ from kd_ray.data import load_splits, select_fraction
 from kd_ray.distill import evaluate, schedule_epochs, shuffled_batches
 from kd_ray.losses import ensemble_average, kd_loss, mixed_labels
 from kd_ray.models import build_model
-from kd_ray.soft_targets import build_teacher, load_teacher_files
+from kd_ray.soft_targets import build_teacher, load_teacher_files, teacher_logits
 from kd_ray.teachers import make_optimizer, make_scheduler
 
 
@@ -51,8 +51,7 @@ def train_student(cfg, teachers, subset, test, teaching: str, seed: int) -> dict
     images, labels, ids = torch.from_numpy(subset.images), torch.from_numpy(subset.labels), subset.ids
 
     def teach(x):
-        with torch.no_grad():
-            return ensemble_average(torch.stack([m(x) for m in teachers]), T, st.rule)
+        return ensemble_average(teacher_logits(teachers, x), T, st.rule)
 
     cached, n = teach(images), len(ids)
     for epoch in range(epochs):
@@ -95,7 +94,8 @@ def main() -> None:
     cfg = load_config(args.config, sets)
     torch.set_num_threads(1)
     paths = storage.read_json(storage.join(cfg.runtime.storage_path, cfg.name, "teachers", "ensemble.json"))["model_paths"]
-    teachers = [build_teacher(f.blob, torch.device("cpu")) for f in load_teacher_files(paths)]
+    teachers = [build_teacher(f.blob, torch.device("cpu"), cfg.soft_targets.precision)
+                for f in load_teacher_files(paths)]
     splits = load_splits(cfg.data)
     t0 = time.time()
     # the sweep's subset: nested, stratified, chosen by the data seed (the same for every trial seed)

@@ -1,11 +1,14 @@
 """Soft targets for K teachers over >= 60,000 samples: a plain PyTorch inference loop vs
 kd_ray's Ray Data pipeline (EnsemblePredictor actor pool), in one run.
 
-    python jobs/bench/bench_soft_targets.py [--teachers 5] [--actors 2] [--batch-size 1024]
+    python jobs/bench/bench_soft_targets.py [--teachers 5] [--actors 2] [--batch-size 1024] [--precision bfloat16]
 
 Teachers are the paper's 2 x 1200 MLPs (untrained weights: inference costs the same).
 kd_ray is timed twice: on a 1-batch dataset (its fixed start-up: actor pool, model loading)
 and on the full set; steady state = rows / (full - start-up). Ray's own start-up is excluded.
+With ``--precision bfloat16`` both run the teachers in bfloat16 (``soft_targets.precision``),
+and the plain loop is timed in float32 as well: the speed-up bfloat16 buys, and how far its
+soft targets move from float32's.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from common import bench_config, emit, untrained_teachers  # noqa: E402
 
 from kd_ray.data import Split, load_splits, to_dataset  # noqa: E402
 from kd_ray.losses import ensemble_average  # noqa: E402
+from kd_ray.soft_targets import PRECISIONS, teacher_logits  # noqa: E402
 
 
 def plain_pytorch(models, images: np.ndarray, T: float, batch_size: int) -> tuple[float, np.ndarray]:
@@ -29,11 +33,8 @@ def plain_pytorch(models, images: np.ndarray, T: float, batch_size: int) -> tupl
     x = torch.from_numpy(images)
     out = []
     t0 = time.perf_counter()
-    with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            xb = x[i: i + batch_size]
-            logits = torch.stack([m(xb) for m in models])
-            out.append(ensemble_average(logits, T, "probs").numpy())
+    for i in range(0, len(x), batch_size):
+        out.append(ensemble_average(teacher_logits(models, x[i: i + batch_size]), T, "probs").numpy())
     return time.perf_counter() - t0, np.concatenate(out)
 
 
@@ -43,17 +44,23 @@ def main() -> None:
     ap.add_argument("--actors", type=int, default=2)
     ap.add_argument("--cpus-per-actor", type=float, default=1)
     ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--precision", choices=sorted(PRECISIONS), default="float32")
     args = ap.parse_args()
     cfg, data_name = bench_config("bench_soft", [
         f"soft_targets.actors={args.actors}", f"soft_targets.num_cpus={args.cpus_per_actor}",
-        f"soft_targets.batch_size={args.batch_size}", "soft_targets.temperature=4"])
+        f"soft_targets.batch_size={args.batch_size}", "soft_targets.temperature=4",
+        f"soft_targets.precision={args.precision}"])
     splits = load_splits(cfg.data)
     images = np.concatenate([splits.train.images, splits.val.images])
     ids = np.concatenate([splits.train.ids, splits.val.ids])
     rows = Split(ids, images, np.concatenate([splits.train.labels, splits.val.labels]))
     models, paths = untrained_teachers(cfg, splits, args.teachers)
 
-    plain_s, plain_out = plain_pytorch(models, images, 4.0, args.batch_size)
+    fp32_s, fp32_out = plain_pytorch(models, images, 4.0, args.batch_size)
+    plain_s, plain_out = fp32_s, fp32_out
+    if args.precision != "float32":  # the baseline in the same precision
+        plain_s, plain_out = plain_pytorch([m.to(PRECISIONS[args.precision]) for m in models], images, 4.0,
+                                           args.batch_size)
 
     import ray
 
@@ -74,6 +81,7 @@ def main() -> None:
     got = np.stack(df["soft_targets"].to_numpy())[np.argsort(df["id"].to_numpy())]
     want = plain_out[np.argsort(ids)]
     max_diff = float(np.abs(got - want).max())
+    vs_fp32 = float(np.abs(got - fp32_out[np.argsort(ids)]).max())
     ray.shutdown()
 
     n = len(rows)
@@ -82,7 +90,9 @@ def main() -> None:
     e2e_rate = n / full_s
     emit("bench_soft_targets", [
         ("dataset", f"{data_name}: {n} rows, K = {args.teachers} MLP 1200-1200 teachers, batch {args.batch_size}"),
+        ("teachers' precision", args.precision),
         ("plain PyTorch loop", f"{plain_rate:,.0f} samples/s ({plain_s:.1f} s, {os.cpu_count()} threads)"),
+        ("plain loop, float32", f"{n / fp32_s:,.0f} samples/s (ratio {fp32_s / plain_s:.2f} for {args.precision})"),
         ("kd_ray end to end", f"{e2e_rate:,.0f} samples/s ({full_s:.1f} s, {args.actors} actors x {args.cpus_per_actor:g} CPU)"),
         ("kd_ray fixed start-up", f"{startup_s:.1f} s (1-batch run: actor pool + model loading)"),
         ("kd_ray steady state", f"{steady_rate:,.0f} samples/s"),
@@ -90,7 +100,9 @@ def main() -> None:
         ("ratio end-to-end / plain", f"{e2e_rate / plain_rate:.2f}"),
         ("Ray start-up (excluded)", f"{ray_start_s:.1f} s"),
         ("max |kd_ray - plain|", f"{max_diff:.2e}"),
-    ], {"dataset": data_name, "rows": n, "teachers": args.teachers, "plain_samples_s": round(plain_rate),
+        ("max |kd_ray - float32 plain|", f"{vs_fp32:.2e}"),
+    ], {"dataset": data_name, "rows": n, "teachers": args.teachers, "precision": args.precision,
+        "plain_samples_s": round(plain_rate), "plain_fp32_samples_s": round(n / fp32_s), "max_abs_diff_fp32": vs_fp32,
         "kd_ray_steady_samples_s": round(steady_rate), "kd_ray_e2e_samples_s": round(e2e_rate),
         "startup_s": round(startup_s, 2), "ratio_steady": round(steady_rate / plain_rate, 3),
         "target": 0.9, "met": bool(steady_rate / plain_rate >= 0.9), "max_abs_diff": max_diff})
