@@ -76,6 +76,15 @@ def build_teacher(blob: dict, device: torch.device, precision: str = "float32") 
     return model.to(device=device, dtype=PRECISIONS[precision]).eval()
 
 
+def run_teachers(cfg: ExperimentConfig, device: torch.device = torch.device("cpu")) -> list[torch.nn.Module]:
+    """A finished run's ensemble (``teachers/ensemble.json`` under the config's storage), each
+    teacher built in ``soft_targets.precision``: for analysis scripts that run it without Ray."""
+    from kd_ray.teachers import teachers_dir
+
+    paths = storage.read_json(storage.join(teachers_dir(cfg), "ensemble.json"))["model_paths"]
+    return [build_teacher(f.blob, device, cfg.soft_targets.precision) for f in load_teacher_files(paths)]
+
+
 @torch.no_grad()
 def teacher_logits(models: Sequence[torch.nn.Module], images: torch.Tensor) -> torch.Tensor:
     """The K teachers' logits ``[K, B, C]`` in float32; each teacher gets the images in its own

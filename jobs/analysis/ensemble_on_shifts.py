@@ -13,12 +13,11 @@ import json
 
 import torch
 
-from kd_ray import storage
 from kd_ray.augment import seeded_shift
 from kd_ray.config import load_config
 from kd_ray.data import load_splits
 from kd_ray.losses import ensemble_average
-from kd_ray.soft_targets import build_teacher, load_teacher_files, teacher_logits
+from kd_ray.soft_targets import run_teachers, teacher_logits
 
 
 def main() -> None:
@@ -29,9 +28,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     cfg = load_config(args.config, [f"runtime.storage_path={args.storage}"] if args.storage else [])
-    paths = storage.read_json(storage.join(cfg.runtime.storage_path, cfg.name, "teachers", "ensemble.json"))["model_paths"]
-    teachers = [build_teacher(f.blob, torch.device("cpu"), cfg.soft_targets.precision)
-                for f in load_teacher_files(paths)]
+    teachers = run_teachers(cfg)
     splits = load_splits(cfg.data)
     out = {}
     for name, part in (("train", splits.train), ("test", splits.test)):

@@ -26,14 +26,13 @@ import time
 import numpy as np
 import torch
 
-from kd_ray import storage
 from kd_ray.augment import mix, seeded_mixup, seeded_shift
 from kd_ray.config import load_config
 from kd_ray.data import load_splits, select_fraction
 from kd_ray.distill import evaluate, schedule_epochs, shuffled_batches
 from kd_ray.losses import ensemble_average, kd_loss, mixed_labels
 from kd_ray.models import build_model
-from kd_ray.soft_targets import build_teacher, load_teacher_files, teacher_logits
+from kd_ray.soft_targets import run_teachers, teacher_logits
 from kd_ray.teachers import make_optimizer, make_scheduler
 
 
@@ -93,9 +92,7 @@ def main() -> None:
     sets = list(args.set) + ([f"runtime.storage_path={args.storage}"] if args.storage else [])
     cfg = load_config(args.config, sets)
     torch.set_num_threads(1)
-    paths = storage.read_json(storage.join(cfg.runtime.storage_path, cfg.name, "teachers", "ensemble.json"))["model_paths"]
-    teachers = [build_teacher(f.blob, torch.device("cpu"), cfg.soft_targets.precision)
-                for f in load_teacher_files(paths)]
+    teachers = run_teachers(cfg)
     splits = load_splits(cfg.data)
     t0 = time.time()
     # the sweep's subset: nested, stratified, chosen by the data seed (the same for every trial seed)
