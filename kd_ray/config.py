@@ -130,7 +130,7 @@ class SoftTargetsConfig(_Section):
     keep_teacher_logits: bool = True
     # the teachers' arithmetic in the predictor: bfloat16 runs their forward passes ~3.8x faster
     # on a CPU with AVX512-BF16 (GPUs not measured), for soft targets within ~1e-4 of float32's
-    # (README, "bfloat16 teachers"); averaging and softmax stay in float32
+    # (jobs/analysis/precision_check.py); averaging and softmax stay in float32
     precision: Literal["float32", "bfloat16"] = "float32"
     batch_size: int = Field(512, gt=0)
     actors: int = Field(1, ge=1)  # size of the EnsemblePredictor actor pool

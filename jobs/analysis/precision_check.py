@@ -1,0 +1,83 @@
+"""What ``soft_targets.precision: bfloat16`` costs and buys on a finished run's teachers (no Ray).
+
+    python jobs/analysis/precision_check.py jobs/configs/fashion_mnist_consistent.yaml --storage runs \
+        --set teachers.epochs=15 --set teachers.jitter=0 [--fraction 0.1]
+
+Prints, for float32 and bfloat16 teachers: one thread's time for the K teachers on a batch of
+``student.batch_size`` images (and the student's optimizer step, for scale); the ensemble's
+validation and test accuracy and how many test predictions change; and how far the soft targets
+at ``soft_targets.temperature`` move on the mixed views consistent teaching feeds a ``--fraction``
+subset (one epoch of seeded mixup, weight ~ Beta(1, 1)).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from kd_ray.augment import mix, seeded_mixup
+from kd_ray.config import load_config
+from kd_ray.data import load_splits, select_fraction
+from kd_ray.losses import ensemble_average, kd_loss
+from kd_ray.models import build_model
+from kd_ray.soft_targets import run_teachers, teacher_logits
+from kd_ray.teachers import make_optimizer
+
+
+def ms_per_call(fn, repeats: int = 50) -> float:
+    fn()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t0) / repeats * 1000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("config")
+    ap.add_argument("--storage", help="runtime.storage_path of the run that trained the teachers")
+    ap.add_argument("--fraction", type=float, default=0.1)
+    ap.add_argument("--set", action="append", default=[], help="config overrides, as kd-ray --set")
+    args = ap.parse_args()
+    sets = list(args.set) + ([f"runtime.storage_path={args.storage}"] if args.storage else [])
+    torch.set_num_threads(1)
+    cfg = {p: load_config(args.config, sets + [f"soft_targets.precision={p}"]) for p in ("float32", "bfloat16")}
+    teachers = {p: run_teachers(c) for p, c in cfg.items()}
+    c, s = cfg["float32"], cfg["float32"].student
+    splits = load_splits(c.data)
+    T = c.soft_targets.temperature
+    batch = torch.from_numpy(splits.test.images[: s.batch_size])
+    student = build_model(s.model, list(splits.input_shape), splits.num_classes, **s.model_args)
+    opt = make_optimizer(student.parameters(), s)
+
+    def student_step():
+        loss = kd_loss(student(batch), None, torch.zeros(len(batch), dtype=torch.long), T, 0.0)[0]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    subset = splits.train.take(select_fraction(splits.train.ids, splits.train.labels, args.fraction, c.data.seed))
+    x = torch.from_numpy(subset.images)
+    partner, lam = seeded_mixup(len(x), 1.0, 0, 0)
+    mixed = mix(x, x[partner], torch.from_numpy(lam))
+    out, preds, soft = {"student_step_ms": round(ms_per_call(student_step), 1)}, {}, {}
+    for p, models in teachers.items():
+        out[f"{p}_teachers_ms_per_batch"] = round(ms_per_call(lambda: teacher_logits(models, batch)), 1)
+        for split in ("val", "test"):
+            part = getattr(splits, split)
+            pred = ensemble_average(teacher_logits(models, torch.from_numpy(part.images)), 1.0).argmax(1).numpy()
+            out[f"{p}_{split}_accuracy"] = round(float((pred == part.labels).mean()), 4)
+            preds[p, split] = pred
+        soft[p] = ensemble_average(teacher_logits(models, mixed), T, c.soft_targets.rule)
+    diff = (soft["float32"] - soft["bfloat16"]).abs()
+    out.update({"speed_up": round(out["float32_teachers_ms_per_batch"] / out["bfloat16_teachers_ms_per_batch"], 2),
+                "test_predictions_changed": int((preds["float32", "test"] != preds["bfloat16", "test"]).sum()),
+                "mixed_views": len(mixed), "soft_target_diff_mean": float(diff.mean()),
+                "soft_target_diff_max": float(diff.max())})
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
