@@ -82,15 +82,23 @@ MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn, "resnet18
 
 
 def build_model(name: str, input_shape: Sequence[int], num_classes: int, **model_args) -> nn.Module:
-    """Build a registered model; unknown names and arguments give an error naming them."""
+    """Build a registered model; unknown names and arguments give an error naming them.
+
+    Convolution weights are laid out channels-last (NHWC), the layout oneDNN's CPU kernels
+    prefer: a CNN training step runs 1.5x faster on one core, and five CNN teachers in bfloat16
+    run ~5x faster than in channels-first (``jobs/analysis/precision_check.py``). Only the
+    memory layout changes (``state_dict`` keys, shapes and values do not; outputs agree with
+    the channels-first model's within float rounding); fully connected models have no 4-d
+    weights, so nothing changes for them."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {sorted(MODELS)}")
     if len(input_shape) != 3:
         raise ValueError(f"input_shape must be (channels, height, width), got {tuple(input_shape)}")
     try:
-        return MODELS[name](tuple(int(d) for d in input_shape), int(num_classes), **model_args)
+        model = MODELS[name](tuple(int(d) for d in input_shape), int(num_classes), **model_args)
     except TypeError as e:
         raise ValueError(f"bad model_args for {name!r}: {e}") from e
+    return model.to(memory_format=torch.channels_last)
 
 
 def count_parameters(model: nn.Module) -> int:

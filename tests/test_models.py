@@ -35,3 +35,23 @@ def test_unknown_model_and_bad_args():
         build_model("vit", (1, 8, 8), 10)
     with pytest.raises(ValueError, match="bad model_args"):
         build_model("mlp", (1, 8, 8), 10, widths=[3])
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet18"])
+def test_conv_models_are_channels_last_and_agree_with_channels_first(name):
+    """Conv weights come channels-last (the fast layout for oneDNN); a checkpoint moves freely
+    between layouts, and both layouts give the same outputs within float rounding."""
+    shape = INPUT_SHAPES["cifar10"]
+    torch.manual_seed(0)
+    model = build_model(name, shape, 10).eval()
+    convs = [p for p in model.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    plain = MODELS[name](shape, 10).eval()  # the registry's own, channels-first
+    plain.load_state_dict(model.state_dict())
+    reloaded = build_model(name, shape, 10).eval()
+    reloaded.load_state_dict(plain.state_dict())
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in reloaded.parameters() if p.dim() == 4)
+    x = torch.randn(4, *shape)
+    with torch.no_grad():
+        assert torch.allclose(model(x), plain(x), atol=1e-4)
+        assert torch.equal(model(x), reloaded(x))
