@@ -79,6 +79,28 @@ def test_bfloat16_teachers_give_the_float32_soft_targets_within_rounding(tiny_en
     assert z.dtype == torch.float32 and z.shape == (3, 8, 10)
 
 
+def test_cnn_teachers_run_channels_last_in_bfloat16_through_the_actor_pool(ray_session, digits_cfg):
+    """Conv teachers (fashion_mnist_cnn.yaml's kind): trained by the teacher actors, built
+    channels-last, and in bfloat16 they give the float32 soft targets within rounding."""
+    from kd_ray.teachers import train_ensemble
+
+    cfg = digits_cfg("name=cnn", "teachers.model=cnn", "teachers.model_args={channels: [8, 16]}",
+                     "teachers.epochs=3", "soft_targets.batch_size=256", "soft_targets.temperature=3")
+    ensemble = train_ensemble(cfg)
+    assert all(v > 0.5 for v in ensemble.summary()["val_accuracy"])  # they learned digits
+    splits = load_splits(cfg.data)
+    want, _ = _direct(ensemble, splits.train.images[np.argsort(splits.train.ids)], 3.0, "probs")
+    for precision, tol in (("float32", 1e-5), ("bfloat16", 0.03)):
+        st = build_soft_targets(_cfg(cfg, "cnn", f"soft_targets.precision={precision}"), ensemble, splits)
+        got = _rows(st.datasets["train"])["soft_targets"]
+        assert got.dtype == np.float32 and np.allclose(got.sum(1), 1.0, atol=1e-6)
+        assert np.abs(got - want).max() < tol, precision
+    model = build_teacher(load_teacher_files(ensemble.model_paths[:1])[0].blob, torch.device("cpu"), "bfloat16")
+    convs = [p for p in model.parameters() if p.dim() == 4]
+    assert convs and all(p.dtype == torch.bfloat16 and p.is_contiguous(memory_format=torch.channels_last)
+                         for p in convs)
+
+
 def test_resoftened_targets_match_a_fresh_computation(tiny_ensemble):
     base, ensemble = tiny_ensemble
     at4 = build_soft_targets(_cfg(base, "resoften", "soft_targets.temperature=4"), ensemble)

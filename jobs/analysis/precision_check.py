@@ -4,7 +4,10 @@
         --set teachers.epochs=15 --set teachers.jitter=0 [--fraction 0.1]
 
 Prints, for float32 and bfloat16 teachers: one thread's time for the K teachers on a batch of
-``student.batch_size`` images (and the student's optimizer step, for scale); the ensemble's
+``student.batch_size`` images (and the student's optimizer step, for scale), in the
+channels-last layout ``build_model`` gives conv nets and, for comparison, channels-first
+(``*_channels_first``; the same for fully connected nets), and per image at batches of 256 and
+1024 (float32, channels-first); the ensemble's
 validation and test accuracy and how many test predictions change; and how far the soft targets
 at ``soft_targets.temperature`` move on the mixed views consistent teaching feeds a ``--fraction``
 subset (one epoch of seeded mixup, weight ~ Beta(1, 1)).
@@ -12,6 +15,7 @@ subset (one epoch of seeded mixup, weight ~ Beta(1, 1)).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 
@@ -34,6 +38,17 @@ def ms_per_call(fn, repeats: int = 50) -> float:
     return (time.perf_counter() - t0) / repeats * 1000
 
 
+def channels_first(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` with its weights in PyTorch's default (NCHW) layout."""
+    return copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+
+
+def predict(models, images: torch.Tensor, chunk: int = 1000) -> torch.Tensor:
+    """The ensemble's argmax on ``images``, in chunks (conv activations of a whole split are GBs)."""
+    return torch.cat([ensemble_average(teacher_logits(models, images[i: i + chunk]), 1.0).argmax(1)
+                      for i in range(0, len(images), chunk)])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("config")
@@ -49,30 +64,45 @@ def main() -> None:
     splits = load_splits(c.data)
     T = c.soft_targets.temperature
     batch = torch.from_numpy(splits.test.images[: s.batch_size])
-    student = build_model(s.model, list(splits.input_shape), splits.num_classes, **s.model_args)
-    opt = make_optimizer(student.parameters(), s)
 
-    def student_step():
+    def student_step(student, opt):
         loss = kd_loss(student(batch), None, torch.zeros(len(batch), dtype=torch.long), T, 0.0)[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
+    out = {}
+    for layout, lay in (("", lambda m: m), ("_channels_first", channels_first)):
+        student = lay(build_model(s.model, list(splits.input_shape), splits.num_classes, **s.model_args))
+        opt = make_optimizer(student.parameters(), s)
+        out[f"student_step_ms{layout}"] = round(ms_per_call(lambda: student_step(student, opt)), 1)
+
     subset = splits.train.take(select_fraction(splits.train.ids, splits.train.labels, args.fraction, c.data.seed))
     x = torch.from_numpy(subset.images)
     partner, lam = seeded_mixup(len(x), 1.0, 0, 0)
     mixed = mix(x, x[partner], torch.from_numpy(lam))
-    out, preds, soft = {"student_step_ms": round(ms_per_call(student_step), 1)}, {}, {}
+    preds, soft = {}, {}
     for p, models in teachers.items():
         out[f"{p}_teachers_ms_per_batch"] = round(ms_per_call(lambda: teacher_logits(models, batch)), 1)
+        first = [channels_first(m) for m in models]
+        out[f"{p}_teachers_ms_per_batch_channels_first"] = round(ms_per_call(lambda: teacher_logits(first, batch)), 1)
         for split in ("val", "test"):
             part = getattr(splits, split)
-            pred = ensemble_average(teacher_logits(models, torch.from_numpy(part.images)), 1.0).argmax(1).numpy()
+            pred = predict(models, torch.from_numpy(part.images)).numpy()
             out[f"{p}_{split}_accuracy"] = round(float((pred == part.labels).mean()), 4)
             preds[p, split] = pred
-        soft[p] = ensemble_average(teacher_logits(models, mixed), T, c.soft_targets.rule)
+        soft[p] = torch.cat([ensemble_average(teacher_logits(models, mixed[i: i + 1000]), T, c.soft_targets.rule)
+                             for i in range(0, len(mixed), 1000)])
+    # per image, the predictor's batch size matters for conv nets: large batches spill the caches
+    first = [channels_first(m) for m in teachers["float32"]]
+    for size in (256, 1024):
+        images = torch.from_numpy(splits.test.images[:size])
+        ms = ms_per_call(lambda: teacher_logits(first, images), repeats=3)
+        out[f"float32_channels_first_ms_per_image_batch_{size}"] = round(ms / size, 3)
     diff = (soft["float32"] - soft["bfloat16"]).abs()
     out.update({"speed_up": round(out["float32_teachers_ms_per_batch"] / out["bfloat16_teachers_ms_per_batch"], 2),
+                "speed_up_over_float32_channels_first": round(
+                    out["float32_teachers_ms_per_batch_channels_first"] / out["bfloat16_teachers_ms_per_batch"], 2),
                 "test_predictions_changed": int((preds["float32", "test"] != preds["bfloat16", "test"]).sum()),
                 "mixed_views": len(mixed), "soft_target_diff_mean": float(diff.mean()),
                 "soft_target_diff_max": float(diff.max())})
