@@ -43,9 +43,10 @@ def channels_first(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model).to(memory_format=torch.contiguous_format)
 
 
-def predict(models, images: torch.Tensor, chunk: int = 1000) -> torch.Tensor:
-    """The ensemble's argmax on ``images``, in chunks (conv activations of a whole split are GBs)."""
-    return torch.cat([ensemble_average(teacher_logits(models, images[i: i + chunk]), 1.0).argmax(1)
+def averaged(models, images: torch.Tensor, T: float, rule: str = "probs", chunk: int = 1000) -> torch.Tensor:
+    """The ensemble's averaged soft targets on ``images``, in chunks (conv activations of a whole
+    split are GBs)."""
+    return torch.cat([ensemble_average(teacher_logits(models, images[i: i + chunk]), T, rule)
                       for i in range(0, len(images), chunk)])
 
 
@@ -88,11 +89,10 @@ def main() -> None:
         out[f"{p}_teachers_ms_per_batch_channels_first"] = round(ms_per_call(lambda: teacher_logits(first, batch)), 1)
         for split in ("val", "test"):
             part = getattr(splits, split)
-            pred = predict(models, torch.from_numpy(part.images)).numpy()
+            pred = averaged(models, torch.from_numpy(part.images), 1.0).argmax(1).numpy()
             out[f"{p}_{split}_accuracy"] = round(float((pred == part.labels).mean()), 4)
             preds[p, split] = pred
-        soft[p] = torch.cat([ensemble_average(teacher_logits(models, mixed[i: i + 1000]), T, c.soft_targets.rule)
-                             for i in range(0, len(mixed), 1000)])
+        soft[p] = averaged(models, mixed, T, c.soft_targets.rule)
     # per image, the predictor's batch size matters for conv nets: large batches spill the caches
     first = [channels_first(m) for m in teachers["float32"]]
     for size in (256, 1024):
