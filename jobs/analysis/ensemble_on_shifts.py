@@ -1,7 +1,8 @@
 """The ensemble's accuracy on the un-augmented images and on the seeded shifted views that
 consistent teaching labels (no Ray; reads a finished run's teachers).
 
-    python jobs/analysis/ensemble_on_shifts.py jobs/configs/digits_consistent.yaml [--storage runs] [--epochs 0 1]
+    python jobs/analysis/ensemble_on_shifts.py jobs/configs/digits_consistent.yaml [--storage runs] [--epochs 0 1] \
+        [--set soft_targets.jitter=2]
 
 Answers one question from the consistent-teaching results: are the teachers' labels on the
 shifted views worse than on the originals?
@@ -26,8 +27,9 @@ def main() -> None:
     ap.add_argument("--storage", help="runtime.storage_path of the finished run (default: the config's)")
     ap.add_argument("--epochs", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], help="config overrides, as kd-ray --set")
     args = ap.parse_args()
-    cfg = load_config(args.config, [f"runtime.storage_path={args.storage}"] if args.storage else [])
+    cfg = load_config(args.config, list(args.set) + ([f"runtime.storage_path={args.storage}"] if args.storage else []))
     teachers = run_teachers(cfg)
     splits = load_splits(cfg.data)
     out = {}

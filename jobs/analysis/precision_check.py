@@ -82,11 +82,11 @@ def main() -> None:
     x = torch.from_numpy(subset.images)
     partner, lam = seeded_mixup(len(x), 1.0, 0, 0)
     mixed = mix(x, x[partner], torch.from_numpy(lam))
-    preds, soft = {}, {}
+    preds, soft, first = {}, {}, {}
     for p, models in teachers.items():
         out[f"{p}_teachers_ms_per_batch"] = round(ms_per_call(lambda: teacher_logits(models, batch)), 1)
-        first = [channels_first(m) for m in models]
-        out[f"{p}_teachers_ms_per_batch_channels_first"] = round(ms_per_call(lambda: teacher_logits(first, batch)), 1)
+        first[p] = [channels_first(m) for m in models]
+        out[f"{p}_teachers_ms_per_batch_channels_first"] = round(ms_per_call(lambda: teacher_logits(first[p], batch)), 1)
         for split in ("val", "test"):
             part = getattr(splits, split)
             pred = averaged(models, torch.from_numpy(part.images), 1.0).argmax(1).numpy()
@@ -94,10 +94,9 @@ def main() -> None:
             preds[p, split] = pred
         soft[p] = averaged(models, mixed, T, c.soft_targets.rule)
     # per image, the predictor's batch size matters for conv nets: large batches spill the caches
-    first = [channels_first(m) for m in teachers["float32"]]
     for size in (256, 1024):
         images = torch.from_numpy(splits.test.images[:size])
-        ms = ms_per_call(lambda: teacher_logits(first, images), repeats=3)
+        ms = ms_per_call(lambda: teacher_logits(first["float32"], images), repeats=3)
         out[f"float32_channels_first_ms_per_image_batch_{size}"] = round(ms / size, 3)
     diff = (soft["float32"] - soft["bfloat16"]).abs()
     out.update({"speed_up": round(out["float32_teachers_ms_per_batch"] / out["bfloat16_teachers_ms_per_batch"], 2),
