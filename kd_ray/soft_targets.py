@@ -92,6 +92,18 @@ def teacher_logits(models: Sequence[torch.nn.Module], images: torch.Tensor) -> t
     return torch.stack([m(images.to(next(m.parameters()).dtype)).float() for m in models])
 
 
+@torch.no_grad()
+def averaged_soft_targets(models: Sequence[torch.nn.Module], images: torch.Tensor, T: float,
+                          rule: str = "probs", batch_size: int = 1024) -> torch.Tensor:
+    """The ensemble's averaged soft targets ``[N, C]`` on ``images``, ``batch_size`` images at
+    a time: the plain-PyTorch path (analysis scripts, benchmarks' baselines). One call on a
+    whole split would hold every image's conv activations at once (GBs for a CNN teacher)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return torch.cat([ensemble_average(teacher_logits(models, images[i: i + batch_size]), T, rule)
+                      for i in range(0, len(images), batch_size)])
+
+
 # --------------------------------------------------------------------------- the predictor
 @torch.no_grad()
 def ensemble_outputs(models: Sequence[torch.nn.Module], images: torch.Tensor, T: float, rule: str,

@@ -6,7 +6,8 @@ import torch
 from kd_ray import storage
 from kd_ray.data import load_splits
 from kd_ray.losses import ensemble_average, resoften
-from kd_ray.soft_targets import (build_soft_targets, build_teacher, forward_passes,
+from kd_ray.models import build_model
+from kd_ray.soft_targets import (averaged_soft_targets, build_soft_targets, build_teacher, forward_passes,
                                  load_teacher_files, predict, teacher_logits)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -29,6 +30,23 @@ def _rows(ds):
     df = ds.to_pandas()
     order = np.argsort(df["id"].to_numpy())
     return {c: np.stack(df[c].to_numpy())[order] for c in df.columns}
+
+
+@pytest.mark.parametrize("rule", ["probs", "logits"])
+def test_averaged_soft_targets_in_batches_equal_one_whole_pass(rule):
+    """The plain-PyTorch path the analysis scripts and benchmarks share: batching a split (so CNN
+    activations fit in memory) changes nothing but rounding, in order, for any batch size."""
+    torch.manual_seed(0)
+    models = [build_model("cnn", [1, 8, 8], 10, channels=[4, 8]).eval() for _ in range(3)]
+    images = torch.rand(37, 1, 8, 8)
+    with torch.no_grad():
+        whole = ensemble_average(torch.stack([m(images) for m in models]), 3.0, rule)
+    for batch_size in (1, 5, 37, 100):
+        got = averaged_soft_targets(models, images, 3.0, rule, batch_size)
+        assert got.shape == (37, 10) and torch.allclose(got, whole, atol=1e-6), batch_size
+    assert torch.allclose(got.sum(1), torch.ones(37), atol=1e-6) and not got.requires_grad
+    with pytest.raises(ValueError, match="batch_size"):
+        averaged_soft_targets(models, images, 3.0, rule, 0)
 
 
 @pytest.mark.parametrize("rule", ["probs", "logits"])

@@ -17,8 +17,7 @@ import torch
 from kd_ray.augment import seeded_shift
 from kd_ray.config import load_config
 from kd_ray.data import load_splits
-from kd_ray.losses import ensemble_average
-from kd_ray.soft_targets import run_teachers, teacher_logits
+from kd_ray.soft_targets import averaged_soft_targets, run_teachers
 
 
 def main() -> None:
@@ -37,8 +36,8 @@ def main() -> None:
         views = {"original": part.images, **{f"shift epoch {e}": seeded_shift(
             part.images, part.ids, cfg.soft_targets.jitter, args.seed, e) for e in args.epochs}}
         for view, images in views.items():
-            logits = teacher_logits(teachers, torch.from_numpy(images))
-            acc = float((ensemble_average(logits, 1.0).argmax(1).numpy() == part.labels).mean())
+            pred = averaged_soft_targets(teachers, torch.from_numpy(images), 1.0).argmax(1).numpy()
+            acc = float((pred == part.labels).mean())
             out[f"{name} {view}"] = round(acc, 4)
             print(f"{name:5s} {view:15s} ensemble accuracy {acc:.4f}")
     print(json.dumps(out))

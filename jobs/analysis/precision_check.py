@@ -24,9 +24,9 @@ import torch
 from kd_ray.augment import mix, seeded_mixup
 from kd_ray.config import load_config
 from kd_ray.data import load_splits, select_fraction
-from kd_ray.losses import ensemble_average, kd_loss
+from kd_ray.losses import kd_loss
 from kd_ray.models import build_model
-from kd_ray.soft_targets import run_teachers, teacher_logits
+from kd_ray.soft_targets import averaged_soft_targets, run_teachers, teacher_logits
 from kd_ray.teachers import make_optimizer
 
 
@@ -41,13 +41,6 @@ def ms_per_call(fn, repeats: int = 50) -> float:
 def channels_first(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``model`` with its weights in PyTorch's default (NCHW) layout."""
     return copy.deepcopy(model).to(memory_format=torch.contiguous_format)
-
-
-def averaged(models, images: torch.Tensor, T: float, rule: str = "probs", chunk: int = 1000) -> torch.Tensor:
-    """The ensemble's averaged soft targets on ``images``, in chunks (conv activations of a whole
-    split are GBs)."""
-    return torch.cat([ensemble_average(teacher_logits(models, images[i: i + chunk]), T, rule)
-                      for i in range(0, len(images), chunk)])
 
 
 def main() -> None:
@@ -89,10 +82,10 @@ def main() -> None:
         out[f"{p}_teachers_ms_per_batch_channels_first"] = round(ms_per_call(lambda: teacher_logits(first[p], batch)), 1)
         for split in ("val", "test"):
             part = getattr(splits, split)
-            pred = averaged(models, torch.from_numpy(part.images), 1.0).argmax(1).numpy()
+            pred = averaged_soft_targets(models, torch.from_numpy(part.images), 1.0).argmax(1).numpy()
             out[f"{p}_{split}_accuracy"] = round(float((pred == part.labels).mean()), 4)
             preds[p, split] = pred
-        soft[p] = averaged(models, mixed, T, c.soft_targets.rule)
+        soft[p] = averaged_soft_targets(models, mixed, T, c.soft_targets.rule)
     # per image, the predictor's batch size matters for conv nets: large batches spill the caches
     for size in (256, 1024):
         images = torch.from_numpy(splits.test.images[:size])

@@ -30,9 +30,9 @@ from kd_ray.augment import mix, seeded_mixup, seeded_shift
 from kd_ray.config import load_config
 from kd_ray.data import load_splits, select_fraction
 from kd_ray.distill import evaluate, schedule_epochs, shuffled_batches
-from kd_ray.losses import ensemble_average, kd_loss, mixed_labels
+from kd_ray.losses import kd_loss, mixed_labels
 from kd_ray.models import build_model
-from kd_ray.soft_targets import run_teachers, teacher_logits
+from kd_ray.soft_targets import averaged_soft_targets, run_teachers
 from kd_ray.teachers import make_optimizer, make_scheduler
 
 
@@ -50,7 +50,7 @@ def train_student(cfg, teachers, subset, test, teaching: str, seed: int) -> dict
     images, labels, ids = torch.from_numpy(subset.images), torch.from_numpy(subset.labels), subset.ids
 
     def teach(x):
-        return ensemble_average(teacher_logits(teachers, x), T, st.rule)
+        return averaged_soft_targets(teachers, x, T, st.rule)
 
     cached, n = teach(images), len(ids)
     for epoch in range(epochs):
@@ -72,10 +72,13 @@ def train_student(cfg, teachers, subset, test, teaching: str, seed: int) -> dict
         sched.step()
     # accuracy and fidelity (top-1 agreement with the ensemble; Stanton et al. 2021), as the sweep
     # reports them, on the test images and on the subset's own (un-augmented) images
+    def chunks(x, y, ensemble_pred, size=1024):  # a whole split at once: GBs of conv activations
+        return [{"image": x[i: i + size], "label": y[i: i + size], "ensemble_pred": ensemble_pred[i: i + size]}
+                for i in range(0, len(x), size)]
+
     x_test = torch.from_numpy(test.images)
-    on_test = evaluate(model, [{"image": x_test, "label": torch.from_numpy(test.labels),
-                                "ensemble_pred": teach(x_test).argmax(1)}], "cpu")
-    on_subset = evaluate(model, [{"image": images, "label": labels, "ensemble_pred": cached.argmax(1)}], "cpu")
+    on_test = evaluate(model, chunks(x_test, torch.from_numpy(test.labels), teach(x_test).argmax(1)), "cpu")
+    on_subset = evaluate(model, chunks(images, labels, cached.argmax(1)), "cpu")
     return {"test_accuracy": on_test["accuracy"], "test_fidelity": on_test["fidelity"],
             "subset_fidelity": on_subset["fidelity"]}
 

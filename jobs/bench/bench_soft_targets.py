@@ -24,18 +24,15 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import bench_config, emit, untrained_teachers  # noqa: E402
 
 from kd_ray.data import Split, load_splits, to_dataset  # noqa: E402
-from kd_ray.losses import ensemble_average  # noqa: E402
-from kd_ray.soft_targets import PRECISIONS, teacher_logits  # noqa: E402
+from kd_ray.soft_targets import PRECISIONS, averaged_soft_targets  # noqa: E402
 
 
 def plain_pytorch(models, images: np.ndarray, T: float, batch_size: int) -> tuple[float, np.ndarray]:
     torch.set_num_threads(os.cpu_count())
     x = torch.from_numpy(images)
-    out = []
     t0 = time.perf_counter()
-    for i in range(0, len(x), batch_size):
-        out.append(ensemble_average(teacher_logits(models, x[i: i + batch_size]), T, "probs").numpy())
-    return time.perf_counter() - t0, np.concatenate(out)
+    out = averaged_soft_targets(models, x, T, "probs", batch_size).numpy()
+    return time.perf_counter() - t0, out
 
 
 def main() -> None:
