@@ -70,12 +70,12 @@ def train_student(cfg, teachers, subset, test, teaching: str, seed: int) -> dict
             loss.backward()
             opt.step()
         sched.step()
-    # accuracy and fidelity (top-1 agreement with the ensemble; Stanton et al. 2021), as the sweep
-    # reports them, on the test images and on the subset's own (un-augmented) images
     def chunks(x, y, ensemble_pred, size=1024):  # a whole split at once: GBs of conv activations
         return [{"image": x[i: i + size], "label": y[i: i + size], "ensemble_pred": ensemble_pred[i: i + size]}
                 for i in range(0, len(x), size)]
 
+    # accuracy and fidelity (top-1 agreement with the ensemble; Stanton et al. 2021), as the sweep
+    # reports them, on the test images and on the subset's own (un-augmented) images
     x_test = torch.from_numpy(test.images)
     on_test = evaluate(model, chunks(x_test, torch.from_numpy(test.labels), teach(x_test).argmax(1)), "cpu")
     on_subset = evaluate(model, chunks(images, labels, cached.argmax(1)), "cpu")
