@@ -174,7 +174,7 @@ def train_loop_per_worker(config: dict) -> dict:
     # with Ray Data every epoch ran at 0.78 of a plain loop's speed, in memory at 1.00 (bench_distill).
     in_memory = _read_shard(train_shard, device) if train_shard is not None and config.get("in_memory") else None
     # validation rows come as arrays from the object store, kept as tensors for every epoch
-    val_rows = _eval_batches(ray.get(config["eval"]["val"]), device)
+    val_rows = eval_batches(ray.get(config["eval"]["val"]), device)
     batch_kw = dict(batch_size=s.batch_size, device=device)
     patience = s.early_stopping_patience
     stopped = False
@@ -244,7 +244,7 @@ def train_loop_per_worker(config: dict) -> dict:
     if patience is not None:
         val = evaluate(plain, val_rows, device)
         final.update({f"val_{k}": v for k, v in val.items()})
-    test = evaluate(plain, _eval_batches(ray.get(config["eval"]["test"]), device), device)
+    test = evaluate(plain, eval_batches(ray.get(config["eval"]["test"]), device), device)
     final.update({f"test_{k}": v for k, v in test.items()})
     _report(final, plain, opt, sched, final["epoch"], history, best, rank, last_seen, last_sample)
     return {"history": history, "final": final}
@@ -268,7 +268,9 @@ def shuffled_batches(rows: dict[str, torch.Tensor], batch_size: int, seed: int):
         yield {k: v[idx] for k, v in rows.items()}
 
 
-def _eval_batches(cols: dict[str, np.ndarray], device, size: int = 1024) -> list[dict[str, torch.Tensor]]:
+def eval_batches(cols: dict[str, np.ndarray], device, size: int = 1024) -> list[dict[str, torch.Tensor]]:
+    """Evaluation columns cut into batches for :func:`evaluate` (one batch of a whole split would
+    hold every image's conv activations at once)."""
     return [{k: torch.from_numpy(np.ascontiguousarray(v[i:i + size])).to(device) for k, v in cols.items()}
             for i in range(0, len(cols["label"]), size)]
 

@@ -29,7 +29,7 @@ import torch
 from kd_ray.augment import mix, seeded_mixup, seeded_shift
 from kd_ray.config import load_config
 from kd_ray.data import load_splits, select_fraction
-from kd_ray.distill import evaluate, schedule_epochs, shuffled_batches
+from kd_ray.distill import eval_batches, evaluate, schedule_epochs, shuffled_batches
 from kd_ray.losses import kd_loss, mixed_labels
 from kd_ray.models import build_model
 from kd_ray.soft_targets import averaged_soft_targets, run_teachers
@@ -70,15 +70,13 @@ def train_student(cfg, teachers, subset, test, teaching: str, seed: int) -> dict
             loss.backward()
             opt.step()
         sched.step()
-    def chunks(x, y, ensemble_pred, size=1024):  # a whole split at once: GBs of conv activations
-        return [{"image": x[i: i + size], "label": y[i: i + size], "ensemble_pred": ensemble_pred[i: i + size]}
-                for i in range(0, len(x), size)]
-
     # accuracy and fidelity (top-1 agreement with the ensemble; Stanton et al. 2021), as the sweep
     # reports them, on the test images and on the subset's own (un-augmented) images
-    x_test = torch.from_numpy(test.images)
-    on_test = evaluate(model, chunks(x_test, torch.from_numpy(test.labels), teach(x_test).argmax(1)), "cpu")
-    on_subset = evaluate(model, chunks(images, labels, cached.argmax(1)), "cpu")
+    test_pred = teach(torch.from_numpy(test.images)).argmax(1).numpy()
+    on_test = evaluate(model, eval_batches({"image": test.images, "label": test.labels, "ensemble_pred": test_pred},
+                                           "cpu"), "cpu")
+    on_subset = evaluate(model, eval_batches({"image": subset.images, "label": subset.labels,
+                                              "ensemble_pred": cached.argmax(1).numpy()}, "cpu"), "cpu")
     return {"test_accuracy": on_test["accuracy"], "test_fidelity": on_test["fidelity"],
             "subset_fidelity": on_subset["fidelity"]}
 
