@@ -184,13 +184,21 @@ class StudentConfig(_Section):
     #                 (streaming through an EnsemblePredictor actor pool; Beyer et al. 2022)
     # None: consistent in streaming mode, cached otherwise.
     teaching: Optional[Literal["cached", "inconsistent", "consistent"]] = None
+    # Where the student's weights start:
+    #   scratch  a fresh initialisation (torch.manual_seed(seed))
+    #   teacher  a copy of ensemble member number ``seed % K`` (it needs the teachers' model and
+    #            model_args); the student then learns the whole ensemble's function, and a hard
+    #            trial starting from the same member is its control
+    init: Literal["scratch", "teacher"] = "scratch"
 
     def identity(self, exclude: set[str] = frozenset()) -> dict:
         """The fields a run's result depends on (JSON), for run and sweep names. ``min_steps``
-        counts only when set, so runs from before it existed keep their names."""
+        and ``init`` count only when not the default, so runs from before them keep their names."""
         out = self.model_dump(mode="json", exclude=set(exclude))
         if out.get("min_steps", 0) is None:
             del out["min_steps"]
+        if out.get("init") == "scratch":  # likewise for runs from before ``init``
+            del out["init"]
         return out
 
     @field_validator("model")

@@ -33,7 +33,8 @@ from kd_ray.data import select_fraction
 from kd_ray.losses import kd_loss, mixed_labels, resoften
 from kd_ray.models import build_model, count_parameters
 from kd_ray.augment import seeded_shift
-from kd_ray.soft_targets import SoftTargets, consistent_stream, forward_passes, pass_counter, worker_share
+from kd_ray.soft_targets import (SoftTargets, consistent_stream, forward_passes, load_teacher_files, pass_counter,
+                                 worker_share)
 from kd_ray.teachers import make_optimizer, make_scheduler
 
 
@@ -147,6 +148,8 @@ def train_loop_per_worker(config: dict) -> dict:
     torch.set_num_threads(max(1, int(config.get("cpus_per_worker", 1))))
     torch.manual_seed(s.seed)
     model = build_model(s.model, config["input_shape"], config["num_classes"], **s.model_args)
+    if config.get("init_path"):  # student.init: teacher (a resumed run's checkpoint overrides it below)
+        model.load_state_dict(load_teacher_files([config["init_path"]])[0].blob["state_dict"])
     opt = make_optimizer(model.parameters(), s)
     sched = make_scheduler(opt, s)
     start_epoch, history, best = 0, [], {"val_accuracy": -1.0, "epoch": 0, "state": None}
@@ -313,7 +316,7 @@ def run_name(cfg: ExperimentConfig, soft: SoftTargets, T: float) -> str:
         key["mixup"] = cfg.soft_targets.mixup
     key = json.dumps(key, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
-    mode = "" if teaching == "cached" else f"{teaching}-"
+    mode = ("" if teaching == "cached" else f"{teaching}-") + ("" if s.init == "scratch" else f"from-{s.init}-")
     return f"student-{s.targets}-{mode}f{s.fraction:g}-T{T:g}-a{s.alpha:g}-e{s.epochs}-s{s.seed}-{digest}"
 
 
@@ -334,6 +337,20 @@ def check_classes(s: StudentConfig, soft: SoftTargets) -> None:
     if s.num_classes is not None and s.num_classes != soft.num_classes:
         raise ValueError(f"student.num_classes={s.num_classes} but the soft targets have {soft.num_classes} "
                          f"classes ({soft.path}); use the teachers' label space")
+
+
+def init_teacher_path(s: StudentConfig, soft: SoftTargets) -> str | None:
+    """The teacher checkpoint a ``student.init: teacher`` run starts from (member ``seed % K``),
+    or None for ``scratch``. The student must be that teacher's model with its model_args."""
+    if s.init == "scratch":
+        return None
+    path = soft.model_paths[s.seed % len(soft.model_paths)]
+    blob = load_teacher_files([path])[0].blob
+    if blob["model"] != s.model or dict(blob["model_args"]) != dict(s.model_args):
+        raise ValueError(f"student.init=teacher copies teacher {path} ({blob['model']} {blob['model_args']}) but the "
+                         f"student is {s.model} {s.model_args}: give the student the teachers' model and "
+                         f"model_args, or set student.init: scratch")
+    return path
 
 
 def uses_gpu(s: StudentConfig) -> bool:
@@ -390,7 +407,7 @@ def distill(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None = N
     config = {"student": s.model_dump(mode="json"), "temperature": T, "cache_temperature": soft.temperature,
               "rule": soft.manifest["rule"], "num_classes": C, "input_shape": soft.manifest["input_shape"],
               "fail_after_epoch": fail_after_epoch, "cpus_per_worker": 1, "teaching": teaching,
-              "jitter": cfg.soft_targets.jitter}
+              "jitter": cfg.soft_targets.jitter, "init_path": init_teacher_path(s, soft)}
     # Validation and test rows go to the workers as arrays in the object store: every worker
     # evaluates on all of them, and a Ray Data pass per split would cost seconds of start-up
     # per run. The training rows are a Ray Dataset, materialized once (epochs iterate blocks).
@@ -432,7 +449,7 @@ def distill(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None = N
     history = pd.DataFrame(out["history"])
     teacher_rows = forward_passes(counter).get("train", 0) if teaching == "consistent" else 0
     metrics = {**out["final"], "train_rows_total": int(len(ids)), "temperature": T, "alpha": s.alpha,
-               "targets": s.targets, "fraction": s.fraction, "seed": s.seed, "teaching": teaching,
+               "targets": s.targets, "fraction": s.fraction, "seed": s.seed, "teaching": teaching, "init": s.init,
                "epochs": s.epochs, "teacher_rows": int(teacher_rows),
                # teacher forward passes during this run (each row through K teachers)
                "teacher_passes": int(teacher_rows) * len(soft.model_paths),

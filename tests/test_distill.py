@@ -46,6 +46,8 @@ def test_min_steps_gives_small_subsets_more_epochs():
     assert schedule_epochs(s.model_copy(update={"min_steps": None}), 40) == 40
     # runs from before min_steps existed keep their names
     assert "min_steps" not in StudentConfig().identity() and s.identity()["min_steps"] == 2000
+    # ... and so do runs from before student.init
+    assert "init" not in StudentConfig().identity() and StudentConfig(init="teacher").identity()["init"] == "teacher"
 
 
 def test_epoch_stream_cuts_one_ordered_stream_into_epochs_of_batches():
@@ -163,6 +165,27 @@ def test_bad_inputs(tiny_ensemble):
         _cfg(base, "badstudent", "student.alpha=2")
     with pytest.raises(StudentError, match=r"loss became (nan|inf) in epoch 1"):
         distill(_cfg(base, "badstudent", "student.epochs=2", "student.lr=1.0e+12", "student.momentum=0"), st)
+
+
+def test_student_init_teacher_starts_from_the_seeds_ensemble_member(tiny_ensemble):
+    from kd_ray.distill import eval_batches, evaluate
+    from kd_ray.soft_targets import build_teacher, load_teacher_files
+
+    base, ensemble = tiny_ensemble
+    st = build_soft_targets(_cfg(base, "warm"), ensemble)
+    # a learning rate of ~0: the student ends where it started
+    still = ["student.epochs=1", "student.lr=1.0e-9", "student.fraction=0.1", "student.seed=4"]
+    warm = distill(_cfg(base, "warm", *still, "student.init=teacher"), st)
+    cold = distill(_cfg(base, "warm", *still), st)
+    assert warm.run_name != cold.run_name and "from-teacher" in warm.run_name and warm.metrics["init"] == "teacher"
+    member = build_teacher(load_teacher_files([ensemble.model_paths[4 % 3]])[0].blob, torch.device("cpu"))
+    member_acc = evaluate(member, eval_batches(st.eval_arrays("test"), "cpu"), "cpu")["accuracy"]
+    print(f"\nteacher 1: test {member_acc:.4f}; student from it {warm.metrics['test_accuracy']:.4f}, "
+          f"from scratch {cold.metrics['test_accuracy']:.4f}")
+    assert warm.metrics["test_accuracy"] == pytest.approx(member_acc, abs=1.5e-3)  # at most one test image apart
+    assert cold.metrics["test_accuracy"] < 0.5
+    with pytest.raises(ValueError, match=r"student.init=teacher copies teacher .* but the student is mlp \{'hidden': \[64\]\}"):
+        distill(_cfg(base, "warm", *still, "student.init=teacher", "student.model_args={hidden: [64]}"), st)
 
 
 def test_streaming_mode_recomputes_soft_targets_inside_train(tiny_ensemble):
