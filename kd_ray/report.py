@@ -184,6 +184,9 @@ def _training_note(info: dict) -> str:
         note += f" Consistent teaching mixes images, weight ~ Beta({info['mixup']:g}, {info['mixup']:g})."
     if info.get("min_steps"):
         note += f" At least {info['min_steps']} optimizer steps per student (student.min_steps)."
+    if info.get("init") == "teacher":
+        note += (" Every student, hard ones too, starts from a copy of ensemble member seed % K"
+                 " (student.init: teacher).")
     return note
 
 

@@ -254,7 +254,8 @@ def run_sweep(cfg: ExperimentConfig, soft: SoftTargets, callbacks: list | None =
         "teacher_test_accuracy": e.get("teacher_test_accuracy", []), "teachers": len(soft.model_paths),
         "temperature": soft.temperature, "rule": soft.manifest["rule"], "soft_targets": soft.path,
         "transfer_rows": soft.manifest["rows"]["train"], "seconds": round(time.time() - t0, 1),
-        "jitter": cfg.soft_targets.jitter, "mixup": cfg.soft_targets.mixup, "min_steps": cfg.student.min_steps})
+        "jitter": cfg.soft_targets.jitter, "mixup": cfg.soft_targets.mixup, "min_steps": cfg.student.min_steps,
+        "init": cfg.student.init})
     return SweepResult(df, out, sweep_dir, complete, time.time() - t0)
 
 

@@ -47,6 +47,9 @@ def test_report_writes_summary_and_a_png_that_opens(tmp_path):
     assert "68.0% +- " in text  # gap recovered at 10 %
     assert "single teacher: 0.8600" in text and "Ensemble of 2 teachers: 0.9000" in text
     assert "unfinished 1" in text
+    assert "student.init" not in text  # students from scratch: nothing to say
+    assert "starts from a copy of ensemble member seed % K" in write_report(str(tmp_path), _results(),
+                                                                            {**INFO, "init": "teacher"})
     image = matplotlib.image.imread(tmp_path / "accuracy_vs_fraction.png")
     assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200
 
