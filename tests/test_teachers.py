@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kd_ray import storage
-from kd_ray.config import ConfigError, load_config
+from kd_ray.config import ConfigError
 from kd_ray.models import build_model
 from kd_ray.teachers import EnsembleError, EnsembleRun, train_ensemble
 
