@@ -148,6 +148,10 @@ class SoftTargetsConfig(_Section):
         return self.mode or ("streaming" if self.augments else "cached")
 
 
+# StudentConfig fields added after runs were named: at these values they stay out of run names
+_NAMELESS_DEFAULTS = {"min_steps": None, "init": "scratch"}
+
+
 class StudentConfig(_Section):
     model: str = "mlp"
     model_args: dict[str, Any] = {"hidden": [800, 800]}
@@ -195,10 +199,9 @@ class StudentConfig(_Section):
         """The fields a run's result depends on (JSON), for run and sweep names. ``min_steps``
         and ``init`` count only when not the default, so runs from before them keep their names."""
         out = self.model_dump(mode="json", exclude=set(exclude))
-        if out.get("min_steps", 0) is None:
-            del out["min_steps"]
-        if out.get("init") == "scratch":  # likewise for runs from before ``init``
-            del out["init"]
+        for key, default in _NAMELESS_DEFAULTS.items():
+            if key in out and out[key] == default:
+                del out[key]
         return out
 
     @field_validator("model")

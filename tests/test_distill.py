@@ -182,7 +182,7 @@ def test_student_init_teacher_starts_from_the_seeds_ensemble_member(tiny_ensembl
     member_acc = evaluate(member, eval_batches(st.eval_arrays("test"), "cpu"), "cpu")["accuracy"]
     print(f"\nteacher 1: test {member_acc:.4f}; student from it {warm.metrics['test_accuracy']:.4f}, "
           f"from scratch {cold.metrics['test_accuracy']:.4f}")
-    assert warm.metrics["test_accuracy"] == pytest.approx(member_acc, abs=1.5e-3)  # at most one test image apart
+    assert warm.metrics["test_accuracy"] == pytest.approx(member_acc, abs=1.5e-3)  # the same count right (one image: 1/454)
     assert cold.metrics["test_accuracy"] < 0.5
     with pytest.raises(ValueError, match=r"student.init=teacher copies teacher .* but the student is mlp \{'hidden': \[64\]\}"):
         distill(_cfg(base, "warm", *still, "student.init=teacher", "student.model_args={hidden: [64]}"), st)
