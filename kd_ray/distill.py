@@ -47,7 +47,7 @@ class StudentError(RuntimeError):
 # teachers), every predictor task ends up backpressured, and that loop then spins with nothing
 # to wait on, holding the GIL ~30 % of the time (py-spy --gil); each torch call of the training
 # thread waits up to Python's 5 ms switch interval to get it back. A 0.1 ms interval hands it
-# back sooner (README, "bfloat16 teachers").
+# back sooner (docs/consistent_teaching.md, "80,000 steps with bfloat16 teachers").
 STREAM_SWITCH_INTERVAL_S = 1e-4
 
 

@@ -14,7 +14,7 @@ It reads a finished run's teachers, takes the same nested stratified subset as t
   of two subset images with weight ~ Beta(A, A) (Beyer et al. 2022's "function matching").
 
 Prints test accuracy per seed and the mean, and the student's fidelity (agreement with the
-ensemble's class) on the test images and on the subset's own images. The figures in the README
+ensemble's class) on the test images and on the subset's own images. The figures in docs/consistent_teaching.md
 come from ``kd-ray run`` sweeps; this script only chooses what those sweeps try.
 """
 from __future__ import annotations
