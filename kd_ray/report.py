@@ -113,7 +113,7 @@ def summary_markdown(df: pd.DataFrame, info: dict, metric: str = METRIC) -> str:
         + (f"; single teacher: {np.mean(teachers):.4f} (range {min(teachers):.4f}-{max(teachers):.4f})"
            if teachers else "")
         + f". Soft targets at T={info.get('temperature')} ({info.get('rule')} averaging), "
-          f"{info.get('transfer_rows')} transfer rows." + _training_note(info), "",
+          f"{info.get('transfer_rows')} transfer rows." + _training_note(info, df), "",
         f"Trials: {len(df)} ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})"
         + ("" if info.get("complete", True) else " -- the sweep is INCOMPLETE: run it again to finish") + ".", "",
         _md_table(table), "",
@@ -175,12 +175,15 @@ def plot_accuracy(df: pd.DataFrame, info: dict, metric: str = METRIC) -> bytes:
                               metric.replace("_", " "), "Student accuracy vs data fraction")
 
 
-def _training_note(info: dict) -> str:
-    """The summary's sentences on augmentation and patience (empty when the sweep used neither)."""
+def _training_note(info: dict, df: pd.DataFrame) -> str:
+    """The summary's sentences on augmentation and patience (empty when the sweep used neither).
+    Shifts and mixup are named only when trials used them (a cached-only sweep of a config with
+    mixup set trains on the original images)."""
+    modes = set(df["teaching"]) if "teaching" in df else {"inconsistent", "consistent"}
     note = ""
-    if info.get("jitter"):
+    if info.get("jitter") and modes & {"inconsistent", "consistent"}:
         note += f" Augmentation (inconsistent, consistent): shifts up to {info['jitter']} px."
-    if info.get("mixup"):
+    if info.get("mixup") and "consistent" in modes:
         note += f" Consistent teaching mixes images, weight ~ Beta({info['mixup']:g}, {info['mixup']:g})."
     if info.get("min_steps"):
         note += f" At least {info['min_steps']} optimizer steps per student (student.min_steps)."
