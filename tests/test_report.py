@@ -68,13 +68,13 @@ def test_gap_recovered_per_teaching_mode_table_and_plot(tmp_path):
     text = write_report(str(tmp_path), df, INFO)
     assert "## Gap recovered per setting and fraction" in text
     assert "| consistent T=4 a=0.9 | 76.0% +- " in text
-    # mixup is named only where trials mixed: consistent ones, not a cached-only sweep
-    mixed = {**INFO, "mixup": 0.2, "jitter": 1}
-    assert "Beta(0.2, 0.2)" in write_report(str(tmp_path), df, mixed)
-    cached_only = write_report(str(tmp_path), df[df["teaching"] != "consistent"], mixed)
-    assert "Beta(" not in cached_only and "shifts up to" not in cached_only
     image = matplotlib.image.imread(tmp_path / "gap_vs_fraction.png")
     assert image.ndim == 3 and image.shape[0] > 200
+    # mixup is named only where trials mixed: consistent ones, not a cached-only sweep
+    mixed = {**INFO, "mixup": 0.2, "jitter": 1}
+    assert "Beta(0.2, 0.2)" in write_report(str(tmp_path / "mixed"), df, mixed)
+    cached_only = write_report(str(tmp_path / "mixed"), df[df["teaching"] != "consistent"], mixed)
+    assert "Beta(" not in cached_only and "shifts up to" not in cached_only
     # several epoch budgets: each is its own setting
     longer = df[df["teaching"] == "consistent"].assign(epochs=200)
     labels = set(gap_recovered(pd.concat([df, longer]), 0.90)["setting"])
