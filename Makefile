@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-CONFIG ?= jobs/configs/digits.yaml
+CONFIG ?= kd_ray/configs/digits.yaml
 SET    ?=
 export RAY_AUTH_MODE ?= disabled
 

@@ -1,7 +1,7 @@
 """Entrypoint for Ray Jobs: the whole kd_ray pipeline on the cluster that runs it.
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python jobs/pipeline.py --config jobs/configs/digits.yaml [--set section.key=value ...]
+        python jobs/pipeline.py --config kd_ray/configs/digits.yaml [--set section.key=value ...]
 
 The job's driver joins the cluster through RAY_ADDRESS (set by Ray Jobs), runs the stages
 listed in ``runtime.stages`` of the config (default: teachers, soft-targets, sweep, report),
@@ -23,15 +23,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="YAML config (default: jobs/configs/digits.yaml)")
+    parser.add_argument("--config", default=None, help="YAML config (default: kd_ray/configs/digits.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = parser.parse_args(argv)
 
     from kd_ray.cli import run_stages
-    from kd_ray.config import ConfigError, load_config
+    from kd_ray.core.config import ConfigError, load_config
 
     try:
-        cfg = load_config(args.config or "jobs/configs/digits.yaml", args.set)
+        cfg = load_config(args.config or "kd_ray/configs/digits.yaml", args.set)
     except (ConfigError, FileNotFoundError) as e:
         print(f"kd_ray pipeline: config error: {e}", file=sys.stderr, flush=True)
         return 2

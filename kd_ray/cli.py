@@ -1,5 +1,7 @@
 """``kd-ray``: one command per stage, and ``run`` for the whole pipeline.
 
+    kd-ray configs                      the shipped configs, one line each
+    kd-ray init NAME [--from CONFIG]    write NAME.yaml (a copy of CONFIG, default digits) to edit
     kd-ray config show [CONFIG] [--set a.b=c ...]
     kd-ray teachers [CONFIG] [--set ...]
     kd-ray soft-targets [CONFIG] [--set ...]
@@ -12,7 +14,7 @@
 Every stage trains or computes only what is missing: running a command again reuses the
 finished teachers, soft-target cache, students and sweep trials.
 
-CONFIG defaults to jobs/configs/digits.yaml when it exists, else to the built-in defaults.
+CONFIG is a YAML file or the name of a shipped config (``kd-ray configs``); default: digits.
 """
 from __future__ import annotations
 
@@ -22,17 +24,36 @@ import sys
 import time
 from pathlib import Path
 
-from kd_ray import storage
-from kd_ray.config import ConfigError, ExperimentConfig, load_config
-
-DEFAULT_CONFIG = Path("jobs/configs/digits.yaml")
+from kd_ray.core.config import (
+    DEFAULT_CONFIG,
+    ConfigError,
+    ExperimentConfig,
+    config_path,
+    load_config,
+    shipped_configs,
+)
+from kd_ray.layout import experiment_dir
 
 
 def _config(args: argparse.Namespace) -> ExperimentConfig:
-    path = args.config
-    if path is None and DEFAULT_CONFIG.is_file():
-        path = DEFAULT_CONFIG
-    return load_config(path, args.set)
+    return load_config(args.config or DEFAULT_CONFIG, args.set)
+
+
+def cmd_configs() -> None:
+    for name, (_, description) in shipped_configs().items():
+        print(f"{name:28s} {description}")
+
+
+def cmd_init(name: str, source: str) -> Path:
+    """Write ``NAME.yaml`` in the working directory: a copy of ``source`` named ``NAME``."""
+    out = Path(name if name.endswith(".yaml") else f"{name}.yaml")
+    if out.exists():
+        raise ConfigError(f"{out} exists; choose another NAME or delete it")
+    text = config_path(source).read_text()
+    cfg = load_config(config_path(source), [f"name={out.stem}"])  # the copy must load under its new name
+    lines = [f"name: {cfg.name}" if line.startswith("name:") else line for line in text.splitlines()]
+    out.write_text("\n".join(lines) + "\n")
+    return out
 
 
 def cmd_config_show(cfg: ExperimentConfig) -> None:
@@ -40,17 +61,17 @@ def cmd_config_show(cfg: ExperimentConfig) -> None:
 
 
 def cmd_teachers(cfg: ExperimentConfig):
-    from kd_ray.cluster import init_ray
-    from kd_ray.teachers import train_ensemble
+    from kd_ray.stages.cluster import init_ray
+    from kd_ray.stages.teachers import train_ensemble
 
     init_ray(cfg)
     return train_ensemble(cfg)
 
 
 def cmd_soft_targets(cfg: ExperimentConfig, ensemble=None):
-    from kd_ray.cluster import init_ray
-    from kd_ray.soft_targets import build_soft_targets
-    from kd_ray.teachers import train_ensemble
+    from kd_ray.stages.cluster import init_ray
+    from kd_ray.stages.soft_targets import build_soft_targets
+    from kd_ray.stages.teachers import train_ensemble
 
     init_ray(cfg)
     ensemble = ensemble or train_ensemble(cfg)
@@ -58,7 +79,7 @@ def cmd_soft_targets(cfg: ExperimentConfig, ensemble=None):
 
 
 def cmd_distill(cfg: ExperimentConfig, soft=None):
-    from kd_ray.distill import distill, omitted_class_report
+    from kd_ray.stages.distill import distill, omitted_class_report
 
     soft = soft or cmd_soft_targets(cfg)
     result = distill(cfg, soft)
@@ -74,7 +95,7 @@ def cmd_distill(cfg: ExperimentConfig, soft=None):
 
 
 def cmd_sweep(cfg: ExperimentConfig, soft=None):
-    from kd_ray.sweep import run_sweep
+    from kd_ray.stages.sweep import run_sweep
 
     soft = soft or cmd_soft_targets(cfg)
     result = run_sweep(cfg, soft)
@@ -89,9 +110,7 @@ def cmd_sweep(cfg: ExperimentConfig, soft=None):
 
 def cmd_report(cfg: ExperimentConfig) -> str:
     from kd_ray.report import write_report
-    from kd_ray.sweep import results_dir
-
-    out = results_dir(cfg)
+    out = experiment_dir(cfg)
     text = write_report(out)
     print(text)
     print(f"[kd_ray] report: {out}/summary.md and {out}/accuracy_vs_fraction.png")
@@ -113,7 +132,7 @@ def run_stages(cfg: ExperimentConfig) -> bool:
         elif stage == "report":
             cmd_report(cfg)
     print(f"[kd_ray] kd-ray run finished in {time.time() - t0:.1f} s wall ({' -> '.join(cfg.runtime.stages)}); "
-          f"results in {storage.join(cfg.runtime.storage_path, cfg.name)}")
+          f"results in {experiment_dir(cfg)}")
     return result is None or result.complete
 
 
@@ -123,11 +142,16 @@ def main(argv: list[str] | None = None) -> int:
 
     def add(name: str, help_: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
-        p.add_argument("config", nargs="?", default=None, help=f"YAML config (default: {DEFAULT_CONFIG})")
+        p.add_argument("config", nargs="?", default=None,
+                       help=f"YAML file or shipped config name (default: {DEFAULT_CONFIG})")
         p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a config value (parsed as YAML); repeatable")
         return p
 
+    sub.add_parser("configs", help="list the shipped configs")
+    init = sub.add_parser("init", help="write NAME.yaml, a copy of a shipped config to edit")
+    init.add_argument("name")
+    init.add_argument("--from", dest="source", default=DEFAULT_CONFIG, help="config to copy (default: digits)")
     cfg_p = sub.add_parser("config", help="inspect configs")
     cfg_sub = cfg_p.add_subparsers(dest="action", required=True)
     show = cfg_sub.add_parser("show", help="print the resolved config")
@@ -152,6 +176,13 @@ def main(argv: list[str] | None = None) -> int:
             card = export_student(args.run_dir, args.out, args.format)
             print(json.dumps(card, indent=2))
             print(f"[kd_ray] exported {card['artifact']} and student_card.json to {card['path']}")
+            return 0
+        if args.command == "configs":
+            cmd_configs()
+            return 0
+        if args.command == "init":
+            out = cmd_init(args.name, args.source)
+            print(f"[kd_ray] wrote {out}: edit it, then `kd-ray run {out}`")
             return 0
         cfg = _config(args)
         if args.command == "config":

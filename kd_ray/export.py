@@ -6,7 +6,7 @@ student's run folder (``<storage>/<name>/students/<run>``, holding ``result.json
 
 Formats: ``torchscript`` (``student.ts``, loads with ``torch.jit.load`` and nothing else; torch
 2.14 marks TorchScript deprecated but still ships it) and ``state_dict`` (``student_state.pt``,
-rebuild the model with ``kd_ray.models.build_model`` from the card). The card
+rebuild the model with ``kd_ray.core.models.build_model`` from the card). The card
 (``student_card.json``) names the classes, the input shape and the normalisation the input
 needs, the temperature, accuracy and fidelity, and the parameter count.
 """
@@ -16,8 +16,9 @@ import warnings
 
 import torch
 
-from kd_ray import storage
-from kd_ray.models import build_model, count_parameters
+from kd_ray.core import storage
+from kd_ray.core.models import build_model, count_parameters
+from kd_ray.layout import students_dir
 
 FORMATS = ("torchscript", "state_dict")
 ARTIFACT = {"torchscript": "student.ts", "state_dict": "student_state.pt"}
@@ -33,7 +34,7 @@ def best_student(run_dir: str) -> tuple[str, dict]:
     if storage.exists(storage.join(run_dir, "result.json")):
         return run_dir, {"chosen": "the given student run"}
     if storage.exists(storage.join(run_dir, "results.parquet")):
-        from kd_ray.sweep import GRID_KEYS, read_results
+        from kd_ray.stages.sweep import GRID_KEYS, read_results
 
         df = read_results(run_dir)
         done = df[df["status"] == "done"]
@@ -42,7 +43,7 @@ def best_student(run_dir: str) -> tuple[str, dict]:
         # Lowest validation NLL: a proper score, where accuracy on a small validation set ties
         # often and early-stopped (hard-label) runs report the very accuracy they were picked on.
         best = done.sort_values(["val_nll", "val_accuracy"], ascending=[True, False]).iloc[0]
-        return (storage.join(run_dir, "students", best["run_name"]),
+        return (storage.join(students_dir(run_dir), best["run_name"]),
                 {"chosen": "lowest validation NLL among the sweep's finished trials",
                  **{k: _plain(best[k]) for k in GRID_KEYS if k in best}})
     raise FileNotFoundError(f"{run_dir} holds neither a sweep's results.parquet nor a student's result.json; "

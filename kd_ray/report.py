@@ -1,7 +1,7 @@
 """Stage 5: the sweep's report -- the paper's Table 5 shape, the gap recovered, a plot.
 
 Pure pandas/matplotlib over ``results.parquet`` and ``sweep.json`` (written by
-:mod:`kd_ray.sweep`), so ``kd-ray report`` can redraw it any time without Ray.
+:mod:`kd_ray.stages.sweep`), so ``kd-ray report`` can redraw it any time without Ray.
 
 Gap recovered (per fraction) = (soft - hard) / (ensemble - hard), on test accuracy (n/a where the ensemble
 is less than 0.2 points above hard labels): 0 means
@@ -15,7 +15,7 @@ import io
 import numpy as np
 import pandas as pd
 
-from kd_ray import storage
+from kd_ray.core import storage
 
 METRIC = "test_accuracy"
 # Below this ensemble-over-hard margin (0.2 accuracy points) the ratio is noise over noise:
@@ -228,7 +228,7 @@ def write_report(out: str, df: pd.DataFrame | None = None, info: dict | None = N
     """Write ``summary.md``, ``accuracy_vs_fraction.png`` and (with soft and hard trials)
     ``gap_vs_fraction.png`` under ``out``; return the summary."""
     if df is None or info is None:
-        from kd_ray.sweep import load_results
+        from kd_ray.stages.sweep import load_results
 
         df, info = load_results(out)
     text = summary_markdown(df, info)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from kd_ray.augment import random_shift, seeded_shift, shift_images
+from kd_ray.core.augment import random_shift, seeded_shift, shift_images
 
 
 def test_shift_moves_pixels_and_fills_zeros():
@@ -44,7 +44,7 @@ def test_seeded_shift_gives_the_same_view_for_numpy_and_torch():
 
 
 def test_seeded_mixup_is_a_function_of_seed_and_epoch():
-    from kd_ray.augment import mix, seeded_mixup
+    from kd_ray.core.augment import mix, seeded_mixup
 
     partner, lam = seeded_mixup(50, 1.0, seed=3, epoch=2)
     again = seeded_mixup(50, 1.0, seed=3, epoch=2)

@@ -5,7 +5,7 @@ from kd_ray.cli import main
 
 
 def test_config_show_prints_the_resolved_config(capsys):
-    assert main(["config", "show", "jobs/configs/digits.yaml", "--set", "soft_targets.temperature=3",
+    assert main(["config", "show", "kd_ray/configs/digits.yaml", "--set", "soft_targets.temperature=3",
                  "--set", "sweep.fractions=[0.1, 1.0]"]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)
     assert shown["soft_targets"]["temperature"] == 3

@@ -5,9 +5,9 @@ the shared cluster has shut down, since two Ray instances on one machine break R
 """
 import pytest
 
-from kd_ray import storage
-from kd_ray.cluster import check_storage
-from kd_ray.config import load_config
+from kd_ray.core import storage
+from kd_ray.core.config import load_config
+from kd_ray.stages.cluster import check_storage
 
 
 def test_a_file_uri_works_like_a_local_path(tmp_path):
@@ -45,7 +45,7 @@ def two_nodes(no_ray):
 def test_two_nodes_refuse_local_storage_and_spread_teachers(two_nodes, tmp_path):
     import ray
 
-    from kd_ray.teachers import train_ensemble
+    from kd_ray.stages.teachers import train_ensemble
 
     for path in (str(tmp_path), f"file://{tmp_path}"):
         cfg = load_config(None, [f"runtime.storage_path={path}"])

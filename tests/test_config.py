@@ -3,9 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from kd_ray.config import ConfigError, ExperimentConfig, load_config
+from kd_ray.core.config import ConfigError, ExperimentConfig, load_config
 
-CONFIGS = sorted((Path(__file__).parent.parent / "jobs" / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).parent.parent / "kd_ray" / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -22,7 +22,7 @@ def test_shipped_config_set_includes_the_required_ones():
 
 
 def test_paper_mnist_config():
-    cfg = load_config(Path(__file__).parent.parent / "jobs" / "configs" / "mnist_paper.yaml")
+    cfg = load_config("mnist_paper")
     assert cfg.teachers.model_args["hidden"] == [1200, 1200]
     assert cfg.teachers.model_args["dropout"] > 0
     assert cfg.teachers.jitter == 2

@@ -11,8 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from kd_ray.config import DataConfig
-from kd_ray.data import DatasetNotFoundError, load_splits, select_fraction, stable_hash
+from kd_ray.core.config import DataConfig
+from kd_ray.core.data import DatasetNotFoundError, load_splits
+from kd_ray.core.subsets import select_fraction, stable_hash
 
 
 # ------------------------------------------------------------------ fractions
@@ -54,7 +55,7 @@ def test_fractions_independent_of_order_and_block_layout():
 
 
 def test_same_ids_in_another_process():
-    code = ("import numpy as np; from kd_ray.data import select_fraction;"
+    code = ("import numpy as np; from kd_ray.core.subsets import select_fraction;"
             "y=np.random.default_rng(0).integers(0,10,1000);"
             "print(','.join(map(str, select_fraction(np.arange(1000), y, 0.1, 42))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

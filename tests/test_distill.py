@@ -5,10 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from kd_ray.config import ConfigError, build_config
-from kd_ray.distill import (StudentError, bias_adjustment, distill, omitted_class_report, shuffled_batches,
-                            subset_ids)
-from kd_ray.soft_targets import build_soft_targets
+from kd_ray.core.config import ConfigError, build_config
+from kd_ray.stages.distill import (
+    StudentError,
+    distill,
+    omitted_class_report,
+    subset_ids,
+)
+from kd_ray.stages.soft_targets import build_soft_targets
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -20,22 +24,9 @@ def _cfg(base, name, *overrides):
     return build_config(base.model_dump(mode="json"), [f"name={name}", *STUDENT, *overrides])
 
 
-def test_in_memory_epochs_visit_every_row_once_in_a_seeded_order():
-    rows = {"id": torch.arange(10, 20), "image": torch.randn(10, 3)}
-    epoch = list(shuffled_batches(rows, 4, seed=7))
-    assert [len(b["id"]) for b in epoch] == [4, 4, 2]
-    ids = torch.cat([b["id"] for b in epoch])
-    assert sorted(ids.tolist()) == list(range(10, 20))
-    for b in epoch:  # columns stay aligned
-        assert torch.equal(b["image"], rows["image"][b["id"] - 10])
-    again = torch.cat([b["id"] for b in shuffled_batches(rows, 4, seed=7)])
-    other = torch.cat([b["id"] for b in shuffled_batches(rows, 4, seed=8)])
-    assert torch.equal(ids, again) and not torch.equal(ids, other)
-
-
 def test_min_steps_gives_small_subsets_more_epochs():
-    from kd_ray.config import StudentConfig
-    from kd_ray.distill import schedule_epochs
+    from kd_ray.core.config import StudentConfig
+    from kd_ray.stages.distill import schedule_epochs
 
     s = StudentConfig(epochs=40, batch_size=64, min_steps=2000)
     assert schedule_epochs(s, 40) == 2000  # one step per epoch
@@ -48,38 +39,6 @@ def test_min_steps_gives_small_subsets_more_epochs():
     assert "min_steps" not in StudentConfig().identity() and s.identity()["min_steps"] == 2000
     # ... and so do runs from before student.init
     assert "init" not in StudentConfig().identity() and StudentConfig(init="teacher").identity()["init"] == "teacher"
-
-
-def test_epoch_stream_cuts_one_ordered_stream_into_epochs_of_batches():
-    from kd_ray.distill import EpochStream
-
-    # 2 epochs x 5 rows, blocks of 3 that straddle the epoch boundary
-    epoch = np.repeat([0, 1], 5)
-    ids = np.tile(np.arange(5), 2)
-    blocks = [{"epoch": epoch[i:i + 3], "id": ids[i:i + 3]} for i in range(0, 10, 3)]
-    stream = EpochStream(iter(blocks), batch_size=2)
-    first = list(stream.epoch(0))
-    assert [b["id"].tolist() for b in first] == [[0, 1], [2, 3], [4]]  # an epoch's last batch may be short
-    assert all(isinstance(b["id"], torch.Tensor) for b in first)
-    second = list(stream.epoch(1))
-    assert [b["id"].tolist() for b in second] == [[0, 1], [2, 3], [4]]
-    assert list(stream.epoch(2)) == []
-    # an epoch that is left early (early stopping) does not leak its rows into the next
-    stream = EpochStream(iter(blocks), batch_size=2)
-    next(iter(stream.epoch(0)))
-    assert [b["id"].tolist() for b in stream.epoch(1)] == [[0, 1], [2, 3], [4]]
-
-
-def test_bias_adjustment_picks_the_delta_that_fixes_the_class():
-    # class 2 is never predicted: its logit sits 3 below the winner on its own samples, and
-    # 4 below on the others' -> any delta in (3, 4) is perfect; the smallest on the grid is 3.25
-    z = torch.tensor([[5.0, 0.0, 2.0], [0.0, 5.0, 2.0], [6.0, 0.0, 2.0], [0.0, 6.0, 2.0]])
-    y = torch.tensor([2, 2, 0, 1])
-    delta = bias_adjustment(z, y, 2)
-    assert delta == 3.25
-    z2 = z.clone()
-    z2[:, 2] += delta
-    assert (z2.argmax(1) == y).float().mean() == 1.0
 
 
 def test_soft_targets_beat_hard_labels_at_ten_percent(tiny_ensemble):
@@ -168,8 +127,8 @@ def test_bad_inputs(tiny_ensemble):
 
 
 def test_student_init_teacher_starts_from_the_seeds_ensemble_member(tiny_ensemble):
-    from kd_ray.distill import eval_batches, evaluate
-    from kd_ray.soft_targets import build_teacher, load_teacher_files
+    from kd_ray.core.ensemble import build_teacher, load_teacher_files
+    from kd_ray.core.train import eval_batches, evaluate
 
     base, ensemble = tiny_ensemble
     st = build_soft_targets(_cfg(base, "warm"), ensemble)
@@ -189,7 +148,7 @@ def test_student_init_teacher_starts_from_the_seeds_ensemble_member(tiny_ensembl
 
 
 def test_streaming_mode_recomputes_soft_targets_inside_train(tiny_ensemble):
-    from kd_ray.soft_targets import forward_passes
+    from kd_ray.stages.soft_targets import forward_passes
 
     base, ensemble = tiny_ensemble
     cfg = _cfg(base, "streamstudent", "soft_targets.jitter=1", "student.epochs=3", "student.fraction=0.5",
@@ -207,8 +166,8 @@ def test_streaming_mode_recomputes_soft_targets_inside_train(tiny_ensemble):
 
 
 def test_student_at_another_temperature_resoftens_stored_logits():
-    from kd_ray.distill import _targets
-    from kd_ray.losses import ensemble_average
+    from kd_ray.core.losses import ensemble_average
+    from kd_ray.stages.distill import _targets
 
     logits = torch.randn(3, 5, 10)  # K, B, C
     batch = {"soft_targets": ensemble_average(logits, 4.0), "teacher_logits": logits.transpose(0, 1).half()}

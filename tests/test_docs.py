@@ -42,7 +42,7 @@ def test_the_docs_quote_commands():
     # guards the extraction itself: the README's headline commands are among those checked
     quoted = {c for _, c in COMMANDS}
     assert len(COMMANDS) > 50
-    assert "kd-ray run jobs/configs/fashion_mnist_cnn.yaml" in quoted
+    assert "kd-ray run kd_ray/configs/fashion_mnist_cnn.yaml" in quoted
     assert any(c.startswith("python jobs/analysis/small_data_kd.py") for c in quoted)
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from kd_ray.cli import main
-from kd_ray.config import build_config
-from kd_ray.distill import distill, load_student
-from kd_ray.soft_targets import build_soft_targets
-from kd_ray.sweep import save_results
+from kd_ray.core.config import build_config
+from kd_ray.stages.distill import distill, load_student
+from kd_ray.stages.soft_targets import build_soft_targets
+from kd_ray.stages.sweep import save_results
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

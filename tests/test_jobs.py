@@ -109,12 +109,12 @@ def test_ray_job_submit_runs_the_pipeline_and_reports_a_bad_config(ray_head, tmp
     address, env = ray_head
     client = JobSubmissionClient(address)
     runs = tmp_path / "runs"
-    smoke = ["--config", "jobs/configs/digits.yaml", "--set", f"runtime.storage_path={runs}", "--set", "name=smoke",
+    smoke = ["--config", "kd_ray/configs/digits.yaml", "--set", f"runtime.storage_path={runs}", "--set", "name=smoke",
              "--set", "teachers.count=2", "--set", "teachers.epochs=1", "--set", "teachers.model_args={hidden: [32]}",
              "--set", "student.epochs=1", "--set", "student.model_args={hidden: [32]}",
              "--set", "sweep.fractions=[1.0]", "--set", "sweep.targets=[soft]", "--set", "sweep.seeds=[0]"]
     good = _submit(address, env, *smoke)
-    bad = _submit(address, env, "--config", "jobs/configs/digits.yaml", "--set", "student.alpha=3")
+    bad = _submit(address, env, "--config", "kd_ray/configs/digits.yaml", "--set", "student.alpha=3")
 
     assert _wait_job(client, bad, timeout=120) == "FAILED"
     bad_logs = client.get_job_logs(bad)

@@ -4,7 +4,14 @@ import math
 import pytest
 import torch
 
-from kd_ray.losses import ensemble_average, kd_loss, logit_matching_loss, resoften, soft_cross_term, soften
+from kd_ray.core.losses import (
+    ensemble_average,
+    kd_loss,
+    logit_matching_loss,
+    resoften,
+    soft_cross_term,
+    soften,
+)
 
 
 def test_soften_is_softmax_at_temperature():
@@ -119,7 +126,7 @@ def test_kd_loss_rejects_class_mismatch_and_bad_alpha():
 
 
 def test_mixed_labels_weight_the_cross_entropy_of_both_images():
-    from kd_ray.losses import mixed_labels
+    from kd_ray.core.losses import mixed_labels
 
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
     y, y2, w = torch.tensor([0, 2]), torch.tensor([1, 2]), torch.tensor([0.75, 0.4])

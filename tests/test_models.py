@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kd_ray.models import MODELS, build_model, count_parameters
+from kd_ray.core.models import MODELS, build_model, count_parameters
 
 INPUT_SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 

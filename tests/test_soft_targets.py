@@ -3,18 +3,23 @@ import numpy as np
 import pytest
 import torch
 
-from kd_ray import storage
-from kd_ray.data import load_splits
-from kd_ray.losses import ensemble_average, resoften
-from kd_ray.models import build_model
-from kd_ray.soft_targets import (averaged_soft_targets, build_soft_targets, build_teacher, forward_passes,
-                                 load_teacher_files, predict, teacher_logits)
+from kd_ray.core import storage
+from kd_ray.core.data import load_splits
+from kd_ray.core.ensemble import (
+    averaged_soft_targets,
+    build_teacher,
+    load_teacher_files,
+    teacher_logits,
+)
+from kd_ray.core.losses import ensemble_average, resoften
+from kd_ray.core.models import build_model
+from kd_ray.stages.soft_targets import build_soft_targets, forward_passes, predict
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def _cfg(base, name, *overrides):
-    from kd_ray.config import build_config
+    from kd_ray.core.config import build_config
 
     return build_config(base.model_dump(mode="json"), [f"name={name}", *overrides])
 
@@ -100,7 +105,7 @@ def test_bfloat16_teachers_give_the_float32_soft_targets_within_rounding(tiny_en
 def test_cnn_teachers_run_channels_last_in_bfloat16_through_the_actor_pool(ray_session, digits_cfg):
     """Conv teachers (fashion_mnist_cnn.yaml's kind): trained by the teacher actors, built
     channels-last, and in bfloat16 they give the float32 soft targets within rounding."""
-    from kd_ray.teachers import train_ensemble
+    from kd_ray.stages.teachers import train_ensemble
 
     cfg = digits_cfg("name=cnn", "teachers.model=cnn", "teachers.model_args={channels: [8, 16]}",
                      "teachers.epochs=3", "soft_targets.batch_size=256", "soft_targets.temperature=3")
@@ -181,7 +186,7 @@ def test_streaming_recomputes_each_epoch_on_the_students_view(tiny_ensemble):
 
 
 def test_mixup_alone_streams_mixed_unshifted_views(tiny_ensemble):
-    from kd_ray.augment import mix, seeded_mixup
+    from kd_ray.core.augment import mix, seeded_mixup
 
     base, ensemble = tiny_ensemble
     # function matching without shifts (soft_targets.jitter 0): augmentation by mixup alone

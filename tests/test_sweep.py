@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 
 from kd_ray.cli import main
-from kd_ray.config import ConfigError, build_config, load_config
-from kd_ray.sweep import max_concurrent, trial_config, trial_grid, trial_resources
+from kd_ray.core.config import ConfigError, build_config, load_config
+from kd_ray.stages.sweep import (
+    max_concurrent,
+    trial_config,
+    trial_grid,
+    trial_resources,
+)
 
 SMALL = ["student.model_args={hidden: [64]}", "student.epochs=3", "student.batch_size=32", "student.lr=0.05"]
 
@@ -22,14 +27,14 @@ def _cfg(base, name, *overrides):
 def test_grid_has_one_hard_trial_per_fraction_and_seed():
     cfg = load_config(None, ["sweep.fractions=[0.03, 0.1]", "sweep.temperatures=[2, 4]", "sweep.alphas=[0.5, 0.9]",
                              "sweep.seeds=[0, 1]"])
-    trials = trial_grid(cfg, cache_temperature=4.0)
+    trials = trial_grid(cfg)
     soft = [t for t in trials if t["targets"] == "soft"]
     hard = [t for t in trials if t["targets"] == "hard"]
     assert len(soft) == 2 * 2 * 2 * 2 and len(hard) == 2 * 2
     assert {t["alpha"] for t in hard} == {0.0} and {t["temperature"] for t in hard} == {4.0}
     assert {(t["temperature"], t["alpha"]) for t in soft} == {(2.0, 0.5), (2.0, 0.9), (4.0, 0.5), (4.0, 0.9)}
     # defaults: the student's alpha and the cache's T
-    plain = trial_grid(load_config(None, ["sweep.seeds=[0]"]), cache_temperature=3.0)
+    plain = trial_grid(load_config(None, ["sweep.seeds=[0]", "soft_targets.temperature=3"]))
     assert len(plain) == 4 * 2 and {t["temperature"] for t in plain} == {3.0}
 
 
@@ -37,7 +42,7 @@ def test_grid_sweeps_teaching_modes_and_epoch_budgets():
     cfg = load_config(None, ["soft_targets.jitter=1", "soft_targets.mode=cached", "sweep.fractions=[0.03]",
                              "sweep.seeds=[0, 1]",
                              "sweep.teaching=[cached, inconsistent, consistent]", "sweep.epochs=[10, 40]"])
-    trials = trial_grid(cfg, cache_temperature=4.0)
+    trials = trial_grid(cfg)
     soft = [t for t in trials if t["targets"] == "soft"]
     hard = [t for t in trials if t["targets"] == "hard"]
     assert len(soft) == 3 * 2 * 2
@@ -107,7 +112,7 @@ def test_concurrency_follows_the_cluster_and_the_cap():
 def test_sweep_identity_ignores_the_grid_and_concurrency_but_not_the_student():
     from types import SimpleNamespace
 
-    from kd_ray.sweep import sweep_name
+    from kd_ray.stages.sweep import sweep_name
 
     soft = SimpleNamespace(manifest={"fingerprint": "abc"})
     name = sweep_name(load_config(None, []), soft)
@@ -140,8 +145,8 @@ def test_bad_sweep_input_fails_before_any_work(tmp_path, capsys, override, messa
 @pytest.mark.slow
 def test_small_sweep_results_report_and_teacher_passes(tiny_ensemble):
     from kd_ray.report import write_report
-    from kd_ray.soft_targets import build_soft_targets, forward_passes
-    from kd_ray.sweep import run_sweep
+    from kd_ray.stages.soft_targets import build_soft_targets, forward_passes
+    from kd_ray.stages.sweep import run_sweep
 
     base, ensemble = tiny_ensemble
     cfg = _cfg(base, "sweepsmall", "sweep.fractions=[0.03, 0.1]", "sweep.seeds=[0]", "sweep.max_concurrent_trials=4")
@@ -182,11 +187,12 @@ def test_small_sweep_results_report_and_teacher_passes(tiny_ensemble):
 def test_consistent_teaching_sweep_streams_the_students_view_through_the_teachers(tiny_ensemble):
     import torch
 
-    from kd_ray.augment import mix, seeded_mixup, seeded_shift
-    from kd_ray.distill import subset_ids
-    from kd_ray.losses import ensemble_average
-    from kd_ray.soft_targets import build_soft_targets, build_teacher, forward_passes, load_teacher_files
-    from kd_ray.sweep import run_sweep
+    from kd_ray.core.augment import mix, seeded_mixup, seeded_shift
+    from kd_ray.core.ensemble import build_teacher, load_teacher_files
+    from kd_ray.core.losses import ensemble_average
+    from kd_ray.stages.distill import subset_ids
+    from kd_ray.stages.soft_targets import build_soft_targets, forward_passes
+    from kd_ray.stages.sweep import run_sweep
 
     base, ensemble = tiny_ensemble
     # mixup: consistent teaching mixes each shifted image with another of the subset
@@ -265,8 +271,8 @@ class _Interrupt:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_interrupted_sweep_finishes_the_rest_when_run_again(tiny_ensemble):
-    from kd_ray.soft_targets import build_soft_targets
-    from kd_ray.sweep import run_sweep
+    from kd_ray.stages.soft_targets import build_soft_targets
+    from kd_ray.stages.sweep import run_sweep
 
     base, ensemble = tiny_ensemble
     cfg = _cfg(base, "sweepsmall", "sweep.fractions=[0.03, 0.1]", "sweep.targets=[hard]", "sweep.seeds=[1]",

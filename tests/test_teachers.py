@@ -5,10 +5,10 @@ import time
 import pytest
 import torch
 
-from kd_ray import storage
-from kd_ray.config import ConfigError
-from kd_ray.models import build_model
-from kd_ray.teachers import EnsembleError, EnsembleRun, train_ensemble
+from kd_ray.core import storage
+from kd_ray.core.config import ConfigError
+from kd_ray.core.models import build_model
+from kd_ray.stages.teachers import EnsembleError, EnsembleRun, train_ensemble
 
 pytestmark = pytest.mark.ray
 

@@ -1,7 +1,7 @@
 """The ensemble's accuracy on the un-augmented images and on the seeded shifted views that
 consistent teaching labels (no Ray; reads a finished run's teachers).
 
-    python jobs/analysis/ensemble_on_shifts.py jobs/configs/digits_consistent.yaml [--storage runs] [--epochs 0 1] \
+    python jobs/analysis/ensemble_on_shifts.py kd_ray/configs/digits_consistent.yaml [--storage runs] [--epochs 0 1] \
         [--set soft_targets.jitter=2]
 
 Answers one question from the consistent-teaching results: are the teachers' labels on the
@@ -14,10 +14,11 @@ import json
 
 import torch
 
-from kd_ray.augment import seeded_shift
-from kd_ray.config import load_config
-from kd_ray.data import load_splits
-from kd_ray.soft_targets import averaged_soft_targets, run_teachers
+from kd_ray.core.augment import seeded_shift
+from kd_ray.core.config import load_config
+from kd_ray.core.data import load_splits
+from kd_ray.core.ensemble import averaged_soft_targets, load_ensemble
+from kd_ray.layout import ensemble_paths
 
 
 def main() -> None:
@@ -29,7 +30,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="config overrides, as kd-ray --set")
     args = ap.parse_args()
     cfg = load_config(args.config, list(args.set) + ([f"runtime.storage_path={args.storage}"] if args.storage else []))
-    teachers = run_teachers(cfg)
+    teachers = load_ensemble(ensemble_paths(cfg), precision=cfg.soft_targets.precision)
     splits = load_splits(cfg.data)
     out = {}
     for name, part in (("train", splits.train), ("test", splits.test)):

@@ -1,6 +1,6 @@
 """What ``soft_targets.precision: bfloat16`` costs and buys on a finished run's teachers (no Ray).
 
-    python jobs/analysis/precision_check.py jobs/configs/fashion_mnist_consistent.yaml --storage runs \
+    python jobs/analysis/precision_check.py kd_ray/configs/fashion_mnist_consistent.yaml --storage runs \
         --set teachers.epochs=15 --set teachers.jitter=0 [--fraction 0.1]
 
 Prints, for float32 and bfloat16 teachers: one thread's time for the K teachers on a batch of
@@ -21,13 +21,15 @@ import time
 
 import torch
 
-from kd_ray.augment import mix, seeded_mixup
-from kd_ray.config import load_config
-from kd_ray.data import load_splits, select_fraction
-from kd_ray.losses import kd_loss
-from kd_ray.models import build_model
-from kd_ray.soft_targets import averaged_soft_targets, run_teachers, teacher_logits
-from kd_ray.teachers import make_optimizer
+from kd_ray.core.augment import mix, seeded_mixup
+from kd_ray.core.config import load_config
+from kd_ray.core.data import load_splits
+from kd_ray.core.ensemble import averaged_soft_targets, load_ensemble, teacher_logits
+from kd_ray.core.losses import kd_loss
+from kd_ray.core.models import build_model
+from kd_ray.core.subsets import select_fraction
+from kd_ray.core.train import make_optimizer
+from kd_ray.layout import ensemble_paths
 
 
 def ms_per_call(fn, repeats: int = 50) -> float:
@@ -53,7 +55,7 @@ def main() -> None:
     sets = list(args.set) + ([f"runtime.storage_path={args.storage}"] if args.storage else [])
     torch.set_num_threads(1)
     cfg = {p: load_config(args.config, sets + [f"soft_targets.precision={p}"]) for p in ("float32", "bfloat16")}
-    teachers = {p: run_teachers(c) for p, c in cfg.items()}
+    teachers = {p: load_ensemble(ensemble_paths(c), precision=c.soft_targets.precision) for p, c in cfg.items()}
     c, s = cfg["float32"], cfg["float32"].student
     splits = load_splits(c.data)
     T = c.soft_targets.temperature

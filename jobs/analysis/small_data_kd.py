@@ -1,7 +1,7 @@
 """One sweep trial's student, in a plain single-process PyTorch loop (no Ray): a fast way to
 try distillation settings on a small subset before a sweep spends its minutes on them.
 
-    python jobs/analysis/small_data_kd.py jobs/configs/digits_consistent.yaml --fraction 0.03 \
+    python jobs/analysis/small_data_kd.py kd_ray/configs/digits_consistent.yaml --fraction 0.03 \
         --teaching consistent --set student.alpha=1 --set soft_targets.mixup=1 --set student.min_steps=2000
 
 It reads a finished run's teachers, takes the same nested stratified subset as the sweep
@@ -26,14 +26,22 @@ import time
 import numpy as np
 import torch
 
-from kd_ray.augment import mix, seeded_mixup, seeded_shift
-from kd_ray.config import load_config
-from kd_ray.data import load_splits, select_fraction
-from kd_ray.distill import eval_batches, evaluate, schedule_epochs, shuffled_batches
-from kd_ray.losses import kd_loss, mixed_labels
-from kd_ray.models import build_model
-from kd_ray.soft_targets import averaged_soft_targets, run_teachers
-from kd_ray.teachers import make_optimizer, make_scheduler
+from kd_ray.core.augment import mix, seeded_mixup, seeded_shift
+from kd_ray.core.config import load_config
+from kd_ray.core.data import load_splits
+from kd_ray.core.ensemble import averaged_soft_targets, load_ensemble
+from kd_ray.core.losses import kd_loss, mixed_labels
+from kd_ray.core.models import build_model
+from kd_ray.core.subsets import select_fraction
+from kd_ray.core.train import (
+    eval_batches,
+    evaluate,
+    make_optimizer,
+    make_scheduler,
+    shuffled_batches,
+)
+from kd_ray.layout import ensemble_paths
+from kd_ray.stages.distill import schedule_epochs
 
 
 def train_student(cfg, teachers, subset, test, teaching: str, seed: int) -> dict[str, float]:
@@ -93,7 +101,7 @@ def main() -> None:
     sets = list(args.set) + ([f"runtime.storage_path={args.storage}"] if args.storage else [])
     cfg = load_config(args.config, sets)
     torch.set_num_threads(1)
-    teachers = run_teachers(cfg)
+    teachers = load_ensemble(ensemble_paths(cfg), precision=cfg.soft_targets.precision)
     splits = load_splits(cfg.data)
     t0 = time.time()
     # the sweep's subset: nested, stratified, chosen by the data seed (the same for every trial seed)

@@ -22,9 +22,10 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from common import bench_config, emit, untrained_teachers  # noqa: E402
 
-from kd_ray.data import from_dataset, load_splits  # noqa: E402
-from kd_ray.losses import kd_loss  # noqa: E402
-from kd_ray.models import build_model  # noqa: E402
+from kd_ray.core.data import load_splits  # noqa: E402
+from kd_ray.core.losses import kd_loss  # noqa: E402
+from kd_ray.core.models import build_model  # noqa: E402
+from kd_ray.stages.datasets import from_dataset  # noqa: E402
 
 
 def plain_pytorch(rows: dict, val: dict, input_shape, epochs: int, batch_size: int, lr: float) -> list[float]:
@@ -70,8 +71,8 @@ def main() -> None:
 
     import ray
 
-    from kd_ray.distill import distill
-    from kd_ray.soft_targets import build_soft_targets
+    from kd_ray.stages.distill import distill
+    from kd_ray.stages.soft_targets import build_soft_targets
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1")
     _, paths = untrained_teachers(cfg, splits, 3)

@@ -1,7 +1,7 @@
 """Serving: the exported student vs the K-teacher ensemble it was distilled from, on CPU.
 
-    kd-ray run jobs/configs/digits.yaml            # first: teachers, soft targets, the sweep
-    python jobs/bench/bench_serving.py [--config jobs/configs/digits.yaml] [--set ...]
+    kd-ray run kd_ray/configs/digits.yaml            # first: teachers, soft targets, the sweep
+    python jobs/bench/bench_serving.py [--config kd_ray/configs/digits.yaml] [--set ...]
 
 The student is the sweep's best finished trial (lowest validation NLL), exported to
 TorchScript with ``kd-ray export`` and loaded with ``torch.jit.load``; the ensemble is the
@@ -23,12 +23,12 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from common import emit  # noqa: E402
 
-from kd_ray import storage  # noqa: E402
-from kd_ray.config import load_config  # noqa: E402
-from kd_ray.data import load_splits  # noqa: E402
+from kd_ray.core import storage  # noqa: E402
+from kd_ray.core.config import load_config  # noqa: E402
+from kd_ray.core.data import load_splits  # noqa: E402
+from kd_ray.core.ensemble import build_teacher, load_teacher_files  # noqa: E402
 from kd_ray.export import export_student  # noqa: E402
-from kd_ray.soft_targets import build_teacher, load_teacher_files  # noqa: E402
-from kd_ray.sweep import results_dir  # noqa: E402
+from kd_ray.layout import experiment_dir  # noqa: E402
 
 
 class Ensemble(torch.nn.Module):
@@ -73,14 +73,14 @@ def accuracy(model, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="jobs/configs/digits.yaml")
+    ap.add_argument("--config", default="kd_ray/configs/digits.yaml")
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--calls", type=int, default=500)
     ap.add_argument("--seconds", type=float, default=5.0)
     args = ap.parse_args()
 
     cfg = load_config(args.config, args.set)
-    run_dir = results_dir(cfg)
+    run_dir = experiment_dir(cfg)
     card = export_student(run_dir)  # -> <run_dir>/export/student.ts + student_card.json
     student = torch.jit.load(storage.join(card["path"], card["artifact"])).eval()
     sweep = storage.read_json(storage.join(run_dir, "sweep.json"))

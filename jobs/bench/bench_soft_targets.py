@@ -23,8 +23,9 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from common import bench_config, emit, untrained_teachers  # noqa: E402
 
-from kd_ray.data import Split, load_splits, to_dataset  # noqa: E402
-from kd_ray.soft_targets import PRECISIONS, averaged_soft_targets  # noqa: E402
+from kd_ray.core.data import Split, load_splits  # noqa: E402
+from kd_ray.core.ensemble import PRECISIONS, averaged_soft_targets  # noqa: E402
+from kd_ray.stages.datasets import to_dataset  # noqa: E402
 
 
 def plain_pytorch(models, images: np.ndarray, T: float, batch_size: int) -> tuple[float, np.ndarray]:
@@ -61,7 +62,7 @@ def main() -> None:
 
     import ray
 
-    from kd_ray.soft_targets import predict
+    from kd_ray.stages.soft_targets import predict
 
     t0 = time.perf_counter()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1")

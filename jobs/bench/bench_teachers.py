@@ -18,8 +18,8 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from common import bench_config, emit  # noqa: E402
 
-from kd_ray.data import load_splits  # noqa: E402
-from kd_ray.models import build_model  # noqa: E402
+from kd_ray.core.data import load_splits  # noqa: E402
+from kd_ray.core.models import build_model  # noqa: E402
 
 
 def plain_pytorch(splits, k: int, epochs: int, batch_size: int, lr: float) -> float:
@@ -65,7 +65,7 @@ def main() -> None:
 
     import ray
 
-    from kd_ray.teachers import train_ensemble
+    from kd_ray.stages.teachers import train_ensemble
 
     t0 = time.perf_counter()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1")

@@ -33,7 +33,7 @@ def bench_data_config() -> tuple[list[str], str]:
 
 def bench_config(name: str, overrides: list[str]):
     """(config, dataset name) for a benchmark: the bench dataset, a fresh temporary storage."""
-    from kd_ray.config import load_config
+    from kd_ray.core.config import load_config
 
     data_sets, data_name = bench_data_config()
     root = tempfile.mkdtemp(prefix=f"kd_ray_{name}_")
@@ -45,8 +45,8 @@ def untrained_teachers(cfg, splits, k: int) -> tuple[list, list[str]]:
     storage (inference cost does not depend on the weights): (models, checkpoint paths)."""
     import torch
 
-    from kd_ray.models import build_model
-    from kd_ray.teachers import save_teacher_model
+    from kd_ray.core.ensemble import save_teacher_model
+    from kd_ray.core.models import build_model
 
     spec = cfg.teachers.resolved()[0].model_copy(update={"model": "mlp", "model_args": {"hidden": [1200, 1200]}})
     models, paths = [], []

@@ -12,9 +12,16 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from kd_ray.models import MODELS
+from kd_ray.core.models import MODELS
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "kmnist", "cifar10", "cifar100", "parquet", "image_folder")
 # Metrics a sweep can optimise; the student stage reports each of them.
@@ -149,7 +156,7 @@ class SoftTargetsConfig(_Section):
 
 
 # StudentConfig fields added after runs were named: at these values they stay out of run names
-_NAMELESS_DEFAULTS = {"min_steps": None, "init": "scratch"}
+_NAMELESS_DEFAULTS = {"min_steps": None, "init": "scratch", "grad_clip_norm": None}
 
 
 class StudentConfig(_Section):
@@ -162,6 +169,8 @@ class StudentConfig(_Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     schedule: Literal["cosine", "constant"] = "cosine"
+    # the global gradient norm is clipped to this before every step (None: no clipping)
+    grad_clip_norm: Optional[float] = Field(None, gt=0)
     alpha: float = Field(0.9, ge=0, le=1)  # weight of the soft term
     temperature: Optional[float] = Field(None, gt=0)  # None: the soft targets' temperature
     targets: Literal["soft", "hard"] = "soft"
@@ -285,7 +294,7 @@ class RuntimeConfig(_Section):
     @field_validator("storage_path")
     @classmethod
     def _storage_path(cls, v: str) -> str:
-        from kd_ray.storage import absolute
+        from kd_ray.core.storage import absolute
 
         if not v:
             raise ValueError("give a folder or an s3:// / gs:// URI")
@@ -335,9 +344,19 @@ class ExperimentConfig(_Section):
                              "set soft_targets.mode: cached (consistent trials stream either way)")
         return self
 
-    def teaching(self) -> str:
-        """The student's resolved teaching mode."""
-        return self.student.teaching or ("consistent" if self.soft_targets.resolved_mode == "streaming" else "cached")
+    def teaching(self, targets: str | None = None) -> str:
+        """The resolved teaching mode of a student with ``targets`` (default: student.targets). A
+        hard-label student needs no teachers: with cached rows its "consistent" views are the
+        in-worker shifts ("inconsistent")."""
+        streaming = self.soft_targets.resolved_mode == "streaming"
+        mode = self.student.teaching or ("consistent" if streaming else "cached")
+        if mode == "consistent" and (targets or self.student.targets) == "hard" and not streaming:
+            return "inconsistent"
+        return mode
+
+    def student_temperature(self) -> float:
+        """The student's effective T: its own, else the soft targets' (re-softened when they differ)."""
+        return self.student.temperature or self.soft_targets.temperature
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -382,13 +401,41 @@ def build_config(raw: dict[str, Any], overrides: list[str] | None = None, source
         raise ConfigError(_format_errors(e, source)) from None
 
 
+DEFAULT_CONFIG = "digits"  # the shipped config `kd-ray` uses when none is given
+
+
+def shipped_configs() -> dict[str, tuple[Path, str]]:
+    """The configs the package ships (``kd_ray/configs/*.yaml``): name -> (path, one-line description).
+
+    The description is the file's first comment line."""
+    folder = Path(__file__).resolve().parents[1] / "configs"
+    out = {}
+    for path in sorted(folder.glob("*.yaml")):
+        first = next((line for line in path.read_text().splitlines() if line.startswith("#")), "#")
+        out[path.stem] = (path, first.lstrip("# ").strip())
+    return out
+
+
+def config_path(name_or_path: str | os.PathLike) -> Path:
+    """A config file: ``name_or_path`` itself when it is a file, else the shipped config of that
+    name (``digits`` or ``digits.yaml``)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    shipped = shipped_configs()
+    stem = p.name.removesuffix(".yaml")
+    if p.parent == Path(".") and stem in shipped:
+        return shipped[stem][0]
+    raise ConfigError(f"config file not found: {p} (shipped configs, usable by name: {', '.join(shipped)}; "
+                      f"`kd-ray configs` describes them)")
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Load a YAML config (None: all defaults) and apply ``--set`` overrides."""
+    """Load a YAML config (a path or a shipped config's name; None: all defaults) and apply
+    ``--set`` overrides."""
     raw: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p} (the shipped configs are in jobs/configs/)")
+        p = config_path(path)
         try:
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import os
 
-from kd_ray import storage
-from kd_ray.config import ExperimentConfig
+import ray
+
+from kd_ray.core import storage
+from kd_ray.core.config import ExperimentConfig
 
 
 def init_ray(cfg: ExperimentConfig) -> None:
@@ -12,8 +14,6 @@ def init_ray(cfg: ExperimentConfig) -> None:
 
     The dashboard stays on (Train's internal actors use the state API), bound to 127.0.0.1.
     """
-    import ray
-
     if not ray.is_initialized():
         address = cfg.runtime.address or os.environ.get("RAY_ADDRESS")
         if address:
@@ -32,8 +32,6 @@ def largest_node(resource: str) -> tuple[float, str]:
 
     A request above this can never be scheduled, so callers fail at once instead of hanging.
     """
-    import ray
-
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if not nodes:
         raise RuntimeError("no alive Ray nodes")
@@ -43,8 +41,6 @@ def largest_node(resource: str) -> tuple[float, str]:
 
 def check_storage(cfg: ExperimentConfig) -> None:
     """On more than one node, checkpoints and caches must live on shared storage."""
-    import ray
-
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     path = cfg.runtime.storage_path
     if len(nodes) > 1 and storage.is_local(path) and not cfg.runtime.shared_filesystem:

@@ -1,7 +1,7 @@
 """Stage 4: a Ray Tune sweep of students over data fraction x targets x T x alpha x seed.
 
 Each Tune trial is a small driver (:func:`_trial`) that distils one student with
-:func:`kd_ray.distill.distill` -- a TorchTrainer whose per-epoch reports reach Tune through
+:func:`kd_ray.stages.distill.distill` -- a TorchTrainer whose per-epoch reports reach Tune through
 ``TuneReportCallback`` -- and reports the final metrics with ``ray.tune.report``. The
 teachers and the soft-target cache are computed once, before the sweep; every trial reads the
 same cache (cached mode), so the teachers' forward passes do not grow with the number of
@@ -34,11 +34,17 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import ray
+import ray.tune
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
 
-from kd_ray import storage
-from kd_ray.config import ConfigError, ExperimentConfig
-from kd_ray.distill import check_classes, distill, uses_gpu
-from kd_ray.soft_targets import SoftTargets
+from kd_ray import layout
+from kd_ray.core import storage
+from kd_ray.core.config import ConfigError, ExperimentConfig
+from kd_ray.stages.distill import check_classes, distill, uses_gpu
+from kd_ray.stages.soft_targets import SoftTargets
 
 # A trial's driver only waits on its TorchTrainer: no CPU, but it reserves the memory a Train
 # run's controller and bookkeeping take on the head (~0.5 GB each, Ray issue #65443), and Tune
@@ -52,18 +58,18 @@ METRIC_COLUMNS = ("test_accuracy", "test_errors", "test_nll", "test_fidelity", "
 
 
 # --------------------------------------------------------------------------- pure helpers
-def trial_grid(cfg: ExperimentConfig, cache_temperature: float) -> list[dict]:
+def trial_grid(cfg: ExperimentConfig) -> list[dict]:
     """Every trial of the sweep, as dicts of GRID_KEYS, in a fixed order.
 
     Soft-target trials: teaching modes x T x alpha x epoch budgets x seeds. Hard-label trials
-    need no teachers, T, alpha or teaching mode (``teaching`` "none", alpha 0, the cache's T),
+    need no teachers, T, alpha or teaching mode (``teaching`` "none", alpha 0, the soft targets' T),
     and stop early on validation, so there is one per (fraction, seed), with the largest epoch
     budget.
     """
     sw = cfg.sweep
-    temps = sw.temperatures or [cfg.student.temperature or cache_temperature]
+    temps = sw.temperatures or [cfg.student_temperature()]
     alphas = sw.alphas or [cfg.student.alpha]
-    teachings = sw.teaching or [cfg.teaching()]
+    teachings = sw.teaching or [cfg.teaching("soft")]
     budgets = sw.epochs or [cfg.student.epochs]
     trials = []
     for fraction in sw.fractions:
@@ -71,7 +77,7 @@ def trial_grid(cfg: ExperimentConfig, cache_temperature: float) -> list[dict]:
             if targets == "soft":
                 grid = [(m, T, a, e) for m in teachings for T in temps for a in alphas for e in budgets]
             else:
-                grid = [("none", cache_temperature, 0.0, max(budgets))]
+                grid = [("none", cfg.soft_targets.temperature, 0.0, max(budgets))]
             for teaching, T, alpha, epochs in grid:
                 for seed in sw.seeds:
                     t = {"fraction": float(fraction), "targets": targets, "teaching": teaching,
@@ -140,10 +146,6 @@ def sweep_name(cfg: ExperimentConfig, soft: SoftTargets) -> str:
     return "sweep-" + hashlib.sha256(key.encode()).hexdigest()[:10]
 
 
-def results_dir(cfg: ExperimentConfig) -> str:
-    return storage.join(cfg.runtime.storage_path, cfg.name)
-
-
 def trial_key(trial: dict) -> str:
     return (f"f{trial['fraction']:g}-{trial['targets']}-{trial['teaching']}-T{trial['temperature']:g}"
             f"-a{trial['alpha']:g}-e{trial['epochs']}-s{trial['seed']}")
@@ -156,9 +158,6 @@ def _trial(config: dict, base: ExperimentConfig, soft: SoftTargets, record_dir: 
     The finished trial's row is written to ``record_dir`` before the final report, so a
     later run of the same sweep knows it is done whatever happens to Tune afterwards.
     """
-    import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     t0 = time.time()
     trial = config["trial"]
     result = distill(trial_config(base, trial), soft, callbacks=[TuneReportCallback()])
@@ -185,16 +184,13 @@ class SweepResult:
 def run_sweep(cfg: ExperimentConfig, soft: SoftTargets, callbacks: list | None = None) -> SweepResult:
     """Run the sweep over ``cfg.sweep``'s grid on ``soft`` (only its unfinished trials); save
     the results table and ``sweep.json`` under ``<storage>/<name>/``."""
-    import ray
-    from ray import tune
-
     t0 = time.time()
-    trials = trial_grid(cfg, soft.temperature)
+    trials = trial_grid(cfg)
     check_classes(cfg.student, soft)  # before any trial starts
     use_gpu = uses_gpu(cfg.student)
     metric = cfg.sweep.metric
     name = sweep_name(cfg, soft)
-    sweep_dir = storage.join(results_dir(cfg), "sweeps", name)
+    sweep_dir = layout.sweep_dir(cfg, name)
     record_dir = storage.join(sweep_dir, "trials")
     done = finished_trials(record_dir)
     todo = [t for t in trials if trial_key(t) not in done]
@@ -215,8 +211,6 @@ def run_sweep(cfg: ExperimentConfig, soft: SoftTargets, callbacks: list | None =
             concurrency = max_concurrent(cfg, ray.cluster_resources(), use_gpu, len(group), group[0])
             scheduler = None
             if cfg.sweep.scheduler == "asha":
-                from ray.tune.schedulers import ASHAScheduler
-
                 # a trial reports each epoch, Train's final (test) report, then the driver's own
                 reports = math.ceil(max(t["epochs"] for t in group) / cfg.student.report_every)
                 scheduler = ASHAScheduler(time_attr="training_iteration", max_t=reports + 2,
@@ -245,7 +239,7 @@ def run_sweep(cfg: ExperimentConfig, soft: SoftTargets, callbacks: list | None =
         rows.append(done.get(key) or others.get(key) or {**t, "status": "unfinished", "error": ""})
     df = results_frame(rows)
     complete = bool(df["status"].isin(["done", "stopped"]).all())
-    out = results_dir(cfg)
+    out = layout.experiment_dir(cfg)
     save_results(df, out)
     e = soft.manifest["ensemble"]
     storage.write_json(storage.join(out, "sweep.json"), {

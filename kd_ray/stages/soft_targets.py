@@ -22,101 +22,30 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import ray.data
 import torch
+from ray.data.expressions import col
 
-from kd_ray import storage
-from kd_ray.cluster import largest_node
-from kd_ray.config import ExperimentConfig
-from kd_ray.data import Split, Splits, from_dataset, load_splits, to_dataset
-from kd_ray.losses import ensemble_average
-from kd_ray.models import build_model
+from kd_ray import layout
+from kd_ray.core import storage
+from kd_ray.core.augment import mix, seeded_mixup, seeded_shift
+from kd_ray.core.config import ExperimentConfig, SoftTargetsConfig
+from kd_ray.core.data import Split, Splits, load_splits
+from kd_ray.core.ensemble import (
+    TeacherFile,
+    build_teacher,
+    ensemble_outputs,
+    load_teacher_files,
+)
+from kd_ray.core.subsets import stable_hash
+from kd_ray.stages.cluster import largest_node
+from kd_ray.stages.datasets import from_dataset, to_dataset
 
 SCHEMA_VERSION = 2
 SPLITS = ("train", "val", "test")
-
-
-# --------------------------------------------------------------------------- teachers on disk
-@dataclass
-class TeacherFile:
-    path: str
-    sha256: str
-    blob: dict
-
-
-def load_teacher_files(paths: Sequence[str]) -> list[TeacherFile]:
-    """Read every teacher checkpoint once (weights only); check they agree on classes and input."""
-    if not paths:
-        raise ValueError("no teacher checkpoints given")
-    out = []
-    for p in paths:
-        if not storage.exists(p):
-            raise FileNotFoundError(f"teacher checkpoint not found: {p}; run `kd-ray teachers` first")
-        raw = storage.read_bytes(p)
-        blob = storage.load_torch(p, raw)
-        missing = [k for k in ("model", "model_args", "num_classes", "input_shape", "state_dict") if k not in blob]
-        if missing:
-            raise ValueError(f"corrupt checkpoint {p}: missing {missing}; delete it to retrain that teacher")
-        out.append(TeacherFile(p, hashlib.sha256(raw).hexdigest(), blob))
-    classes = {f.path: int(f.blob["num_classes"]) for f in out}
-    if len(set(classes.values())) > 1:
-        raise ValueError(f"teachers disagree on the number of classes: {classes}; an ensemble needs one label space")
-    shapes = {f.path: tuple(f.blob["input_shape"]) for f in out}
-    if len(set(shapes.values())) > 1:
-        raise ValueError(f"teachers disagree on the input shape: {shapes}")
-    return out
-
-
-PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # SoftTargetsConfig.precision
-
-
-def build_teacher(blob: dict, device: torch.device, precision: str = "float32") -> torch.nn.Module:
-    """A teacher in eval mode on ``device``, its weights cast to ``precision``."""
-    model = build_model(blob["model"], blob["input_shape"], blob["num_classes"], **blob["model_args"])
-    model.load_state_dict(blob["state_dict"])
-    return model.to(device=device, dtype=PRECISIONS[precision]).eval()
-
-
-def run_teachers(cfg: ExperimentConfig, device: torch.device = torch.device("cpu")) -> list[torch.nn.Module]:
-    """A finished run's ensemble (``teachers/ensemble.json`` under the config's storage), each
-    teacher built in ``soft_targets.precision``: for analysis scripts that run it without Ray."""
-    from kd_ray.teachers import teachers_dir
-
-    paths = storage.read_json(storage.join(teachers_dir(cfg), "ensemble.json"))["model_paths"]
-    return [build_teacher(f.blob, device, cfg.soft_targets.precision) for f in load_teacher_files(paths)]
-
-
-@torch.no_grad()
-def teacher_logits(models: Sequence[torch.nn.Module], images: torch.Tensor) -> torch.Tensor:
-    """The K teachers' logits ``[K, B, C]`` in float32; each teacher gets the images in its own
-    precision (:func:`build_teacher`)."""
-    return torch.stack([m(images.to(next(m.parameters()).dtype)).float() for m in models])
-
-
-@torch.no_grad()
-def averaged_soft_targets(models: Sequence[torch.nn.Module], images: torch.Tensor, T: float,
-                          rule: str = "probs", batch_size: int = 1024) -> torch.Tensor:
-    """The ensemble's averaged soft targets ``[N, C]`` on ``images``, ``batch_size`` images at
-    a time: the plain-PyTorch path (analysis scripts, benchmarks' baselines). One call on a
-    whole split would hold every image's conv activations at once (GBs for a CNN teacher)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    return torch.cat([ensemble_average(teacher_logits(models, images[i: i + batch_size]), T, rule)
-                      for i in range(0, len(images), batch_size)])
-
-
-# --------------------------------------------------------------------------- the predictor
-@torch.no_grad()
-def ensemble_outputs(models: Sequence[torch.nn.Module], images: torch.Tensor, T: float, rule: str,
-                     keep_teacher_logits: bool) -> dict[str, np.ndarray]:
-    """The K teachers on one batch -> the columns a soft-target row gets."""
-    logits = teacher_logits(models, images)  # [K, B, C]
-    out = {
-        "soft_targets": ensemble_average(logits, T, rule).cpu().numpy().astype(np.float32),
-        "ensemble_pred": ensemble_average(logits, 1.0, rule).argmax(1).cpu().numpy().astype(np.int64),
-    }
-    if keep_teacher_logits:
-        out["teacher_logits"] = logits.transpose(0, 1).half().cpu().numpy()  # [B, K, C]
-    return out
 
 
 class PassCounter:
@@ -136,8 +65,6 @@ _COUNTERS: dict[str, Any] = {}  # keep the named actors alive while this driver 
 
 
 def pass_counter(name: str):
-    import ray
-
     if name not in _COUNTERS:
         _COUNTERS[name] = ray.remote(PassCounter).options(
             name=f"kd_ray_passes:{name}", get_if_exists=True, num_cpus=0).remote()
@@ -146,8 +73,6 @@ def pass_counter(name: str):
 
 def forward_passes(name: str) -> dict[str, int]:
     """Samples each teacher has run on so far, per split, for experiment ``name``."""
-    import ray
-
     return ray.get(pass_counter(name).get.remote())
 
 
@@ -156,8 +81,6 @@ class EnsemblePredictor:
 
     def __init__(self, model_paths: list[str], temperature: float, rule: str, keep_teacher_logits: bool,
                  split: str = "train", counter_names: Sequence[str] = (), precision: str = "float32"):
-        import ray
-
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1) if ray.is_initialized() else 1
         torch.set_num_threads(max(1, int(cpus)))
@@ -171,8 +94,6 @@ class EnsemblePredictor:
         images = torch.from_numpy(np.ascontiguousarray(batch["image"], dtype=np.float32)).to(self.device)
         batch.update(ensemble_outputs(self.models, images, self.T, self.rule, self.keep))
         if self.counters:  # per split: a ``split`` column (codes into SPLITS) wins
-            import ray
-
             codes = batch.get("split")
             counts = ({self.split: len(images)} if codes is None else
                       {SPLITS[c]: int(n) for c, n in zip(*np.unique(codes, return_counts=True))})
@@ -183,13 +104,11 @@ class EnsemblePredictor:
 class ConsistentTeacher(EnsemblePredictor):
     """The EnsemblePredictor of consistent teaching. Rows in: ``(epoch, pos)``. Rows out: transfer
     row ``pos``, shifted as (seed, epoch, id) decides and, with ``mixup`` > 0, mixed with another
-    row of ``pool`` (the positions this stream trains on) as :func:`kd_ray.augment.seeded_mixup`
+    row of ``pool`` (the positions this stream trains on) as :func:`kd_ray.core.augment.seeded_mixup`
     decides (columns ``mix_label`` and ``mix_weight``), with the teachers' soft targets on that
     very view -- so the student trains on exactly the images the teachers labelled."""
 
     def __init__(self, rows: list, max_shift: int, seed: int, mixup: float = 0.0, pool=None, **kwargs):
-        import ray
-
         super().__init__(**kwargs)
         self.rows = ray.get(rows[0])  # {id, image, label}: read once per actor from the object store
         self.max_shift, self.seed, self.mixup = max_shift, seed, mixup
@@ -197,13 +116,9 @@ class ConsistentTeacher(EnsemblePredictor):
 
     def view(self, pos: np.ndarray, epoch: int) -> np.ndarray:
         """The shifted images of rows ``pos`` in ``epoch``."""
-        from kd_ray.augment import seeded_shift
-
         return seeded_shift(self.rows["image"][pos], self.rows["id"][pos], self.max_shift, self.seed, epoch)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from kd_ray.augment import mix, seeded_mixup
-
         pos, epochs = batch["pos"], batch["epoch"]
         out = {k: v[pos] for k, v in self.rows.items()}
         if self.mixup > 0:
@@ -221,22 +136,18 @@ class ConsistentTeacher(EnsemblePredictor):
         return super().__call__(out)
 
 
-def predict(ds, model_paths: list[str], cfg: ExperimentConfig, split: str, keep_teacher_logits: bool | None = None,
-            predictor: type = EnsemblePredictor, counters: Sequence[str] | None = None, **predictor_kwargs):
-    """The lazy map: ``ds`` through a ``predictor`` actor pool sized from the config. Teacher
-    passes are counted under the experiment's name (and ``counters``, if given)."""
-    import ray.data
-
-    st = cfg.soft_targets
-    names = [cfg.name] if counters is None else list(counters)
-    for name in names:
+def predict(ds, model_paths: list[str], st: SoftTargetsConfig, split: str, counters: Sequence[str],
+            keep_teacher_logits: bool | None = None, predictor: type = EnsemblePredictor, **predictor_kwargs):
+    """The lazy map: ``ds`` through a ``predictor`` actor pool sized from ``soft_targets``. Teacher
+    passes are counted under each name in ``counters`` (the experiment's name, a run's)."""
+    for name in counters:
         pass_counter(name)  # owned by this process, so it outlives the actor pool
     ds.context.wait_for_min_actors_s = int(st.wait_for_actors_s)
     return ds.map_batches(
         predictor,
         fn_constructor_kwargs=dict(model_paths=list(model_paths), temperature=st.temperature, rule=st.rule,
                                    keep_teacher_logits=st.keep_teacher_logits if keep_teacher_logits is None
-                                   else keep_teacher_logits, split=split, counter_names=names,
+                                   else keep_teacher_logits, split=split, counter_names=list(counters),
                                    precision=st.precision, **predictor_kwargs),
         compute=ray.data.ActorPoolStrategy(size=st.actors),
         num_gpus=st.num_gpus, num_cpus=st.num_cpus, batch_size=st.batch_size, batch_format="numpy",
@@ -252,33 +163,27 @@ def worker_share(ids: np.ndarray, rank: int, world: int) -> np.ndarray:
     """Positions (into ``ids``) of the rows worker ``rank`` of ``world`` trains on: disjoint, stable."""
     if world == 1:
         return np.arange(len(ids))
-    from kd_ray.data import stable_hash
-
     return np.flatnonzero(stable_hash(ids, 0) % np.uint64(world) == np.uint64(rank))
 
 
-def consistent_stream(rows_ref, positions: np.ndarray, cfg: ExperimentConfig, model_paths: list[str],
-                      epochs: Sequence[int], seed: int, counters: Sequence[str] | None = None):
+def consistent_stream(rows_ref, positions: np.ndarray, st: SoftTargetsConfig, model_paths: list[str],
+                      epochs: Sequence[int], seed: int, counters: Sequence[str]):
     """Consistent teaching as one lazy Ray Dataset over ``epochs``: per epoch, the rows at
     ``positions`` of ``rows_ref`` (an object-store ``{id, image, label}``) in a seeded order,
-    shifted (and mixed, with ``soft_targets.mixup``) and labelled on the same view by a
+    shifted (and mixed, with ``st.mixup``) and labelled on the same view by a
     :class:`ConsistentTeacher` actor pool.
 
     One dataset for all epochs starts the actor pool once per run (a pool per epoch would cost
     an actor start-up, seconds, every epoch). Rows come out in order, epoch by epoch (an
-    ``epoch`` column), so :class:`kd_ray.distill.EpochStream` can cut them into epochs.
+    ``epoch`` column), so :class:`kd_ray.stages.distill.EpochStream` can cut them into epochs.
     """
-    import pyarrow as pa
-    import ray.data
-
     positions = np.asarray(positions, dtype=np.int64)
     ds = ray.data.from_arrow([pa.table({"epoch": np.full(len(positions), e, np.int64),
                                         "pos": positions[epoch_order(len(positions), seed, e)]}) for e in epochs])
     ds.context.execution_options.preserve_order = True
     ds.context.enable_progress_bars = False
-    return predict(ds, model_paths, cfg, "train", predictor=ConsistentTeacher, counters=counters,
-                   rows=[rows_ref], max_shift=cfg.soft_targets.jitter, seed=seed,
-                   mixup=cfg.soft_targets.mixup, pool=positions)
+    return predict(ds, model_paths, st, "train", counters, predictor=ConsistentTeacher,
+                   rows=[rows_ref], max_shift=st.jitter, seed=seed, mixup=st.mixup, pool=positions)
 
 
 def check_pool_resources(cfg: ExperimentConfig) -> None:
@@ -304,14 +209,8 @@ def fingerprint(teachers: list[TeacherFile], cfg: ExperimentConfig, identity: di
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def soft_targets_root(cfg: ExperimentConfig) -> str:
-    return storage.join(cfg.runtime.storage_path, cfg.name, "soft_targets")
-
-
 def read_valid_cache(path: str, fp: str) -> dict | None:
     """The manifest of a complete, matching cache at ``path``, or None (never a half-read)."""
-    import pyarrow.parquet as pq
-
     manifest_path = storage.join(path, "manifest.json")
     if not storage.exists(manifest_path):
         return None
@@ -374,13 +273,12 @@ class SoftTargets:
     def epoch_dataset(self, epoch: int, seed: int = 0, ids: np.ndarray | None = None):
         """The training rows for one epoch: the cache (cached mode) or a fresh augmented
         pass through the teachers (streaming mode). ``ids`` restricts to a subset."""
-        import ray
-
         if self.mode == "cached":
             ds = self.datasets["train"]
             return ds if ids is None else _take_ids(ds, ids)
         rows = self.transfer_rows(ids)
-        return consistent_stream(ray.put(rows), np.arange(len(rows["id"])), self.cfg, self.model_paths, [epoch], seed)
+        return consistent_stream(ray.put(rows), np.arange(len(rows["id"])), self.cfg.soft_targets, self.model_paths,
+                                 [epoch], seed, [self.cfg.name])
 
 
 def _take_ids(ds, ids: np.ndarray):
@@ -394,9 +292,6 @@ def read_cache_split(path: str, files: list[str]):
     Read with pyarrow on the driver: on Ray 2.60 ``ray.data.read_parquet`` costs ~15 s of fixed
     overhead per read on a 2-core machine (measured), against ~0.2 s this way.
     """
-    import pyarrow.parquet as pq
-    import ray.data
-
     tables = []
     for rel in files:
         fs, p = storage.resolve(storage.join(path, rel))
@@ -418,11 +313,9 @@ def _compute_cache(cfg: ExperimentConfig, paths: list[str], parts: dict[str, Spl
     into the manifest (the report's single-model line); the train split drops them unless
     ``soft_targets.keep_teacher_logits`` asks for them.
     """
-    from ray.data.expressions import col
-
     codes = np.concatenate([np.full(len(parts[s]), i, np.int8) for i, s in enumerate(SPLITS)])
     source = to_dataset(Split.concat(parts[s] for s in SPLITS), extra={"split": codes})
-    done = predict(source, paths, cfg, "train", keep_teacher_logits=True).materialize()
+    done = predict(source, paths, cfg.soft_targets, "train", [cfg.name], keep_teacher_logits=True).materialize()
     files, accuracy = {}, {}
     for i, split in enumerate(SPLITS):
         if not len(parts[split]):
@@ -444,7 +337,7 @@ def _compute_cache(cfg: ExperimentConfig, paths: list[str], parts: dict[str, Spl
 def build_soft_targets(cfg: ExperimentConfig, ensemble, splits: Splits | None = None) -> SoftTargets:
     """Soft targets for the transfer set (and ensemble predictions for val and test).
 
-    ``ensemble`` is an :class:`~kd_ray.teachers.EnsembleResult` or a list of checkpoint paths.
+    ``ensemble`` is an :class:`~kd_ray.stages.teachers.EnsembleResult` or a list of checkpoint paths.
     """
     t0 = time.time()
     paths = list(getattr(ensemble, "model_paths", ensemble))
@@ -461,7 +354,7 @@ def build_soft_targets(cfg: ExperimentConfig, ensemble, splits: Splits | None = 
     pass_counter(cfg.name)
     mode = cfg.soft_targets.resolved_mode
     fp = fingerprint(teachers, cfg, splits.identity(), transfer)
-    root = soft_targets_root(cfg)
+    root = layout.soft_targets_dir(cfg)
     path = storage.join(root, fp)
     manifest = read_valid_cache(path, fp)
     built = manifest is None

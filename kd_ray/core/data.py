@@ -1,4 +1,4 @@
-"""Datasets: sources -> in-memory splits -> Ray Datasets ``{id, image, label}``.
+"""Datasets: sources -> in-memory splits ``{id, image, label}`` (plain numpy, no Ray).
 
 * Sources: scikit-learn's bundled ``digits``; torchvision's ``mnist``, ``fashion_mnist``,
   ``kmnist``, ``cifar10``, ``cifar100`` read from a local ``root`` (downloaded only when
@@ -6,11 +6,7 @@
 * ``id`` is the sample's index in its source split, stable across runs.
 * Images are float32 (C, H, W), scaled to [0, 1] and standardised per channel with the
   *training* set's mean and std, the same for train, validation and test.
-* Subsets: :func:`select_fraction` keeps ceil(f * n_class) ids per class (at least one),
-  ranked by a stable hash of (seed, id), so subsets are nested across fractions and the same
-  in any process and for any block layout.
-
-Everything here but :func:`to_dataset` / :func:`from_dataset` is plain numpy (no Ray).
+* The validation split is a nested stratified fraction (:mod:`kd_ray.core.subsets`).
 """
 from __future__ import annotations
 
@@ -25,10 +21,10 @@ from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
-if TYPE_CHECKING:  # pragma: no cover
-    import ray.data
+from kd_ray.core.subsets import select_fraction
 
-    from kd_ray.config import DataConfig
+if TYPE_CHECKING:  # pragma: no cover
+    from kd_ray.core.config import DataConfig
 
 DIGITS_TEST_FRACTION = 0.25
 DIGITS_SPLIT_SEED = 2015
@@ -37,44 +33,6 @@ _VAL_SALT = 0x5EED_0F_7A1  # the validation split draws its ranking apart from t
 
 class DatasetNotFoundError(FileNotFoundError):
     """Files for a source are missing; the message names them, the folder and the fix."""
-
-
-# --------------------------------------------------------------------------- hashing & subsets
-_M64 = (1 << 64) - 1
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        z = x + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-
-def stable_hash(ids: Iterable[int] | np.ndarray, seed: int) -> np.ndarray:
-    """A 64-bit hash of (seed, id) per id: a pure function, identical in every process."""
-    ids = np.asarray(ids, dtype=np.int64).astype(np.uint64)
-    s = _splitmix64(np.asarray([int(seed) & _M64], dtype=np.uint64))
-    return _splitmix64(ids ^ s)
-
-
-def select_fraction(ids: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Nested stratified subset: the sorted ids kept at ``fraction`` in (0, 1]."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    ids = np.asarray(ids, dtype=np.int64)
-    labels = np.asarray(labels, dtype=np.int64)
-    if ids.shape != labels.shape:
-        raise ValueError("ids and labels must have the same length")
-    if len(np.unique(ids)) != len(ids):
-        raise ValueError("ids must be unique")
-    h = stable_hash(ids, seed)
-    keep = []
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        order = members[np.lexsort((ids[members], h[members]))]  # by hash, ties by id
-        keep.append(ids[order[: max(1, math.ceil(fraction * len(members)))]])
-    return np.sort(np.concatenate(keep)) if keep else ids[:0]
 
 
 # --------------------------------------------------------------------------- in-memory splits
@@ -284,7 +242,7 @@ def _images_to_chw(col: list, shape: list[int] | None, what: str) -> np.ndarray:
 def _parquet_source(cfg: "DataConfig") -> tuple[Split, Split, int]:
     import pyarrow.parquet as pq
 
-    from kd_ray.storage import resolve
+    from kd_ray.core.storage import resolve
 
     def read(split: str) -> Split:
         fs, base = resolve(cfg.root)
@@ -377,35 +335,3 @@ def load_splits(cfg: "DataConfig") -> Splits:
     train = Split(train.ids[rest], train.images[rest], train.labels[rest])
     norm = {"mean": [float(v) for v in mean.ravel()], "std": [float(v) for v in std.ravel()]}
     return Splits(cfg.name, train, val, test, num_classes, tuple(int(d) for d in train.images.shape[1:]), norm)
-
-
-# --------------------------------------------------------------------------- Ray Datasets
-def to_dataset(split: Split, blocks: int | None = None, extra: dict[str, np.ndarray] | None = None) -> "ray.data.Dataset":
-    """A materialized Ray Dataset ``{id, image, label}`` (plus ``extra`` columns) from a split."""
-    import pyarrow as pa
-    import ray.data
-    from ray.data.extensions import ArrowTensorArray
-
-    n = len(split)
-    blocks = blocks or max(1, min(16, n // 2048 or 1))
-    tables = []
-    for part in np.array_split(np.arange(n), blocks):
-        tables.append(pa.table({
-            "id": pa.array(split.ids[part]),
-            "image": ArrowTensorArray.from_numpy(split.images[part]),
-            "label": pa.array(split.labels[part]),
-            **{k: pa.array(np.asarray(v)[part]) for k, v in (extra or {}).items()},
-        }))
-    return ray.data.from_arrow(tables)
-
-
-def from_dataset(ds: "ray.data.Dataset", columns: tuple[str, ...] = ("id", "image", "label")) -> dict[str, np.ndarray]:
-    """Pull the given columns of a Ray Dataset into numpy arrays (rows in dataset order)."""
-    missing = [c for c in columns if c not in ds.columns()]
-    if missing:
-        raise ValueError(f"dataset lacks column(s) {missing}; columns found: {ds.columns()}")
-    parts: dict[str, list[np.ndarray]] = {c: [] for c in columns}
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for c in columns:
-            parts[c].append(np.asarray(batch[c]))
-    return {c: (np.concatenate(v) if v else np.zeros((0,))) for c, v in parts.items()}

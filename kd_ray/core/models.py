@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from kd_ray.augment import random_shift
+from kd_ray.core.augment import random_shift
 
 
 class Jitter(nn.Module):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -24,15 +23,23 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import ray
 import torch
+from ray.experimental.tqdm_ray import tqdm
 from torch import nn
 
-from kd_ray import storage
-from kd_ray.cluster import largest_node
-from kd_ray.config import ExperimentConfig, TeacherSpec
-from kd_ray.data import Splits, from_dataset, load_splits, select_fraction, to_dataset
-from kd_ray.losses import ensemble_average
-from kd_ray.models import build_model, count_parameters
+from kd_ray.core import storage
+from kd_ray.core.augment import random_shift
+from kd_ray.core.config import ExperimentConfig, TeacherSpec
+from kd_ray.core.data import Splits, load_splits
+from kd_ray.core.ensemble import predict_logits, save_teacher_model
+from kd_ray.core.losses import ensemble_average
+from kd_ray.core.models import build_model, count_parameters
+from kd_ray.core.subsets import select_fraction
+from kd_ray.core.train import Diverged, Engine, cross_entropy_loss, pick_device
+from kd_ray.layout import ensemble_file, teachers_dir
+from kd_ray.stages.cluster import largest_node
+from kd_ray.stages.datasets import from_dataset, to_dataset
 
 # Fields of a spec that decide *where* it runs, not *what* it learns: changing them retrains nothing.
 _PLACEMENT_FIELDS = ("num_gpus", "num_cpus")
@@ -46,53 +53,11 @@ class EnsembleError(RuntimeError):
     """One or more teachers failed; the others' checkpoints are intact."""
 
 
-def teachers_dir(cfg: ExperimentConfig) -> str:
-    return storage.join(cfg.runtime.storage_path, cfg.name, "teachers")
-
-
 def spec_key(spec: TeacherSpec, data_identity: dict) -> str:
     """What a checkpoint must match to be resumed or reused: the spec and the data."""
     learn = {k: v for k, v in spec.model_dump(mode="json").items() if k not in _PLACEMENT_FIELDS}
     blob = json.dumps({"spec": learn, "data": data_identity}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def pick_device() -> torch.device:
-    """CUDA when torch really sees a GPU (Ray may hand out logical GPUs torch cannot see)."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def make_optimizer(params, spec) -> torch.optim.Optimizer:
-    """The optimiser a teacher or student spec names (both carry the same fields)."""
-    if spec.optimizer == "adam":
-        return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay, nesterov=spec.momentum > 0)
-
-
-def make_scheduler(opt: torch.optim.Optimizer, spec) -> torch.optim.lr_scheduler.LRScheduler:
-    if spec.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=spec.epochs)
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    """Eval-mode logits for a tensor of images, batched, returned on the CPU."""
-    model.eval()
-    device = next(model.parameters()).device
-    outs = [model(images[i: i + batch_size].to(device, non_blocking=True)).float().cpu()
-            for i in range(0, len(images), batch_size)]
-    return torch.cat(outs) if outs else torch.zeros(0)
-
-
-def save_teacher_model(path: str, teacher_id: str, key: str, spec: TeacherSpec, model: nn.Module,
-                       num_classes: int, input_shape, val_logits: torch.Tensor) -> None:
-    """The self-describing artifact the soft-target stage loads (``weights_only``-safe types)."""
-    storage.save_torch(path, {
-        "teacher_id": teacher_id, "key": key, "model": spec.model, "model_args": spec.model_args,
-        "num_classes": int(num_classes), "input_shape": [int(d) for d in input_shape],
-        "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "val_logits": val_logits,
-    })
 
 
 @dataclass
@@ -146,18 +111,13 @@ class TeacherTrainer:
         device = pick_device()
         torch.manual_seed(spec.seed)
         model = build_model(spec.model, self.input_shape, self.num_classes, **spec.model_args).to(device)
-        opt = make_optimizer(model.parameters(), spec)
-        sched = make_scheduler(opt, spec)
-        history: list[dict] = []
-        start_epoch = 0
+        engine = Engine(model, spec, cross_entropy_loss)
         if storage.exists(self.checkpoint_path):
             ckpt = storage.load_torch(self.checkpoint_path)
             if ckpt.get("key") == self.key:
-                model.load_state_dict(ckpt["model"])
-                opt.load_state_dict(ckpt["optimizer"])
-                sched.load_state_dict(ckpt["scheduler"])
-                start_epoch, history = int(ckpt["epoch"]), list(ckpt["history"])
-                self.log.append(f"{self.teacher_id}: resumed after epoch {start_epoch}")
+                engine.load_state_dict(ckpt)
+                self.log.append(f"{self.teacher_id}: resumed after epoch {engine.epoch}")
+        start_epoch = engine.epoch
         if self.progress is not None and start_epoch:
             self.progress.update(start_epoch)
 
@@ -169,40 +129,31 @@ class TeacherTrainer:
         if len(x) == 0:
             raise TeacherError(f"teacher {self.teacher_id}: its training subset is empty")
 
-        from kd_ray.augment import random_shift
-
-        for epoch in range(start_epoch, spec.epochs):
-            t0 = time.time()
-            torch.manual_seed(spec.seed * 100_003 + epoch)  # dropout, shifts: same on resume
+        def batches(epoch: int):
+            torch.manual_seed(spec.seed * 100_003 + epoch)  # dropout, shifts: the same on resume
             order = torch.randperm(len(x), generator=torch.Generator().manual_seed(spec.seed * 7919 + epoch)).to(device)
-            model.train()
-            loss_sum = torch.zeros((), device=device)
             for i in range(0, len(x), spec.batch_size):
                 idx = order[i: i + spec.batch_size]
-                xb = random_shift(x[idx], spec.jitter) if spec.jitter else x[idx]
-                loss = nn.functional.cross_entropy(model(xb), y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_sum += loss.detach() * len(idx)
-            sched.step()
-            train_loss = float(loss_sum) / len(x)
-            if not math.isfinite(train_loss):
-                raise TeacherError(
-                    f"teacher {self.teacher_id}: training loss became {train_loss} in epoch {epoch + 1}; "
-                    f"lower its lr (now {spec.lr}) or check the inputs. Its last good checkpoint "
-                    f"(epoch {epoch}) and the other teachers' checkpoints are kept."
-                )
-            val_logits = predict_logits(model, xv)
-            val_acc = float((val_logits.argmax(1) == yv).float().mean()) if len(yv) else float("nan")
-            history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_accuracy": val_acc, "seconds": time.time() - t0})
-            storage.save_torch(self.checkpoint_path, {
-                "key": self.key, "epoch": epoch + 1, "history": history,
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            })
+                yield {"image": random_shift(x[idx], spec.jitter) if spec.jitter else x[idx], "label": y[idx]}
+
+        def validate(m: nn.Module) -> dict:
+            val_logits = predict_logits(m, xv)
+            return {"val_accuracy": float((val_logits.argmax(1) == yv).float().mean()) if len(yv) else float("nan")}
+
+        def checkpoint(row: dict) -> None:
+            storage.save_torch(self.checkpoint_path, {"key": self.key, **engine.state_dict()})
             if self.progress is not None:
                 self.progress.update(1)
 
+        try:
+            engine.fit(spec.epochs, batches, validate, checkpoint)
+        except Diverged as e:
+            raise TeacherError(
+                f"teacher {self.teacher_id}: training loss became {e.loss} in epoch {e.epoch}; "
+                f"lower its lr (now {spec.lr}) or check the inputs. Its last good checkpoint "
+                f"(epoch {e.epoch - 1}) and the other teachers' checkpoints are kept."
+            ) from None
+        history = engine.history
         save_teacher_model(self.model_path, self.teacher_id, self.key, spec, model, self.num_classes,
                            self.input_shape, predict_logits(model, xv))
         meta = {
@@ -217,12 +168,6 @@ class TeacherTrainer:
                 "start": started, "end": time.time()}
 
 
-def _ray():
-    import ray
-
-    return ray
-
-
 class TeacherActor:
     """One teacher in a Ray actor (made remote in :func:`_actor_class`)."""
 
@@ -233,9 +178,6 @@ class TeacherActor:
         self.trainer = TeacherTrainer(teacher_id, TeacherSpec(**spec), key, out_dir, num_classes, tuple(input_shape))
 
     def train(self) -> dict:
-        ray = _ray()
-        from ray.experimental.tqdm_ray import tqdm
-
         ctx = ray.get_runtime_context()
         placement = {"node_id": ctx.get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
                      "pid": os.getpid(), "torch_threads": torch.get_num_threads()}
@@ -254,7 +196,7 @@ _REMOTE = None
 def _actor_class():
     global _REMOTE
     if _REMOTE is None:
-        _REMOTE = _ray().remote(TeacherActor)
+        _REMOTE = ray.remote(TeacherActor)
     return _REMOTE
 
 
@@ -292,7 +234,6 @@ class EnsembleRun:
     """All K teachers launched at once; :meth:`wait` collects them as each finishes."""
 
     def __init__(self, cfg: ExperimentConfig, splits: Splits | None = None):
-        ray = _ray()
         self.cfg = cfg
         self.started = time.time()
         self.splits = splits or load_splits(cfg.data)
@@ -324,10 +265,8 @@ class EnsembleRun:
             self.refs[actor.train.remote()] = tid
         print(f"[kd_ray] teachers -> {out}: {len(self.refs)} to train, {len(self.reused)} complete and reused",
               flush=True)
-        self._ray = ray
 
     def wait(self) -> EnsembleResult:
-        ray = self._ray
         results: dict[str, dict] = dict(self.reused)
         failures: dict[str, str] = {}
         pending = list(self.refs)
@@ -352,7 +291,7 @@ class EnsembleRun:
         logits = torch.stack([storage.load_torch(t["model_path"])["val_logits"] for t in teachers])
         acc = float((ensemble_average(logits, 1.0, "probs").argmax(1) == torch.from_numpy(self.splits.val.labels)).float().mean())
         result = EnsembleResult(teachers, acc, time.time() - self.started)
-        storage.write_json(storage.join(teachers_dir(self.cfg), "ensemble.json"), {
+        storage.write_json(ensemble_file(self.cfg), {
             "val_accuracy": acc, "model_paths": result.model_paths,
             "teachers": result.summary().to_dict(orient="records"),
         })
