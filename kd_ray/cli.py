@@ -85,6 +85,11 @@ def cmd_distill(cfg: ExperimentConfig, soft=None):
     result = distill(cfg, soft)
     m = result.metrics
     print(result.history.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    if result.diverged_epoch:
+        print(f"[kd_ray] the student DIVERGED in epoch {result.diverged_epoch} (its loss became NaN or infinite): "
+              f"lower student.lr (now {cfg.student.lr}) or student.grad_clip_norm (now {cfg.student.grad_clip_norm})",
+              file=sys.stderr)
+        return result
     print(f"[kd_ray] student ({m['targets']} targets, {m['fraction']:g} of the data, T={m['temperature']:g}): "
           f"test accuracy {m['test_accuracy']:.4f}, fidelity {m['test_fidelity']:.4f} "
           f"(ensemble {soft.manifest['ensemble']['test_accuracy']:.4f}); checkpoint {result.checkpoint_path}"
@@ -105,6 +110,11 @@ def cmd_sweep(cfg: ExperimentConfig, soft=None):
     if not result.complete:
         print("[kd_ray] the sweep is incomplete (interrupted or failed trials): run the same command again to "
               "finish it; finished trials are kept", file=sys.stderr)
+    for row in result.diverged.itertuples():
+        print(f"[kd_ray] trial {row.targets} f={row.fraction:g} T={row.temperature:g} a={row.alpha:g} lr={row.lr:g} "
+              f"seed {row.seed} "
+              f"DIVERGED in epoch {int(row.diverged_epoch)} (its loss became NaN or infinite): lower student.lr or "
+              f"student.grad_clip_norm", file=sys.stderr)
     return result
 
 
@@ -133,7 +143,7 @@ def run_stages(cfg: ExperimentConfig) -> bool:
             cmd_report(cfg)
     print(f"[kd_ray] kd-ray run finished in {time.time() - t0:.1f} s wall ({' -> '.join(cfg.runtime.stages)}); "
           f"results in {experiment_dir(cfg)}")
-    return result is None or result.complete
+    return result is None or result.ok
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,9 +203,10 @@ def main(argv: list[str] | None = None) -> int:
             soft = cmd_soft_targets(cfg)
             print(f"[kd_ray] soft targets: {soft.describe()}")
         elif args.command == "distill":
-            cmd_distill(cfg)
+            if cmd_distill(cfg).diverged_epoch:
+                return 1
         elif args.command == "sweep":
-            if not cmd_sweep(cfg).complete:
+            if not cmd_sweep(cfg).ok:
                 return 1
         elif args.command == "report":
             cmd_report(cfg)

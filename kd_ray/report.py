@@ -23,14 +23,15 @@ METRIC = "test_accuracy"
 MIN_GAP = 0.002
 
 
-def _setting(row, with_epochs: bool) -> str:
+def _setting(row, with_epochs: bool, with_lr: bool = False) -> str:
     """"hard", or the soft setting: its teaching mode ("soft" for cached), T, alpha (and the
-    epoch budget when the sweep has several)."""
+    epoch budget and learning rate when the sweep has several)."""
+    lr = f" lr={row['lr']:g}" if with_lr else ""
     if row["targets"] == "hard":
-        return "hard"
+        return "hard" + lr
     mode = row.get("teaching", "cached")
     label = f"{'soft' if mode in ('cached', None) or pd.isna(mode) else mode} T={row['temperature']:g} a={row['alpha']:g}"
-    return label + (f" {int(row['epochs'])} ep" if with_epochs else "")
+    return label + lr + (f" {int(row['epochs'])} ep" if with_epochs else "")
 
 
 def _finished(df: pd.DataFrame) -> pd.DataFrame:
@@ -39,7 +40,8 @@ def _finished(df: pd.DataFrame) -> pd.DataFrame:
     if not done.empty:
         soft = done[done["targets"] == "soft"]
         with_epochs = "epochs" in done and soft["epochs"].nunique() > 1
-        done["setting"] = done.apply(_setting, axis=1, with_epochs=with_epochs)
+        with_lr = "lr" in df and df["lr"].nunique() > 1
+        done["setting"] = done.apply(_setting, axis=1, with_epochs=with_epochs, with_lr=with_lr)
     return done
 
 
@@ -120,6 +122,16 @@ def summary_markdown(df: pd.DataFrame, info: dict, metric: str = METRIC) -> str:
         "## Gap recovered: (soft - hard) / (ensemble - hard)", "",
         _md_table(gap_table) if len(gap_table) else "(needs soft and hard trials at the same fraction)", "",
     ]
+    diverged = df[df["status"] == "diverged"]
+    if len(diverged):  # shown, not dropped: their settings have no accuracy above
+        table = pd.DataFrame({"fraction": [_pct(f) for f in diverged["fraction"]],
+                              "setting": [_setting(r, False, "lr" in df and df["lr"].nunique() > 1)
+                                          for _, r in diverged.iterrows()],
+                              "seed": diverged["seed"].astype(int),
+                              "diverged in epoch": diverged["diverged_epoch"].astype(int)})
+        lines += ["## Diverged trials (the training loss became NaN or infinite; no test figures)", "",
+                  _md_table(table), "",
+                  "Lower student.lr or student.grad_clip_norm and run the sweep again under a new setting.", ""]
     if len(pivot) > 1:  # several soft settings (teaching modes, epoch budgets): side by side
         lines += ["## Gap recovered per setting and fraction (mean +- std over seeds)", "", _md_table(pivot), ""]
     return "\n".join(lines)

@@ -26,7 +26,7 @@ def _cfg(base, name, *overrides):
 
 def test_min_steps_gives_small_subsets_more_epochs():
     from kd_ray.core.config import StudentConfig
-    from kd_ray.stages.distill import schedule_epochs
+    from kd_ray.core.train import schedule_epochs
 
     s = StudentConfig(epochs=40, batch_size=64, min_steps=2000)
     assert schedule_epochs(s, 40) == 2000  # one step per epoch

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from kd_ray.cli import main
+from kd_ray.core.config import shipped_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -30,7 +31,8 @@ def documented_commands() -> list[tuple[str, str]]:
 
 def config_and_overrides(command: str) -> tuple[str | None, list[str]]:
     tokens = shlex.split(command)
-    config = next((t for t in tokens if t.endswith(".yaml")), None)
+    shipped = set(shipped_configs())
+    config = next((t for t in tokens if t.endswith(".yaml") or t in shipped), None)
     sets = [tokens[i + 1] for i, t in enumerate(tokens[:-1]) if t == "--set" and "PLACEHOLDER" not in tokens[i + 1]]
     return config, sets
 
@@ -49,8 +51,9 @@ def test_the_docs_quote_commands():
 @pytest.mark.parametrize("doc,command", COMMANDS, ids=[f"{d}:{c[:60]}" for d, c in COMMANDS])
 def test_documented_command_has_a_valid_config(doc, command, capsys):
     config, sets = config_and_overrides(command)
-    if config is not None:
+    if config is not None and config.endswith(".yaml"):
         assert (ROOT / config).is_file(), f"{doc} quotes a config that does not exist: {config}"
-    argv = ["config", "show", *([str(ROOT / config)] if config else []), *[a for s in sets for a in ("--set", s)]]
+        config = str(ROOT / config)
+    argv = ["config", "show", *([config] if config else []), *[a for s in sets for a in ("--set", s)]]
     rc = main(argv)
     assert rc == 0, f"{doc}: `{command}` does not load: {capsys.readouterr().err.strip()}"

@@ -221,4 +221,4 @@ def test_bad_inputs(tiny_ensemble, tmp_path):
     import ray.data
     ds = ray.data.from_items([{"id": 0, "pixels": np.zeros((1, 8, 8), np.float32), "label": 0}])
     with pytest.raises(Exception, match=r"no 'image' column; columns found: \['id', 'label', 'pixels'\]"):
-        predict(ds, ensemble.model_paths, cfg, "train").materialize()
+        predict(ds, ensemble.model_paths, cfg.soft_targets, "train", [cfg.name]).materialize()

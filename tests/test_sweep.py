@@ -2,7 +2,6 @@
 import json
 import os
 import signal
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -297,10 +296,37 @@ def test_interrupted_sweep_finishes_the_rest_when_run_again(tiny_ensemble):
 
 @pytest.mark.ray
 @pytest.mark.slow
+def test_a_diverged_trial_is_a_visible_row_and_the_others_finish(tiny_ensemble, tmp_path, capsys):
+    import yaml
+
+    base, _ = tiny_ensemble
+    cfg = _cfg(base, "tiny", "sweep.fractions=[0.1]", "sweep.targets=[hard]", "sweep.seeds=[0]",
+               "sweep.lrs=[0.05, 1000000.0]", "sweep.max_concurrent_trials=2",
+               "runtime.stages=[soft-targets, sweep, report]")
+    path = tmp_path / "diverge.yaml"
+    path.write_text(cfg.to_yaml())
+    assert main(["run", str(path)]) == 1  # the user is told: the exit status says a trial failed to train
+    err = capsys.readouterr().err
+    assert "DIVERGED in epoch" in err and "lr=1e+06" in err
+    out = os.path.join(cfg.runtime.storage_path, cfg.name)
+    import pandas as pd
+
+    df = pd.read_parquet(os.path.join(out, "results.parquet")).set_index("lr")
+    assert df.loc[0.05, "status"] == "done" and 0 < df.loc[0.05, "test_accuracy"] <= 1
+    assert df.loc[1e6, "status"] == "diverged" and df.loc[1e6, "diverged_epoch"] >= 1
+    assert np.isnan(df.loc[1e6, "test_accuracy"])  # no figures from a diverged model
+    summary = open(os.path.join(out, "summary.md")).read()
+    assert "## Diverged trials" in summary and "hard lr=1e+06" in summary
+    assert json.load(open(os.path.join(out, "sweep.json")))["complete"] is True  # finished: not re-run
+    assert yaml.safe_load(path.read_text())["sweep"]["lrs"] == [0.05, 1e6]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_kd_ray_run_end_to_end_with_asha_and_again(ray_session, tmp_path, capsys, monkeypatch):
     import pandas as pd
 
-    default_config = str(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "digits.yaml")
+    default_config = "digits"  # a shipped config, by name
     monkeypatch.chdir(tmp_path)  # a relative storage path, as in the shipped configs
     runs = tmp_path / "runs"
     argv = ["run", default_config, "--set", "runtime.storage_path=./runs", "--set", "teachers.count=2",

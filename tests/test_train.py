@@ -78,7 +78,8 @@ def _fit(engine, epochs, x, y, patience=None, report_every=1, reports=None):
         with torch.no_grad():
             return {"val_accuracy": float((m(x).argmax(1) == y).float().mean())}
 
-    return engine.fit(epochs, batches, validate, (reports or []).append, report_every, patience)
+    on_report = reports.append if reports is not None else (lambda row: None)
+    return engine.fit(epochs, batches, validate, on_report, report_every, patience)
 
 
 def test_engine_resumes_bit_for_bit_from_its_state():
@@ -104,7 +105,7 @@ def test_engine_reports_every_n_epochs_and_stops_early_on_validation():
 
     x, y = _toy()
     reports = []
-    e = _engine(StudentConfig(epochs=7), lr=1e-9)  # learns nothing: validation never improves
+    e = _engine(StudentConfig(epochs=7), patience=2, lr=1e-9)  # learns nothing: validation never improves
     stopped = _fit(e, 7, x, y, patience=2, reports=reports)
     assert stopped and [r["epoch"] for r in reports] == [1, 2, 3]  # best at 1, two reports without progress
     assert e.best.epoch == 1 and e.best.state is not None

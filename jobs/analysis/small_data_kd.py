@@ -34,50 +34,50 @@ from kd_ray.core.losses import kd_loss, mixed_labels
 from kd_ray.core.models import build_model
 from kd_ray.core.subsets import select_fraction
 from kd_ray.core.train import (
+    Engine,
     eval_batches,
     evaluate,
-    make_optimizer,
-    make_scheduler,
+    schedule_epochs,
     shuffled_batches,
 )
 from kd_ray.layout import ensemble_paths
-from kd_ray.stages.distill import schedule_epochs
 
 
 def train_student(cfg, teachers, subset, test, teaching: str, seed: int) -> dict[str, float]:
-    """The sweep trial's loop, in one process: same model, optimiser, schedule, loss and views."""
+    """The sweep trial's student in one process: the same engine, model, optimiser, schedule, loss and views."""
     s = cfg.student
-    T, alpha = (s.temperature or cfg.soft_targets.temperature), (0.0 if teaching == "hard" else s.alpha)
+    T, alpha = cfg.student_temperature(), (0.0 if teaching == "hard" else s.alpha)
     st = cfg.soft_targets
     torch.manual_seed(seed)
     model = build_model(s.model, list(subset.images.shape[1:]), 10, **s.model_args)
-    epochs = schedule_epochs(s, len(subset))
-    s = s.model_copy(update={"epochs": epochs})
-    opt = make_optimizer(model.parameters(), s)
-    sched = make_scheduler(opt, s)
+    s = s.model_copy(update={"epochs": schedule_epochs(s, len(subset))})
     images, labels, ids = torch.from_numpy(subset.images), torch.from_numpy(subset.labels), subset.ids
 
     def teach(x):
         return averaged_soft_targets(teachers, x, T, st.rule)
 
     cached, n = teach(images), len(ids)
-    for epoch in range(epochs):
-        view, targets = images, labels
+
+    def batches(epoch: int):
+        view, rows = images, {"id": torch.from_numpy(ids), "label": labels, "soft_targets": cached}
         if teaching == "consistent":  # ConsistentTeacher's view: shifted, then mixed
             view = seeded_shift(images, ids, st.jitter, seed, epoch)
             if st.mixup > 0:
                 partner, lam = seeded_mixup(n, st.mixup, seed, epoch)
                 view = mix(view, view[partner], torch.from_numpy(lam))
-                targets = mixed_labels(labels, labels[partner], torch.from_numpy(lam), 10)
-        rows = {"id": torch.from_numpy(ids), "image": view, "target": targets, "cached": cached}
-        for b in shuffled_batches(rows, s.batch_size, seed * 1000 + epoch):  # the in-memory trial's order
-            x = b["image"]
-            soft = (teach(x) if teaching == "consistent" else b["cached"]) if alpha > 0 else None
-            loss = kd_loss(model(x), soft, b["target"], T, alpha)[0]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        sched.step()
+                rows.update(mix_label=labels[partner], mix_weight=torch.from_numpy(lam))
+        for b in shuffled_batches({**rows, "image": view}, s.batch_size, seed * 1000 + epoch):  # the trial's order
+            if teaching == "consistent" and alpha > 0:
+                b["soft_targets"] = teach(b["image"])
+            yield b
+
+    def loss_fn(m, b):
+        logits = m(b["image"])
+        target = mixed_labels(b["label"], b["mix_label"], b["mix_weight"], 10) if "mix_weight" in b else b["label"]
+        return kd_loss(logits, b["soft_targets"] if alpha > 0 else None, target, T, alpha)[0], logits
+
+    engine = Engine(model, s, loss_fn)
+    engine.fit(s.epochs, batches, lambda m: {"val_accuracy": float("nan")}, report_every=s.epochs)
     # accuracy and fidelity (top-1 agreement with the ensemble; Stanton et al. 2021), as the sweep
     # reports them, on the test images and on the subset's own (un-augmented) images
     test_pred = teach(torch.from_numpy(test.images)).argmax(1).numpy()

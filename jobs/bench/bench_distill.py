@@ -65,7 +65,7 @@ def main() -> None:
         "soft_targets.temperature=4", "soft_targets.keep_teacher_logits=false",
         "soft_targets.batch_size=2048", "student.model_args={hidden: [800, 800]}",
         f"student.epochs={args.epochs}", f"student.batch_size={args.batch_size}",
-        "student.lr=0.05", "student.alpha=0.9", "student.schedule=constant",
+        "student.lr=0.05", "student.alpha=0.9", "student.schedule=constant", "student.grad_clip_norm=null",
         f"student.max_in_memory_mb={args.max_in_memory_mb}"])
     splits = load_splits(cfg.data)
 

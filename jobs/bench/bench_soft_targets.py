@@ -69,11 +69,11 @@ def main() -> None:
     ray_start_s = time.perf_counter() - t0
     tiny = to_dataset(rows.take(rows.ids[: args.batch_size]))
     t0 = time.perf_counter()
-    predict(tiny, paths, cfg, "train").materialize()
+    predict(tiny, paths, cfg.soft_targets, "train", [cfg.name]).materialize()
     startup_s = time.perf_counter() - t0
     full = to_dataset(rows, blocks=max(4, len(rows) // (4 * args.batch_size)))
     t0 = time.perf_counter()
-    done = predict(full, paths, cfg, "train").materialize()
+    done = predict(full, paths, cfg.soft_targets, "train", [cfg.name]).materialize()
     full_s = time.perf_counter() - t0
     df = done.select_columns(["id", "soft_targets"]).to_pandas()
     got = np.stack(df["soft_targets"].to_numpy())[np.argsort(df["id"].to_numpy())]

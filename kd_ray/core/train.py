@@ -57,6 +57,15 @@ def cross_entropy_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, to
     return nn.functional.cross_entropy(logits, batch["label"]), logits
 
 
+def schedule_epochs(s, rows: int) -> int:
+    """Epochs a run on ``rows`` rows trains: ``student.epochs``, or more when ``student.min_steps``
+    asks for more optimizer steps than that gives (each worker steps over its share)."""
+    if s.min_steps is None:
+        return s.epochs
+    steps_per_epoch = math.ceil(math.ceil(rows / s.num_workers) / s.batch_size)
+    return max(s.epochs, math.ceil(s.min_steps / steps_per_epoch))
+
+
 @dataclass
 class Best:
     """The best validation epoch so far (its weights only when the run keeps them)."""

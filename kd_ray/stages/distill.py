@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import sys
 import tempfile
@@ -45,6 +44,7 @@ from kd_ray.core.train import (
     bias_adjustment,
     eval_batches,
     evaluate,
+    schedule_epochs,
     shuffled_batches,
 )
 from kd_ray.stages.soft_targets import (
@@ -181,9 +181,10 @@ def train_loop_per_worker(config: dict) -> dict:
 
     try:
         engine.fit(s.epochs, batches, validate, report, s.report_every, patience)
-    except Diverged as e:
-        raise StudentError(f"student loss became {e.loss} in epoch {e.epoch}; lower student.lr (now {s.lr}) or "
-                           f"set student.grad_clip_norm. The last good checkpoint (epoch {e.epoch - 1}) is kept.") from None
+    except Diverged as e:  # a finished run that says so: no test metrics, the earlier checkpoints kept
+        final = {"epoch": e.epoch, "best_epoch": engine.best.epoch, "final": True, "diverged_epoch": e.epoch}
+        ray.train.report(final)
+        return {"history": engine.history, "final": final}
 
     # the final model: the best on validation (early stopping) or the last epoch
     engine.restore_best()
@@ -229,6 +230,11 @@ class DistillResult:
     run_name: str
     reused: bool = False
 
+    @property
+    def diverged_epoch(self) -> int | None:
+        """The epoch whose training loss became NaN or infinite (the run stopped there), or None."""
+        return self.metrics.get("diverged_epoch")
+
 
 def run_name(cfg: ExperimentConfig, soft: SoftTargets) -> str:
     s, T, teaching = cfg.student, cfg.student_temperature(), cfg.teaching()
@@ -267,15 +273,6 @@ def init_teacher_path(s: StudentConfig, soft: SoftTargets) -> str | None:
 def uses_gpu(s: StudentConfig) -> bool:
     """GPU Train workers: as configured, else only when this process's torch sees CUDA."""
     return s.use_gpu if s.use_gpu is not None else torch.cuda.is_available()
-
-
-def schedule_epochs(s: StudentConfig, rows: int) -> int:
-    """Epochs a run on ``rows`` rows trains: ``student.epochs``, or more when ``student.min_steps``
-    asks for more optimizer steps than that gives (each worker steps over its share)."""
-    if s.min_steps is None:
-        return s.epochs
-    steps_per_epoch = math.ceil(math.ceil(rows / s.num_workers) / s.batch_size)
-    return max(s.epochs, math.ceil(s.min_steps / steps_per_epoch))
 
 
 def subset_ids(soft: SoftTargets, fraction: float, seed: int) -> np.ndarray:

@@ -50,38 +50,41 @@ from kd_ray.stages.soft_targets import SoftTargets
 # run's controller and bookkeeping take on the head (~0.5 GB each, Ray issue #65443), and Tune
 # needs a non-empty resource request.
 DRIVER_RESOURCES = {"cpu": 0, "memory": 512 * 1024**2}
-GRID_KEYS = ("fraction", "targets", "teaching", "temperature", "alpha", "epochs", "seed")
+GRID_KEYS = ("fraction", "targets", "teaching", "temperature", "alpha", "lr", "epochs", "seed")
 # the columns of results.parquet after the grid keys (final metrics of each student)
 METRIC_COLUMNS = ("test_accuracy", "test_errors", "test_nll", "test_fidelity", "val_accuracy", "val_errors",
                   "val_nll", "val_fidelity", "train_accuracy", "epoch", "best_epoch", "train_rows_total",
-                  "parameters", "teacher_passes", "train_seconds")
+                  "parameters", "teacher_passes", "train_seconds", "diverged_epoch")
 
 
 # --------------------------------------------------------------------------- pure helpers
 def trial_grid(cfg: ExperimentConfig) -> list[dict]:
     """Every trial of the sweep, as dicts of GRID_KEYS, in a fixed order.
 
-    Soft-target trials: teaching modes x T x alpha x epoch budgets x seeds. Hard-label trials
-    need no teachers, T, alpha or teaching mode (``teaching`` "none", alpha 0, the soft targets' T),
-    and stop early on validation, so there is one per (fraction, seed), with the largest epoch
-    budget.
+    Soft-target trials: teaching modes x T x alpha x learning rates x epoch budgets x seeds.
+    Hard-label trials need no teachers, T, alpha or teaching mode (``teaching`` "none", alpha 0,
+    the soft targets' T), and stop early on validation, so there is one per (fraction, learning
+    rate, seed), with the largest epoch budget.
     """
     sw = cfg.sweep
     temps = sw.temperatures or [cfg.student_temperature()]
     alphas = sw.alphas or [cfg.student.alpha]
     teachings = sw.teaching or [cfg.teaching("soft")]
     budgets = sw.epochs or [cfg.student.epochs]
+    lrs = sw.lrs or [cfg.student.lr]
     trials = []
     for fraction in sw.fractions:
         for targets in sw.targets:
             if targets == "soft":
-                grid = [(m, T, a, e) for m in teachings for T in temps for a in alphas for e in budgets]
+                grid = [(m, T, a, lr, e) for m in teachings for T in temps for a in alphas for lr in lrs
+                        for e in budgets]
             else:
-                grid = [("none", cfg.soft_targets.temperature, 0.0, max(budgets))]
-            for teaching, T, alpha, epochs in grid:
+                grid = [("none", cfg.soft_targets.temperature, 0.0, lr, max(budgets)) for lr in lrs]
+            for teaching, T, alpha, lr, epochs in grid:
                 for seed in sw.seeds:
                     t = {"fraction": float(fraction), "targets": targets, "teaching": teaching,
-                         "temperature": float(T), "alpha": float(alpha), "epochs": int(epochs), "seed": int(seed)}
+                         "temperature": float(T), "alpha": float(alpha), "lr": float(lr), "epochs": int(epochs),
+                         "seed": int(seed)}
                     if t not in trials:
                         trials.append(t)
     if not trials:
@@ -92,7 +95,7 @@ def trial_grid(cfg: ExperimentConfig) -> list[dict]:
 def trial_config(cfg: ExperimentConfig, trial: dict) -> ExperimentConfig:
     """The experiment config of one trial: the student section with the trial's values."""
     update = {"fraction": trial["fraction"], "targets": trial["targets"], "temperature": trial["temperature"],
-              "alpha": trial["alpha"], "seed": trial["seed"], "epochs": trial["epochs"],
+              "alpha": trial["alpha"], "lr": trial["lr"], "seed": trial["seed"], "epochs": trial["epochs"],
               "teaching": None if trial["teaching"] == "none" else trial["teaching"]}
     if trial["targets"] == "hard":  # the paper's baseline: early stopping on validation
         update["early_stopping_patience"] = cfg.sweep.hard_early_stopping_patience
@@ -148,7 +151,7 @@ def sweep_name(cfg: ExperimentConfig, soft: SoftTargets) -> str:
 
 def trial_key(trial: dict) -> str:
     return (f"f{trial['fraction']:g}-{trial['targets']}-{trial['teaching']}-T{trial['temperature']:g}"
-            f"-a{trial['alpha']:g}-e{trial['epochs']}-s{trial['seed']}")
+            f"-a{trial['alpha']:g}-lr{trial['lr']:g}-e{trial['epochs']}-s{trial['seed']}")
 
 
 # --------------------------------------------------------------------------- the trial
@@ -164,11 +167,12 @@ def _trial(config: dict, base: ExperimentConfig, soft: SoftTargets, record_dir: 
     m = result.metrics
     row = {**trial, **{k: m[k] for k in METRIC_COLUMNS if k in m}}
     row["train_seconds"] = float(result.history["seconds"].sum()) if len(result.history) else 0.0
-    row.update({"status": "done", "error": "", "wall_s": time.time() - t0, "reused": result.reused,
+    row.update({"status": "diverged" if result.diverged_epoch else "done", "error": "", "wall_s": time.time() - t0, "reused": result.reused,
                 "run_name": result.run_name, "checkpoint_path": result.checkpoint_path,
                 "trial_path": ray.tune.get_context().get_trial_dir()})
     storage.write_json(storage.join(record_dir, trial_key(trial) + ".json"), row)
-    ray.tune.report({k: v for k, v in row.items() if k not in trial} | {"final": True})
+    # Tune needs the sweep's metric in every report: a diverged trial has no validation metrics
+    ray.tune.report({base.sweep.metric: float("nan")} | {k: v for k, v in row.items() if k not in trial} | {"final": True})
 
 
 # --------------------------------------------------------------------------- the driver
@@ -179,6 +183,16 @@ class SweepResult:
     experiment_path: str  # the folder of this sweep's Tune runs and finished-trial records
     complete: bool  # False when interrupted or a trial failed: run again to finish
     seconds: float
+
+    @property
+    def diverged(self) -> pd.DataFrame:
+        """The trials whose training loss became NaN or infinite (finished: running again repeats them)."""
+        return self.results[self.results["status"] == "diverged"]
+
+    @property
+    def ok(self) -> bool:
+        """Complete, and no trial diverged: what `kd-ray run` exits 0 on."""
+        return self.complete and self.diverged.empty
 
 
 def run_sweep(cfg: ExperimentConfig, soft: SoftTargets, callbacks: list | None = None) -> SweepResult:
@@ -238,7 +252,7 @@ def run_sweep(cfg: ExperimentConfig, soft: SoftTargets, callbacks: list | None =
         key = trial_key(t)
         rows.append(done.get(key) or others.get(key) or {**t, "status": "unfinished", "error": ""})
     df = results_frame(rows)
-    complete = bool(df["status"].isin(["done", "stopped"]).all())
+    complete = bool(df["status"].isin(["done", "stopped", "diverged"]).all())
     out = layout.experiment_dir(cfg)
     save_results(df, out)
     e = soft.manifest["ensemble"]
