@@ -23,15 +23,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="YAML config (default: kd_ray/configs/digits.yaml)")
+    parser.add_argument("--config", default=None, help="YAML file or shipped config name (default: digits)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = parser.parse_args(argv)
 
     from kd_ray.cli import run_stages
-    from kd_ray.core.config import ConfigError, load_config
+    from kd_ray.core.config import ConfigError
+    from kd_ray.core.config_files import DEFAULT_CONFIG, load_config
 
     try:
-        cfg = load_config(args.config or "kd_ray/configs/digits.yaml", args.set)
+        cfg = load_config(args.config or DEFAULT_CONFIG, args.set)
     except (ConfigError, FileNotFoundError) as e:
         print(f"kd_ray pipeline: config error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -56,7 +56,7 @@ def no_ray():
 @pytest.fixture
 def digits_cfg(tmp_path):
     """A tiny digits experiment writing under a fresh storage folder."""
-    from kd_ray.core.config import load_config
+    from kd_ray.core.config_files import load_config
 
     def make(*overrides):
         return load_config(None, [
@@ -70,7 +70,7 @@ def digits_cfg(tmp_path):
 @pytest.fixture(scope="session")
 def tiny_ensemble(ray_cluster, tmp_path_factory):
     """Three small digits teachers, trained once per session: (config, EnsembleResult)."""
-    from kd_ray.core.config import load_config
+    from kd_ray.core.config_files import load_config
     from kd_ray.stages.teachers import train_ensemble
 
     ray_cluster()

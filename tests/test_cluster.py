@@ -6,7 +6,7 @@ the shared cluster has shut down, since two Ray instances on one machine break R
 import pytest
 
 from kd_ray.core import storage
-from kd_ray.core.config import load_config
+from kd_ray.core.config_files import load_config
 from kd_ray.stages.cluster import check_storage
 
 

@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from kd_ray.core.config import ConfigError, ExperimentConfig, load_config
+from kd_ray.core.config import ConfigError, ExperimentConfig
+from kd_ray.core.config_files import load_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "kd_ray" / "configs").glob("*.yaml"))
 

@@ -5,13 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from kd_ray.core.config import ConfigError, build_config
+from kd_ray.core.config import ConfigError
+from kd_ray.core.config_files import build_config
 from kd_ray.stages.distill import (
     StudentError,
     distill,
-    omitted_class_report,
     subset_ids,
 )
+from kd_ray.stages.omitted_class import omitted_class_report
 from kd_ray.stages.soft_targets import build_soft_targets
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from kd_ray.cli import main
-from kd_ray.core.config import shipped_configs
+from kd_ray.core.config_files import shipped_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

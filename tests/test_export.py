@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from kd_ray.cli import main
-from kd_ray.core.config import build_config
-from kd_ray.stages.distill import distill, load_student
+from kd_ray.core.config_files import build_config
+from kd_ray.stages.distill import distill
+from kd_ray.stages.omitted_class import load_student
 from kd_ray.stages.soft_targets import build_soft_targets
 from kd_ray.stages.sweep import save_results
 

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def _cfg(base, name, *overrides):
-    from kd_ray.core.config import build_config
+    from kd_ray.core.config_files import build_config
 
     return build_config(base.model_dump(mode="json"), [f"name={name}", *overrides])
 

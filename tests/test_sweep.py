@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from kd_ray.cli import main
-from kd_ray.core.config import ConfigError, build_config, load_config
+from kd_ray.core.config import ConfigError
+from kd_ray.core.config_files import build_config, load_config
 from kd_ray.stages.sweep import (
     max_concurrent,
     trial_config,

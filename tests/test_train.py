@@ -154,7 +154,7 @@ def _confident_teacher(n=6000, seed=0):
 def test_paper_setting_trains_at_T20_with_the_shipped_student(clip):
     """The paper's setting (mnist_paper: T = 20, alpha 0.9, lr 0.05, SGD with momentum) stays finite
     with the shipped student.grad_clip_norm; without clipping the same run diverges."""
-    from kd_ray.core.config import load_config
+    from kd_ray.core.config_files import load_config
     from kd_ray.core.losses import kd_loss, soften
     from kd_ray.core.models import build_model
     from kd_ray.core.train import Diverged, Engine

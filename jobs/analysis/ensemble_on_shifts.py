@@ -15,7 +15,7 @@ import json
 import torch
 
 from kd_ray.core.augment import seeded_shift
-from kd_ray.core.config import load_config
+from kd_ray.core.config_files import load_config
 from kd_ray.core.data import load_splits
 from kd_ray.core.ensemble import averaged_soft_targets, load_ensemble
 from kd_ray.layout import ensemble_paths

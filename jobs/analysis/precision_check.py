@@ -22,7 +22,7 @@ import time
 import torch
 
 from kd_ray.core.augment import mix, seeded_mixup
-from kd_ray.core.config import load_config
+from kd_ray.core.config_files import load_config
 from kd_ray.core.data import load_splits
 from kd_ray.core.ensemble import averaged_soft_targets, load_ensemble, teacher_logits
 from kd_ray.core.losses import kd_loss

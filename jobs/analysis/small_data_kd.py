@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from kd_ray.core.augment import mix, seeded_mixup, seeded_shift
-from kd_ray.core.config import load_config
+from kd_ray.core.config_files import load_config
 from kd_ray.core.data import load_splits
 from kd_ray.core.ensemble import averaged_soft_targets, load_ensemble
 from kd_ray.core.losses import kd_loss, mixed_labels

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import emit  # noqa: E402
 
 from kd_ray.core import storage  # noqa: E402
-from kd_ray.core.config import load_config  # noqa: E402
+from kd_ray.core.config_files import load_config  # noqa: E402
 from kd_ray.core.data import load_splits  # noqa: E402
 from kd_ray.core.ensemble import build_teacher, load_teacher_files  # noqa: E402
 from kd_ray.export import export_student  # noqa: E402

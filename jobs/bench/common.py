@@ -33,7 +33,7 @@ def bench_data_config() -> tuple[list[str], str]:
 
 def bench_config(name: str, overrides: list[str]):
     """(config, dataset name) for a benchmark: the bench dataset, a fresh temporary storage."""
-    from kd_ray.core.config import load_config
+    from kd_ray.core.config_files import load_config
 
     data_sets, data_name = bench_data_config()
     root = tempfile.mkdtemp(prefix=f"kd_ray_{name}_")

@@ -60,6 +60,16 @@ def spec_key(spec: TeacherSpec, data_identity: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def teacher_batches(spec: TeacherSpec, x: torch.Tensor, y: torch.Tensor, epoch: int):
+    """One epoch of a teacher's batches: a seeded order, shifted by up to ``spec.jitter`` pixels;
+    dropout and shifts are seeded per epoch, so a resumed teacher sees what it would have seen."""
+    torch.manual_seed(spec.seed * 100_003 + epoch)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(spec.seed * 7919 + epoch)).to(x.device)
+    for i in range(0, len(x), spec.batch_size):
+        idx = order[i: i + spec.batch_size]
+        yield {"image": random_shift(x[idx], spec.jitter) if spec.jitter else x[idx], "label": y[idx]}
+
+
 @dataclass
 class TeacherTrainer:
     """Train (or resume, or reuse) one teacher. Plain PyTorch; storage paths may be URIs."""
@@ -129,13 +139,6 @@ class TeacherTrainer:
         if len(x) == 0:
             raise TeacherError(f"teacher {self.teacher_id}: its training subset is empty")
 
-        def batches(epoch: int):
-            torch.manual_seed(spec.seed * 100_003 + epoch)  # dropout, shifts: the same on resume
-            order = torch.randperm(len(x), generator=torch.Generator().manual_seed(spec.seed * 7919 + epoch)).to(device)
-            for i in range(0, len(x), spec.batch_size):
-                idx = order[i: i + spec.batch_size]
-                yield {"image": random_shift(x[idx], spec.jitter) if spec.jitter else x[idx], "label": y[idx]}
-
         def validate(m: nn.Module) -> dict:
             val_logits = predict_logits(m, xv)
             return {"val_accuracy": float((val_logits.argmax(1) == yv).float().mean()) if len(yv) else float("nan")}
@@ -146,7 +149,7 @@ class TeacherTrainer:
                 self.progress.update(1)
 
         try:
-            engine.fit(spec.epochs, batches, validate, checkpoint)
+            engine.fit(spec.epochs, lambda epoch: teacher_batches(spec, x, y, epoch), validate, checkpoint)
         except Diverged as e:
             raise TeacherError(
                 f"teacher {self.teacher_id}: training loss became {e.loss} in epoch {e.epoch}; "

@@ -1,0 +1,75 @@
+"""Image augmentation: the paper's "jitter" (random shifts of up to k pixels, zero filled).
+
+One shift function serves both places that need it: ``Jitter`` inside a model (fresh random
+shifts in training mode) and the data pipeline (``seeded_shift``: the shift of each sample is a
+pure function of (seed, epoch, id), so the same seed gives the same augmented views and
+teacher and student can be shown the very same view).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kd_ray.core.subsets import stable_hash
+
+
+def shift_images(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """Shift each image [B, C, H, W] by (dy[i], dx[i]) pixels, filling with zeros."""
+    if images.dim() != 4:
+        raise ValueError(f"shift_images expects [B, C, H, W], got {tuple(images.shape)}")
+    out = torch.zeros_like(images)
+    h, w = images.shape[-2:]
+    pairs = torch.stack([dy, dx], dim=1)
+    for sy, sx in torch.unique(pairs, dim=0).tolist():
+        rows = ((pairs[:, 0] == sy) & (pairs[:, 1] == sx)).nonzero(as_tuple=True)[0]
+        if abs(sy) >= h or abs(sx) >= w:
+            continue
+        src = images[rows][..., max(0, -sy): h - max(0, sy), max(0, -sx): w - max(0, sx)]
+        out[rows, :, max(0, sy): h - max(0, -sy), max(0, sx): w - max(0, -sx)] = src
+    return out
+
+
+def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Independent uniform shifts in [-max_shift, max_shift] on both axes."""
+    if max_shift <= 0:
+        return images
+    b = images.shape[0]
+    d = torch.randint(-max_shift, max_shift + 1, (2, b), generator=generator, device="cpu")
+    return shift_images(images, d[0].to(images.device), d[1].to(images.device))
+
+
+def seeded_offsets(ids: np.ndarray, max_shift: int, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (dy, dx) shift of each sample: a pure function of (seed, epoch, id)."""
+    span = 2 * max_shift + 1
+    h = stable_hash(ids, seed * 1_000_003 + epoch)
+    return (h % span).astype(np.int64) - max_shift, ((h // span) % span).astype(np.int64) - max_shift
+
+
+def seeded_shift(images, ids, max_shift: int, seed: int, epoch: int):
+    """Deterministic shifts: sample ``id`` at ``epoch`` always moves the same way. Takes and
+    returns a numpy array or a torch tensor (kept on its device)."""
+    if max_shift <= 0:
+        return images
+    if isinstance(images, torch.Tensor):
+        ids = ids.cpu().numpy() if isinstance(ids, torch.Tensor) else ids
+        dy, dx = seeded_offsets(np.asarray(ids), max_shift, seed, epoch)
+        return shift_images(images, torch.from_numpy(dy).to(images.device), torch.from_numpy(dx).to(images.device))
+    dy, dx = seeded_offsets(np.asarray(ids), max_shift, seed, epoch)
+    return shift_images(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(dy), torch.from_numpy(dx)).numpy()
+
+
+def seeded_mixup(n: int, a: float, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mixup partners for a pool of ``n`` images (Beyer et al. 2022's "function matching"):
+    image ``i`` of the pool becomes ``lam[i] * x[i] + (1 - lam[i]) * x[partner[i]]``, with
+    ``lam ~ Beta(a, a)`` and ``partner`` uniform over the pool; a pure function of
+    (n, a, seed, epoch), so teacher and student see the same mixed image."""
+    if not a > 0:
+        raise ValueError(f"mixup needs a Beta parameter > 0, got {a}")
+    rng = np.random.default_rng([seed, epoch, 0x6D6978])  # a stream apart from epoch_order's
+    return rng.integers(0, n, n), rng.beta(a, a, n).astype(np.float32)
+
+
+def mix(images, partner_images, lam):
+    """``lam * images + (1 - lam) * partner_images`` per sample (numpy or torch, [B, C, H, W])."""
+    w = lam.reshape(-1, *([1] * (images.ndim - 1)))
+    return w * images + (1 - w) * partner_images

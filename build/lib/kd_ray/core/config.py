@@ -1,0 +1,449 @@
+"""One experiment = one validated config object (pydantic v2, unknown keys rejected).
+
+Load a YAML file with :func:`load_config`, override any value with ``--set section.key=value``
+(the value is parsed as YAML, so ``--set sweep.fractions=[0.1,1.0]`` works). Every later stage
+receives this object; none re-reads the YAML or invents a default of its own.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from kd_ray.core.models import MODELS
+
+DATASETS = ("digits", "mnist", "fashion_mnist", "kmnist", "cifar10", "cifar100", "parquet", "image_folder")
+# Metrics a sweep can optimise; the student stage reports each of them.
+METRICS = ("val_accuracy", "test_accuracy", "val_nll", "test_nll", "val_fidelity", "test_fidelity")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the field and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _known_model(name: str) -> str:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {sorted(MODELS)}")
+    return name
+
+
+class DataConfig(_Section):
+    name: str = "digits"
+    root: Optional[str] = None  # folder (or URI for parquet) holding the files
+    download: bool = False  # torchvision sources only: download into root when missing
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)  # carved from the training set, stratified
+    seed: int = 0  # seed of the validation split and of the nested fractions
+    image_column: str = "image"  # parquet sources
+    label_column: str = "label"
+    image_shape: Optional[list[int]] = None  # parquet: reshape flat images to (C, H, W)
+    image_size: Optional[list[int]] = None  # image_folder: resize to (H, W)
+    omit_classes: list[int] = []  # transfer-set filter (the paper's omitted-digit experiment)
+    keep_classes: Optional[list[int]] = None  # transfer-set filter: keep only these classes
+
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        if v not in DATASETS:
+            raise ValueError(f"unknown dataset {v!r}; known datasets: {list(DATASETS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _root_when_needed(self) -> "DataConfig":
+        if self.name in ("parquet", "image_folder") and not self.root:
+            raise ValueError(f"data.root is required for the {self.name!r} source")
+        return self
+
+
+class TeacherSpec(_Section):
+    """One teacher. ``teachers.specs`` entries override the ``teachers`` defaults field by field."""
+
+    model: str = "mlp"
+    model_args: dict[str, Any] = {}
+    epochs: int = Field(10, gt=0)
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(0.05, gt=0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    seed: int = 0
+    fraction: float = Field(1.0, gt=0, le=1)  # nested stratified share of the training set
+    bootstrap: bool = False  # resample the (fraction of the) training set with replacement
+    jitter: int = Field(0, ge=0)  # pixel shifts applied to the teacher's training batches
+    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(1.0, gt=0)
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        return _known_model(v)
+
+
+class TeachersConfig(TeacherSpec):
+    count: int = Field(5, ge=1)
+    max_restarts: int = Field(2, ge=0)
+    spread: bool = False  # place teachers on different nodes (soft SPREAD strategy)
+    specs: list[dict[str, Any]] = []  # heterogeneous ensemble: one override dict per teacher
+
+    @model_validator(mode="after")
+    def _count_matches_specs(self) -> "TeachersConfig":
+        if self.specs and "count" in self.model_fields_set and self.count != len(self.specs):
+            raise ValueError(
+                f"teachers.count ({self.count}) differs from the number of teachers.specs "
+                f"({len(self.specs)}); drop count or make them agree"
+            )
+        self.resolved()  # validate every spec now, before any work starts
+        return self
+
+    def resolved(self) -> list[TeacherSpec]:
+        """The K teacher specs: K seeds of one spec, or the listed heterogeneous specs."""
+        base = {k: getattr(self, k) for k in TeacherSpec.model_fields}
+        if not self.specs:
+            return [TeacherSpec(**{**base, "seed": self.seed + i}) for i in range(self.count)]
+        out = []
+        for i, override in enumerate(self.specs):
+            merged = {**base, "seed": self.seed + i, **override}
+            try:
+                out.append(TeacherSpec(**merged))
+            except ValidationError as e:
+                raise ValueError(f"teachers.specs[{i}]: {e}") from None
+        return out
+
+
+class SoftTargetsConfig(_Section):
+    temperature: float = Field(4.0, gt=0)
+    rule: Literal["probs", "logits"] = "probs"  # losses.RULES
+    mode: Optional[Literal["cached", "streaming"]] = None  # None: streaming iff there is augmentation
+    jitter: int = Field(0, ge=0)  # streaming mode: shift up to k pixels, same view for both
+    # consistent teaching only: mix each (shifted) image with another of the student's subset,
+    # weight ~ Beta(mixup, mixup), and let the teachers label the mixed image (Beyer et al.
+    # 2022's "function matching"); 0: no mixup. With jitter 0 the views are mixed, not shifted.
+    mixup: float = Field(0.0, ge=0)
+    keep_teacher_logits: bool = True
+    # the teachers' arithmetic in the predictor: bfloat16 runs their forward passes ~3.8x faster
+    # on a CPU with AVX512-BF16 (GPUs not measured), for soft targets within ~1e-4 of float32's
+    # (jobs/analysis/precision_check.py); averaging and softmax stay in float32
+    precision: Literal["float32", "bfloat16"] = "float32"
+    batch_size: int = Field(512, gt=0)
+    actors: int = Field(1, ge=1)  # size of the EnsemblePredictor actor pool
+    num_gpus: float = Field(0.0, ge=0)  # per predictor actor
+    num_cpus: float = Field(1.0, gt=0)  # per predictor actor
+    wait_for_actors_s: float = Field(60.0, gt=0)  # fail (not hang) if the pool cannot start
+
+    @property
+    def augments(self) -> bool:
+        """Whether the transfer set is augmented (shifts, mixup or both)."""
+        return self.jitter > 0 or self.mixup > 0
+
+    @property
+    def resolved_mode(self) -> str:
+        return self.mode or ("streaming" if self.augments else "cached")
+
+
+# StudentConfig fields added after runs were named: at these values they stay out of run names
+_NAMELESS_DEFAULTS = {"min_steps": None, "init": "scratch", "grad_clip_norm": None}
+
+
+class StudentConfig(_Section):
+    model: str = "mlp"
+    model_args: dict[str, Any] = {"hidden": [800, 800]}
+    epochs: int = Field(20, gt=0)
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(0.05, gt=0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    # The global gradient norm is clipped to this before every step (None: no clipping). The soft
+    # term's gradient w.r.t. the logits is T * (q - p), up to T times a cross-entropy gradient: at
+    # the paper's T = 20 on standardised inputs an unclipped SGD step diverges in the first epoch
+    # (docs/results.md, "The paper's MNIST setting"). Hard and soft trials are clipped alike.
+    grad_clip_norm: Optional[float] = Field(5.0, gt=0)
+    alpha: float = Field(0.9, ge=0, le=1)  # weight of the soft term
+    temperature: Optional[float] = Field(None, gt=0)  # None: the soft targets' temperature
+    targets: Literal["soft", "hard"] = "soft"
+    fraction: float = Field(1.0, gt=0, le=1)
+    seed: int = 0
+    num_classes: Optional[int] = Field(None, gt=1)  # None: the soft targets' class count
+    num_workers: int = Field(1, ge=1)
+    use_gpu: Optional[bool] = None  # None: when the driver's torch sees CUDA (set true for GPU workers)
+    max_failures: int = Field(0, ge=0)
+    early_stopping_patience: Optional[int] = Field(None, gt=0)  # epochs without a better validation
+    # validate, report and checkpoint every N epochs (and after the last): on a few dozen rows an
+    # epoch is one step, and a report with its checkpoint costs more than the step
+    report_every: int = Field(1, gt=0)
+    # patience counted in optimizer steps: a run on a small subset (one step per epoch) gets
+    # more epochs, at least ceil(min_steps / steps per epoch); None: exactly ``epochs``
+    min_steps: Optional[int] = Field(None, gt=0)
+    # a worker whose share of the cached rows fits this reads it once into memory; larger
+    # shares (or 0) stream from Ray Data every epoch
+    max_in_memory_mb: float = Field(2048, ge=0)
+    # How soft targets meet augmentation (shifts of up to soft_targets.jitter pixels):
+    #   cached        the fixed cached soft targets of the un-augmented images, no augmentation
+    #   inconsistent  the cached soft targets, but the student alone sees a shifted image
+    #   consistent    every epoch the teachers label the very shifted view the student trains on
+    #                 (streaming through an EnsemblePredictor actor pool; Beyer et al. 2022)
+    # None: consistent in streaming mode, cached otherwise.
+    teaching: Optional[Literal["cached", "inconsistent", "consistent"]] = None
+    # Where the student's weights start:
+    #   scratch  a fresh initialisation (torch.manual_seed(seed))
+    #   teacher  a copy of ensemble member number ``seed % K`` (it needs the teachers' model and
+    #            model_args); the student then learns the whole ensemble's function, and a hard
+    #            trial starting from the same member is its control
+    init: Literal["scratch", "teacher"] = "scratch"
+
+    def identity(self, exclude: set[str] = frozenset()) -> dict:
+        """The fields a run's result depends on (JSON), for run and sweep names. ``min_steps``
+        and ``init`` count only when not the default, so runs from before them keep their names."""
+        out = self.model_dump(mode="json", exclude=set(exclude))
+        for key, default in _NAMELESS_DEFAULTS.items():
+            if key in out and out[key] == default:
+                del out[key]
+        return out
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        return _known_model(v)
+
+
+class SweepConfig(_Section):
+    fractions: list[float] = [0.03, 0.1, 0.3, 1.0]
+    targets: list[Literal["soft", "hard"]] = ["soft", "hard"]
+    temperatures: list[float] = []  # empty: the student's temperature
+    alphas: list[float] = []  # empty: the student's alpha
+    lrs: list[float] = []  # learning rates, for soft and hard trials alike; empty: the student's lr
+    seeds: list[int] = [0]
+    max_concurrent_trials: Optional[int] = Field(None, ge=1)
+    metric: str = "val_accuracy"  # what the sweep (and ASHA) optimises; *_nll is minimised
+    scheduler: Literal["none", "asha"] = "none"
+    # hard-label trials are the paper's baseline: early stopping on validation (best-val model)
+    hard_early_stopping_patience: Optional[int] = Field(10, gt=0)
+    # soft-target trials per teaching mode (student.teaching); empty: the student's mode
+    teaching: list[Literal["cached", "inconsistent", "consistent"]] = []
+    # epoch budgets to sweep (patience); empty: student.epochs. Hard-label trials run once, with
+    # the largest budget (they stop early on validation).
+    epochs: list[int] = []
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("the grid is empty: give at least one fraction")
+        bad = [f for f in v if not 0 < f <= 1]
+        if bad:
+            raise ValueError(f"every fraction must be in (0, 1]; got {bad}")
+        return v
+
+    @field_validator("targets", "seeds")
+    @classmethod
+    def _nonempty(cls, v: list) -> list:
+        if not v:
+            raise ValueError("the grid is empty: give at least one value")
+        return v
+
+    @field_validator("temperatures", "epochs", "lrs")
+    @classmethod
+    def _positive(cls, v: list, info) -> list:
+        bad = [t for t in v if not t > 0]
+        if bad:
+            what = {"temperatures": "temperature", "epochs": "epoch budget", "lrs": "learning rate"}[info.field_name]
+            raise ValueError(f"every {what} must be > 0; got {bad}")
+        return v
+
+    @field_validator("alphas")
+    @classmethod
+    def _alphas(cls, v: list[float]) -> list[float]:
+        bad = [a for a in v if not 0 <= a <= 1]
+        if bad:
+            raise ValueError(f"every alpha must be in [0, 1]; got {bad}")
+        return v
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, v: str) -> str:
+        if v not in METRICS:
+            raise ValueError(f"unknown metric {v!r}; known metrics: {list(METRICS)}")
+        return v
+
+
+class RuntimeConfig(_Section):
+    address: Optional[str] = None  # Ray address; None: RAY_ADDRESS, else a local cluster
+    # local folder or s3:// / gs:// / file:// URI. A relative folder is made absolute against
+    # the directory the config is loaded in: Ray actors and Tune trials (which run in their
+    # trial folders) have other working directories, and must all write to the same place.
+    storage_path: str = Field("./runs", validate_default=True)
+    num_cpus: Optional[int] = Field(None, gt=0)  # only for a local cluster started by kd_ray
+    num_gpus: Optional[int] = Field(None, ge=0)
+    shared_filesystem: bool = False  # a local storage_path that every node mounts (NFS)
+    # what `kd-ray run` and jobs/pipeline.py run, in this order (a stage computes what it
+    # needs from earlier ones when missing, and reuses what is finished)
+    stages: list[Literal["teachers", "soft-targets", "sweep", "report"]] = ["teachers", "soft-targets", "sweep", "report"]
+
+    @field_validator("storage_path")
+    @classmethod
+    def _storage_path(cls, v: str) -> str:
+        from kd_ray.core.storage import absolute
+
+        if not v:
+            raise ValueError("give a folder or an s3:// / gs:// URI")
+        return absolute(v)
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("give at least one stage")
+        order = ["teachers", "soft-targets", "sweep", "report"]
+        if v != sorted(set(v), key=order.index):
+            raise ValueError(f"stages must be distinct and in pipeline order {order}; got {v}")
+        return v
+
+
+class ExperimentConfig(_Section):
+    name: str = "digits"
+    data: DataConfig = DataConfig()
+    teachers: TeachersConfig = TeachersConfig()
+    soft_targets: SoftTargetsConfig = SoftTargetsConfig()
+    student: StudentConfig = StudentConfig()
+    sweep: SweepConfig = SweepConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v or "/" in v or v.startswith("."):
+            raise ValueError(f"name must be a plain folder name, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _teaching(self) -> "ExperimentConfig":
+        modes = set(self.sweep.teaching) | {self.student.teaching or "cached"}
+        st = self.soft_targets
+        if "inconsistent" in modes and st.jitter <= 0:
+            raise ValueError("inconsistent teaching shifts the student's images: set soft_targets.jitter to "
+                             "the largest shift in pixels (e.g. 1)")
+        if "consistent" in modes and not st.augments:
+            raise ValueError("consistent teaching augments the images teacher and student share: set "
+                             "soft_targets.jitter to the largest shift in pixels (e.g. 1), soft_targets.mixup "
+                             "to a Beta parameter (e.g. 1.0), or both")
+        if st.resolved_mode == "streaming" and modes & {"cached", "inconsistent"} and (
+                self.student.teaching or self.sweep.teaching):
+            raise ValueError("cached and inconsistent teaching read cached soft targets of the transfer set: "
+                             "set soft_targets.mode: cached (consistent trials stream either way)")
+        return self
+
+    def teaching(self, targets: str | None = None) -> str:
+        """The resolved teaching mode of a student with ``targets`` (default: student.targets). A
+        hard-label student needs no teachers: with cached rows its "consistent" views are the
+        in-worker shifts ("inconsistent")."""
+        streaming = self.soft_targets.resolved_mode == "streaming"
+        mode = self.student.teaching or ("consistent" if streaming else "cached")
+        if mode == "consistent" and (targets or self.student.targets) == "hard" and not streaming:
+            return "inconsistent"
+        return mode
+
+    def student_temperature(self) -> float:
+        """The student's effective T: its own, else the soft targets' (re-softened when they differ)."""
+        return self.student.temperature or self.soft_targets.temperature
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict, in order."""
+    out = json.loads(json.dumps(raw))  # deep copy of plain data
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects section.key=value, got {item!r}")
+        dotted, value = item.split("=", 1)
+        keys = [k for k in dotted.strip().split(".") if k]
+        if not keys:
+            raise ConfigError(f"--set has an empty key in {item!r}")
+        node = out
+        for k in keys[:-1]:
+            nxt = node.setdefault(k, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {dotted}: {k!r} is not a section")
+            node = nxt
+        node[keys[-1]] = yaml.safe_load(value) if value.strip() else None
+    return out
+
+
+def _format_errors(e: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `kd-ray config show` lists every key)"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def build_config(raw: dict[str, Any], overrides: list[str] | None = None, source: str = "<dict>") -> ExperimentConfig:
+    merged = apply_overrides(raw or {}, overrides or [])
+    try:
+        return ExperimentConfig.model_validate(merged)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+DEFAULT_CONFIG = "digits"  # the shipped config `kd-ray` uses when none is given
+
+
+def shipped_configs() -> dict[str, tuple[Path, str]]:
+    """The configs the package ships (``kd_ray/configs/*.yaml``): name -> (path, one-line description).
+
+    The description is the file's first comment line."""
+    folder = Path(__file__).resolve().parents[1] / "configs"
+    out = {}
+    for path in sorted(folder.glob("*.yaml")):
+        first = next((line for line in path.read_text().splitlines() if line.startswith("#")), "#")
+        out[path.stem] = (path, first.lstrip("# ").strip())
+    return out
+
+
+def config_path(name_or_path: str | os.PathLike) -> Path:
+    """A config file: ``name_or_path`` itself when it is a file, else the shipped config of that
+    name (``digits`` or ``digits.yaml``)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    shipped = shipped_configs()
+    stem = p.name.removesuffix(".yaml")
+    if p.parent == Path(".") and stem in shipped:
+        return shipped[stem][0]
+    raise ConfigError(f"config file not found: {p} (shipped configs, usable by name: {', '.join(shipped)}; "
+                      f"`kd-ray configs` describes them)")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a YAML config (a path or a shipped config's name; None: all defaults) and apply
+    ``--set`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = config_path(path)
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(raw).__name__}")
+    return build_config(raw, overrides, source=str(path or "defaults"))

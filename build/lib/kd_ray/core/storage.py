@@ -1,0 +1,115 @@
+"""Storage on a local folder or an object store (s3://, gs://, file://) through pyarrow.fs,
+the same layer Ray Train and Tune use.
+
+Writes are atomic: locally a file is written under a temporary name and renamed; on object
+stores a PUT is atomic per object, and multi-file results write their manifest last.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from typing import Any
+
+import pyarrow.fs as pafs
+
+
+def is_uri(path: str) -> bool:
+    return "://" in str(path)
+
+
+def resolve(path: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or a URI."""
+    path = str(path)
+    if is_uri(path):
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute (what Ray's readers and writers want); URIs unchanged."""
+    return str(path) if is_uri(path) else os.path.abspath(os.path.expanduser(str(path)))
+
+
+def join(base: str, *parts: str) -> str:
+    base = str(base).rstrip("/")
+    return "/".join([base, *[str(p).strip("/") for p in parts]])
+
+
+def is_local(path: str) -> bool:
+    fs, _ = resolve(path)
+    return isinstance(fs, pafs.LocalFileSystem)
+
+
+def exists(path: str) -> bool:
+    fs, p = resolve(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    fs, p = resolve(path)
+    parent = p.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        os.replace(tmp, p)  # atomic on one filesystem
+    else:
+        with fs.open_output_stream(p) as f:
+            f.write(data)
+
+
+def read_bytes(path: str) -> bytes:
+    fs, p = resolve(path)
+    with fs.open_input_stream(p) as f:
+        return f.read()
+
+
+def write_json(path: str, obj: Any) -> None:
+    write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+
+def read_json(path: str) -> Any:
+    return json.loads(read_bytes(path).decode())
+
+
+def delete_dir(path: str) -> None:
+    fs, p = resolve(path)
+    if fs.get_file_info(p).type != pafs.FileType.NotFound:
+        fs.delete_dir(p)
+
+
+def list_files(path: str, suffix: str = "") -> list[str]:
+    """Files under a folder (recursively), as paths in the same form as ``path``."""
+    fs, p = resolve(path)
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=True))
+    rel = sorted(i.path[len(p):].lstrip("/") for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+    return [join(path, r) for r in rel]
+
+
+def save_torch(path: str, obj: Any) -> None:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_bytes(path, buf.getvalue())
+
+
+def load_torch(path: str, data: bytes | None = None) -> Any:
+    """``torch.load(..., weights_only=True)``; a corrupt or missing file names itself.
+
+    ``data``: the file's bytes when the caller has already read them (no second read).
+    """
+    import torch
+
+    try:
+        raw = read_bytes(path) if data is None else data
+        return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint not found: {path}") from None
+    except Exception as e:  # unpickling errors come in many types
+        raise ValueError(f"corrupt checkpoint {path}: {type(e).__name__}: {e}; delete it to retrain") from None

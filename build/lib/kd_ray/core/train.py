@@ -1,0 +1,244 @@
+"""THE training engine (no Ray): one epoch loop for teachers, students, analysis scripts and the
+benchmarks' plain baselines.
+
+A run is a model, an optimiser and schedule built from a spec (a ``TeacherSpec`` or a
+``StudentConfig``: both carry optimizer, lr, momentum, weight_decay, schedule, epochs and
+grad_clip_norm), a loss ``loss_fn(model, batch) -> (loss, logits)`` and, per epoch, an iterable of
+batches (dicts of tensors with at least ``label``). :class:`Engine` runs the epochs, clips the
+gradient norm, validates every ``report_every`` epochs, tracks the best validation epoch, stops
+early, stops at a non-finite loss (:class:`Diverged`) and hands every report to a callback that
+checkpoints it; :meth:`Engine.state_dict` resumes a run where it stopped.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+Batch = dict[str, torch.Tensor]
+LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite; ``epoch`` is the 1-based epoch it happened in."""
+
+    def __init__(self, epoch: int, loss: float):
+        super().__init__(f"the training loss became {loss} in epoch {epoch}")
+        self.epoch, self.loss = epoch, loss
+
+
+def pick_device() -> torch.device:
+    """CUDA when torch really sees a GPU (Ray may hand out logical GPUs torch cannot see)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def make_optimizer(params, spec) -> torch.optim.Optimizer:
+    """The optimiser a teacher or student spec names."""
+    if spec.optimizer == "adam":
+        return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay,
+                           nesterov=spec.momentum > 0)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, spec) -> torch.optim.lr_scheduler.LRScheduler:
+    if spec.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=spec.epochs)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+def cross_entropy_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hard-label loss (teachers)."""
+    logits = model(batch["image"])
+    return nn.functional.cross_entropy(logits, batch["label"]), logits
+
+
+def schedule_epochs(s, rows: int) -> int:
+    """Epochs a run on ``rows`` rows trains: ``student.epochs``, or more when ``student.min_steps``
+    asks for more optimizer steps than that gives (each worker steps over its share)."""
+    if s.min_steps is None:
+        return s.epochs
+    steps_per_epoch = math.ceil(math.ceil(rows / s.num_workers) / s.batch_size)
+    return max(s.epochs, math.ceil(s.min_steps / steps_per_epoch))
+
+
+@dataclass
+class Best:
+    """The best validation epoch so far (its weights only when the run keeps them)."""
+
+    metric: float = -math.inf
+    epoch: int = 0
+    state: dict | None = None
+
+
+class Engine:
+    """One model's training run. ``model`` may be replaced by a wrapped copy (DDP) after a resume;
+    :attr:`plain` is always the bare module (what is evaluated and checkpointed)."""
+
+    def __init__(self, model: nn.Module, spec, loss_fn: LossFn, metric: str = "val_accuracy",
+                 keep_best: bool = False):
+        self.model, self.spec, self.loss_fn, self.metric, self.keep_best = model, spec, loss_fn, metric, keep_best
+        self.opt = make_optimizer(model.parameters(), spec)
+        self.sched = make_scheduler(self.opt, spec)
+        self.grad_clip_norm = getattr(spec, "grad_clip_norm", None)
+        self.epoch, self.resumed_from, self.history, self.best = 0, 0, [], Best()
+
+    @property
+    def plain(self) -> nn.Module:
+        return self.model.module if hasattr(self.model, "module") else self.model
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict:
+        return {"model": self.plain.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "epoch": self.epoch, "history": self.history,
+                "best_metric": self.best.metric, "best_epoch": self.best.epoch, "best_model": self.best.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.plain.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.epoch = self.resumed_from = int(state["epoch"])
+        self.history = list(state["history"])
+        self.best = Best(state.get("best_metric", -math.inf), state.get("best_epoch", 0), state.get("best_model"))
+
+    # ------------------------------------------------------------------ the loop
+    def train_epoch(self, batches: Iterable[Batch]) -> dict:
+        """One pass over ``batches``; raises :class:`Diverged` when the epoch's loss is not finite."""
+        self.model.train()
+        device = next(self.plain.parameters()).device
+        loss_sum = torch.zeros((), device=device)
+        n = correct = 0
+        for b in batches:
+            loss, logits = self.loss_fn(self.model, b)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.grad_clip_norm is not None:  # bounds the step when soft targets at high T pull hard
+                nn.utils.clip_grad_norm_(self.plain.parameters(), self.grad_clip_norm)
+            self.opt.step()
+            loss_sum += loss.detach() * len(logits)
+            n += len(logits)
+            correct += int((logits.argmax(1) == b["label"]).sum())
+        self.sched.step()
+        self.epoch += 1
+        train_loss = float(loss_sum) / max(n, 1)
+        if not math.isfinite(train_loss):
+            raise Diverged(self.epoch, train_loss)
+        return {"train_loss": train_loss, "train_accuracy": correct / max(n, 1), "train_rows": n}
+
+    def fit(self, epochs: int, batches_for: Callable[[int], Iterable[Batch]],
+            evaluate: Callable[[nn.Module], dict], on_report: Callable[[dict], None] = lambda row: None,
+            report_every: int = 1, patience: int | None = None) -> bool:
+        """Train from :attr:`epoch` to ``epochs``; validate and report every ``report_every`` epochs
+        (and after the last). Returns True when early stopping (``patience`` reports without a
+        better validation ``metric``) ended the run."""
+        t_report = time.time()  # a row's seconds: training and validation since the last report
+        while self.epoch < epochs:
+            row = self.train_epoch(batches_for(self.epoch))
+            if self.epoch % report_every and self.epoch < epochs:
+                continue
+            row = {"epoch": self.epoch, **row, **evaluate(self.plain), "resumed_from": self.resumed_from,
+                   "seconds": time.time() - t_report}
+            t_report = time.time()
+            self.history.append(row)
+            if row[self.metric] > self.best.metric:
+                state = {k: v.detach().cpu().clone() for k, v in self.plain.state_dict().items()}
+                self.best = Best(row[self.metric], self.epoch, state if self.keep_best else None)
+            on_report(row)
+            if patience is not None and self.epoch - self.best.epoch >= patience:
+                return True
+        return False
+
+    def restore_best(self) -> None:
+        """Load the best validation epoch's weights (kept only with ``keep_best``)."""
+        if self.best.state is not None:
+            self.plain.load_state_dict(self.best.state)
+
+
+# ---------------------------------------------------------------------- batches and evaluation
+def shuffled_batches(rows: dict[str, torch.Tensor], batch_size: int, seed: int):
+    """One epoch over in-memory rows: a seeded permutation cut into batches (the last may be short)."""
+    n = len(rows["id"])
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    for i in range(0, n, batch_size):
+        idx = order[i: i + batch_size].to(rows["id"].device)
+        yield {k: v[idx] for k, v in rows.items()}
+
+
+def eval_batches(cols: dict[str, np.ndarray], device, size: int = 1024) -> list[Batch]:
+    """Evaluation columns cut into batches for :func:`evaluate` (one batch of a whole split would
+    hold every image's conv activations at once)."""
+    return [{k: torch.from_numpy(np.ascontiguousarray(v[i:i + size])).to(device) for k, v in cols.items()}
+            for i in range(0, len(cols["label"]), size)]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[Batch], device) -> dict[str, float]:
+    """Accuracy, error count, NLL and fidelity (top-1 agreement with the ensemble's ``ensemble_pred``)."""
+    model.eval()
+    n = correct = agree = 0
+    nll = 0.0
+    for b in batches:
+        logits = model(b["image"].to(device)).float()
+        y = b["label"].to(device)
+        pred = logits.argmax(1)
+        n += len(y)
+        correct += int((pred == y).sum())
+        agree += int((pred == b["ensemble_pred"].to(device)).sum())
+        nll += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+    if n == 0:
+        return {"accuracy": float("nan"), "errors": 0, "nll": float("nan"), "fidelity": float("nan"), "n": 0}
+    return {"accuracy": correct / n, "errors": n - correct, "nll": nll / n, "fidelity": agree / n, "n": n}
+
+
+def bias_adjustment(val_logits: torch.Tensor, val_labels: torch.Tensor, cls: int,
+                    grid: np.ndarray | None = None) -> float:
+    """The paper's omitted-class fix: the delta added to class ``cls``'s logit (output bias) that
+    maximises validation accuracy (ties: the smallest |delta|)."""
+    grid = np.round(np.arange(-2.0, 20.0001, 0.25), 4) if grid is None else grid
+    best, best_acc = 0.0, -1.0
+    for d in sorted(grid, key=abs):
+        z = val_logits.clone()
+        z[:, cls] += float(d)
+        acc = float((z.argmax(1) == val_labels).float().mean())
+        if acc > best_acc + 1e-12:
+            best, best_acc = float(d), acc
+    return best
+
+
+class EpochStream:
+    """Cuts one ordered stream of numpy blocks spanning several epochs (an ``epoch`` column, not
+    decreasing) into each epoch's batches of ``batch_size`` rows (an epoch's last may be short),
+    as tensors on ``device``. Consistent teaching streams all epochs through one dataset."""
+
+    def __init__(self, blocks, batch_size: int, device="cpu"):
+        self._blocks, self._head = iter(blocks), None
+        self.batch_size, self.device = batch_size, device
+
+    def epoch(self, e: int):
+        pending: dict[str, np.ndarray] | None = None
+        while True:
+            if self._head is None:
+                self._head = next(self._blocks, None)
+                if self._head is None:
+                    break
+            block = self._head
+            ep = block["epoch"]
+            j = int(np.searchsorted(ep, e, side="left"))  # rows of an epoch left early: skipped
+            k = int(np.searchsorted(ep, e, side="right"))
+            self._head = {c: v[k:] for c, v in block.items()} if k < len(ep) else None
+            if j == k and k < len(ep):
+                break  # the next epoch's rows
+            part = {c: v[j:k] for c, v in block.items()}
+            pending = part if pending is None else {c: np.concatenate([pending[c], part[c]]) for c in part}
+            while len(pending["epoch"]) >= self.batch_size:
+                yield self._tensors({c: v[:self.batch_size] for c, v in pending.items()})
+                pending = {c: v[self.batch_size:] for c, v in pending.items()}
+        if pending is not None and len(pending["epoch"]):
+            yield self._tensors(pending)
+
+    def _tensors(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return {c: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for c, v in batch.items()}

@@ -1,0 +1,399 @@
+"""Stage 3: distil one student with Ray Train (TorchTrainer) around the core engine.
+
+* :class:`StudentJob` is everything a Train worker needs, typed: the student's config, its
+  temperature, the classes and input shape, where its rows come from.
+* :func:`train_loop_per_worker` is the Ray seam: (1) its shard of rows, (2) ``prepare_model``,
+  (3) :class:`kd_ray.core.train.Engine` runs the epochs, (4) every report goes to
+  ``ray.train.report`` with a checkpoint, from which a restarted worker resumes.
+* :func:`distill` is the driver: it picks the rows (a nested stratified fraction of the transfer
+  set), names the run deterministically (so running again resumes, and a finished run is read
+  back instead of retrained), launches the TorchTrainer and returns the final metrics, the
+  checkpoint path and the per-epoch history.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import ray
+import ray.data
+import ray.train
+import ray.train.torch
+import torch
+from ray.train.torch import TorchTrainer
+
+from kd_ray import layout
+from kd_ray.core import storage
+from kd_ray.core.augment import seeded_shift
+from kd_ray.core.config import ExperimentConfig, SoftTargetsConfig, StudentConfig
+from kd_ray.core.ensemble import load_teacher_files
+from kd_ray.core.losses import kd_loss, mixed_labels, resoften
+from kd_ray.core.models import build_model, count_parameters
+from kd_ray.core.subsets import select_fraction
+from kd_ray.core.train import (
+    Diverged,
+    Engine,
+    EpochStream,
+    bias_adjustment,
+    eval_batches,
+    evaluate,
+    schedule_epochs,
+    shuffled_batches,
+)
+from kd_ray.stages.soft_targets import (
+    SoftTargets,
+    consistent_stream,
+    forward_passes,
+    pass_counter,
+    worker_share,
+)
+
+
+class StudentError(RuntimeError):
+    pass
+
+
+# A consistent-teaching worker iterates its stream itself, so Ray Data's scheduling thread runs in
+# the worker's process; a short switch interval hands the GIL back to the training thread sooner
+# when that thread spins on backpressured tasks (docs/consistent_teaching.md).
+STREAM_SWITCH_INTERVAL_S = 1e-4
+
+
+@dataclass
+class StreamJob:
+    """Consistent teaching: the subset's rows (object store) and the predictor pool that labels each view."""
+
+    rows: Any  # ObjectRef of {id, image, label}
+    ids: np.ndarray
+    soft_targets: SoftTargetsConfig
+    model_paths: list[str]
+    counters: list[str]  # pass counters: the experiment's and this run's
+
+
+@dataclass
+class StudentJob:
+    """What crosses the Ray Train boundary: one student run, typed."""
+
+    student: StudentConfig  # epochs already scheduled (student.min_steps)
+    temperature: float  # the student's effective T
+    targets_temperature: float  # the T of the stored soft targets (re-softened when it differs)
+    rule: str
+    num_classes: int
+    input_shape: list[int]
+    teaching: str  # ExperimentConfig.teaching()
+    jitter: int
+    eval: dict[str, Any]  # ObjectRefs of the val and test arrays {image, label, ensemble_pred}
+    init_path: str | None = None  # student.init: teacher
+    stream: StreamJob | None = None
+    in_memory: bool = False  # read the cached shard once into tensors
+    cpus_per_worker: int = 1
+    fail_after_epoch: int | None = None  # fault injection (tests)
+
+
+def soft_targets_at(batch: dict, T: float, targets_T: float, rule: str) -> torch.Tensor:
+    """Soft targets at the student's T: the stored column, or re-softened stored logits."""
+    if abs(T - targets_T) < 1e-12:
+        return batch["soft_targets"]
+    if "teacher_logits" not in batch:
+        raise StudentError(f"student.temperature={T} differs from the soft targets' T={targets_T} and the "
+                           f"cache has no teacher_logits; set soft_targets.keep_teacher_logits: true")
+    return resoften(batch["teacher_logits"], T, rule)
+
+
+# --------------------------------------------------------------------------- the Train loop
+def train_loop_per_worker(config: dict) -> dict:
+    job: StudentJob = config["job"]
+    s = job.student
+    # Per-epoch iteration bars from every worker drown the output; Train and Tune report epochs.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    T, alpha = job.temperature, (0.0 if s.targets == "hard" else s.alpha)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, job.cpus_per_worker))
+    torch.manual_seed(s.seed)
+    model = build_model(s.model, job.input_shape, job.num_classes, **s.model_args)
+    if job.init_path:  # student.init: teacher (a resumed run's checkpoint overrides it below)
+        model.load_state_dict(load_teacher_files([job.init_path])[0].blob["state_dict"])
+
+    def loss_fn(m, b):
+        logits = m(b["image"])
+        soft = soft_targets_at(b, T, job.targets_temperature, job.rule) if alpha > 0 else None
+        labels = (mixed_labels(b["label"], b["mix_label"], b["mix_weight"], job.num_classes)
+                  if "mix_weight" in b else b["label"])  # a mixed image's hard label is mixed too
+        return kd_loss(logits, soft, labels, T, alpha)[0], logits
+
+    patience = s.early_stopping_patience
+    # the best weights are kept (and checkpointed) only when early stopping will use them
+    engine = Engine(model, s, loss_fn, keep_best=patience is not None)
+    ckpt = ray.train.get_checkpoint()  # (1) resume
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            engine.load_state_dict(torch.load(os.path.join(d, "student.pt"), map_location="cpu", weights_only=True))
+    start_epoch = engine.epoch
+    engine.model = ray.train.torch.prepare_model(engine.model)  # (2) device move; DDP when world > 1
+
+    # (3) this worker's rows
+    if job.stream:  # consistent teaching: every remaining epoch through one predictor pool
+        sys.setswitchinterval(STREAM_SWITCH_INTERVAL_S)
+        st = job.stream
+        ds = consistent_stream(st.rows, worker_share(st.ids, rank, world), st.soft_targets, st.model_paths,
+                               range(start_epoch, s.epochs), s.seed, st.counters)
+        stream = EpochStream(ds.iter_batches(batch_size=None, batch_format="numpy"), s.batch_size, device)
+        epoch_rows = stream.epoch
+    else:
+        shard = ray.train.get_dataset_shard("train")
+        if job.in_memory:  # the shard, read once, reshuffled every epoch
+            rows = _read_shard(shard, device)
+            epoch_rows = lambda e: shuffled_batches(rows, s.batch_size, s.seed * 1000 + e)  # noqa: E731
+        else:
+            epoch_rows = lambda e: shard.iter_torch_batches(  # noqa: E731
+                batch_size=s.batch_size, device=device, local_shuffle_buffer_size=4096,
+                local_shuffle_seed=s.seed * 1000 + e)
+    seen = {"ids": [], "sample": None}  # the epoch's row ids and first batch, kept in its checkpoint
+
+    def batches(epoch: int):
+        seen["ids"], seen["sample"] = [], None
+        for b in epoch_rows(epoch):
+            if job.teaching == "inconsistent":  # the student alone sees the shifted view
+                b["image"] = seeded_shift(b["image"], b["id"], job.jitter, s.seed, epoch)
+            if seen["sample"] is None:
+                seen["sample"] = {k: b[k].cpu().numpy() for k in ("id", "image", "soft_targets", "mix_weight") if k in b}
+            seen["ids"].append(b["id"].cpu().numpy())
+            yield b
+
+    val_rows = eval_batches(ray.get(job.eval["val"]), device)
+
+    def validate(m) -> dict:
+        return {f"val_{k}": v for k, v in evaluate(m, val_rows, device).items()}
+
+    def report(row: dict) -> None:  # (4) metrics and checkpoint, every rank
+        _report(row, engine, rank, seen)
+        if job.fail_after_epoch == row["epoch"] and start_epoch == 0:
+            raise RuntimeError(f"injected failure after epoch {row['epoch']} (fault-injection test)")
+
+    try:
+        engine.fit(s.epochs, batches, validate, report, s.report_every, patience)
+    except Diverged as e:  # a finished run that says so: no test metrics, the earlier checkpoints kept
+        final = {"epoch": e.epoch, "best_epoch": engine.best.epoch, "final": True, "diverged_epoch": e.epoch}
+        ray.train.report(final)
+        return {"history": engine.history, "final": final}
+
+    # the final model: the best on validation (early stopping) or the last epoch
+    engine.restore_best()
+    history = engine.history
+    final = {"epoch": history[-1]["epoch"] if history else 0, "best_epoch": engine.best.epoch, "final": True,
+             **{k: v for k, v in history[-1].items() if k.startswith(("val_", "train_"))}}
+    if patience is not None:
+        final.update(validate(engine.plain))
+    test = evaluate(engine.plain, eval_batches(ray.get(job.eval["test"]), device), device)
+    final.update({f"test_{k}": v for k, v in test.items()})
+    _report(final, engine, rank, seen)
+    return {"history": history, "final": final}
+
+
+def _read_shard(shard, device) -> dict[str, torch.Tensor]:
+    """Every row of a Ray Data shard as one tensor per column (numeric columns only)."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for b in shard.iter_batches(batch_size=None, batch_format="numpy"):
+        for k, v in b.items():
+            parts.setdefault(k, []).append(np.asarray(v))
+    return {k: torch.from_numpy(np.ascontiguousarray(np.concatenate(v))).to(device) for k, v in parts.items()}
+
+
+def _report(metrics: dict, engine: Engine, rank: int, seen: dict) -> None:
+    """A checkpoint with every report: rank 0 saves the engine's state; every rank the ids of its
+    rows and the epoch's first batch as trained on (image after augmentation, soft targets)."""
+    with tempfile.TemporaryDirectory() as d:
+        if rank == 0:
+            torch.save(engine.state_dict(), os.path.join(d, "student.pt"))
+        np.save(os.path.join(d, f"rows_rank{rank}.npy"),
+                np.concatenate(seen["ids"]) if seen["ids"] else np.zeros(0, np.int64))
+        if seen["sample"] is not None:
+            np.savez(os.path.join(d, f"first_batch_rank{rank}.npz"), **seen["sample"])
+        ray.train.report(dict(metrics), checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+# --------------------------------------------------------------------------- the driver
+@dataclass
+class DistillResult:
+    metrics: dict[str, Any]  # final: val_* and test_* (accuracy, errors, nll, fidelity), epochs
+    checkpoint_path: str
+    history: pd.DataFrame  # one row per epoch
+    run_name: str
+    reused: bool = False
+
+    @property
+    def diverged_epoch(self) -> int | None:
+        """The epoch whose training loss became NaN or infinite (the run stopped there), or None."""
+        return self.metrics.get("diverged_epoch")
+
+
+def run_name(cfg: ExperimentConfig, soft: SoftTargets) -> str:
+    s, T, teaching = cfg.student, cfg.student_temperature(), cfg.teaching()
+    key = {"student": s.identity(), "T": T, "soft": soft.manifest["fingerprint"],
+           "data_seed": cfg.data.seed, "teaching": teaching,
+           "jitter": cfg.soft_targets.jitter if teaching != "cached" else 0}
+    if teaching == "consistent" and cfg.soft_targets.mixup > 0:
+        key["mixup"] = cfg.soft_targets.mixup
+    key = json.dumps(key, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    mode = ("" if teaching == "cached" else f"{teaching}-") + ("" if s.init == "scratch" else f"from-{s.init}-")
+    return f"student-{s.targets}-{mode}f{s.fraction:g}-T{T:g}-a{s.alpha:g}-e{s.epochs}-s{s.seed}-{digest}"
+
+
+def check_classes(s: StudentConfig, soft: SoftTargets) -> None:
+    """A student must predict the soft targets' classes."""
+    if s.num_classes is not None and s.num_classes != soft.num_classes:
+        raise ValueError(f"student.num_classes={s.num_classes} but the soft targets have {soft.num_classes} "
+                         f"classes ({soft.path}); use the teachers' label space")
+
+
+def init_teacher_path(s: StudentConfig, soft: SoftTargets) -> str | None:
+    """The teacher checkpoint a ``student.init: teacher`` run starts from (member ``seed % K``),
+    or None for ``scratch``. The student must be that teacher's model with its model_args."""
+    if s.init == "scratch":
+        return None
+    path = soft.model_paths[s.seed % len(soft.model_paths)]
+    blob = load_teacher_files([path])[0].blob
+    if blob["model"] != s.model or dict(blob["model_args"]) != dict(s.model_args):
+        raise ValueError(f"student.init=teacher copies teacher {path} ({blob['model']} {blob['model_args']}) but the "
+                         f"student is {s.model} {s.model_args}: give the student the teachers' model and "
+                         f"model_args, or set student.init: scratch")
+    return path
+
+
+def uses_gpu(s: StudentConfig) -> bool:
+    """GPU Train workers: as configured, else only when this process's torch sees CUDA."""
+    return s.use_gpu if s.use_gpu is not None else torch.cuda.is_available()
+
+
+def subset_ids(soft: SoftTargets, fraction: float, seed: int) -> np.ndarray:
+    """The transfer-set ids a run at ``fraction`` trains on (nested, stratified)."""
+    return select_fraction(soft.transfer.ids, soft.transfer.labels, fraction, seed)
+
+
+def distill(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None = None,
+            fail_after_epoch: int | None = None, callbacks: list | None = None) -> DistillResult:
+    """Train one student (``cfg.student``) on ``soft``; resumable, and reused when finished.
+
+    ``ids`` overrides the rows (default: ``student.fraction`` of the transfer set).
+    ``fail_after_epoch`` injects a worker failure once, for fault-tolerance tests.
+    """
+    s, T, teaching = cfg.student, cfg.student_temperature(), cfg.teaching()
+    check_classes(s, soft)
+    if teaching != "consistent" and soft.mode == "streaming":
+        raise ValueError(f"student.teaching={teaching} reads cached soft targets, but {soft.path} is a "
+                         f"streaming-mode cache (no transfer rows): set soft_targets.mode: cached")
+    ids = subset_ids(soft, s.fraction, cfg.data.seed) if ids is None else np.asarray(ids, dtype=np.int64)
+    ids = ids[np.isin(ids, soft.transfer.ids)]
+    if len(ids) == 0:
+        raise ValueError("the student's training subset is empty: no requested id is in the transfer set")
+    if s.targets == "soft" and s.alpha > 0 and abs(T - soft.temperature) > 1e-12 and not soft.manifest["keep_teacher_logits"]:
+        raise ValueError(f"student.temperature={T} differs from the soft targets' {soft.temperature}: "
+                         f"set soft_targets.keep_teacher_logits: true to re-soften")
+    name = run_name(cfg, soft)
+    runs = layout.students_dir(layout.experiment_dir(cfg))
+    done_path = storage.join(runs, name, "result.json")
+    if storage.exists(done_path):
+        done = storage.read_json(done_path)
+        return DistillResult(done["metrics"], done["checkpoint_path"], pd.DataFrame(done["history"]), name, reused=True)
+
+    s = s.model_copy(update={"epochs": schedule_epochs(s, len(ids))})  # what the workers train
+    # Validation and test rows go to the workers as arrays in the object store: every worker
+    # evaluates on all of them (a Ray Data pass per split costs seconds of start-up per run).
+    job = StudentJob(student=s, temperature=T, targets_temperature=soft.temperature, rule=soft.manifest["rule"],
+                     num_classes=soft.num_classes, input_shape=soft.manifest["input_shape"], teaching=teaching,
+                     jitter=cfg.soft_targets.jitter, init_path=init_teacher_path(s, soft),
+                     eval={split: ray.put(soft.eval_arrays(split)) for split in ("val", "test")},
+                     fail_after_epoch=fail_after_epoch)
+    datasets = {}
+    counter = f"{cfg.name}/{name}"  # this run's teacher passes (consistent teaching)
+    if teaching == "consistent":
+        # the subset's rows go to the predictor actors once, through the object store; the
+        # workers send (epoch, position) rows and get back the view and its soft targets
+        job.stream = StreamJob(ray.put(soft.transfer_rows(ids)), ids, cfg.soft_targets, soft.model_paths,
+                               [cfg.name, counter])
+        pass_counter(counter)
+    else:
+        datasets["train"] = soft.epoch_dataset(0, ids=ids).materialize()
+        # A dataset carries the DataContext it was made with into the workers: without progress
+        # bars, or every epoch of every worker prints one.
+        datasets["train"].context.enable_progress_bars = False
+        job.in_memory = datasets["train"].size_bytes() / s.num_workers <= s.max_in_memory_mb * 1024**2
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config={"job": job}, datasets=datasets,
+        # one worker reads the whole dataset itself (no split-coordinator actor to start)
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=["train"] if soft.mode == "cached" and s.num_workers > 1 else []),
+        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=uses_gpu(s)),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage.absolute(runs), callbacks=callbacks,
+            failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+    )
+    try:
+        result = trainer.fit()
+        error = result.error
+    except Exception as e:  # Train V2 raises TrainingFailedError when the run fails
+        error = e
+    if error is not None:
+        raise StudentError(f"student run {name} failed: {error}") from None
+    out = result.return_value
+    history = pd.DataFrame(out["history"])
+    teacher_rows = forward_passes(counter).get("train", 0) if teaching == "consistent" else 0
+    C = soft.num_classes
+    metrics = {**out["final"], "train_rows_total": int(len(ids)), "temperature": T, "alpha": s.alpha,
+               "targets": s.targets, "fraction": s.fraction, "seed": s.seed, "teaching": teaching, "init": s.init,
+               "epochs": s.epochs, "teacher_rows": int(teacher_rows),
+               # teacher forward passes during this run (each row through K teachers)
+               "teacher_passes": int(teacher_rows) * len(soft.model_paths),
+               "parameters": count_parameters(build_model(s.model, soft.manifest["input_shape"], C, **s.model_args))}
+    ckpt_path = result.checkpoint.path if result.checkpoint else ""
+    storage.write_json(done_path, {"metrics": metrics, "checkpoint_path": ckpt_path,
+                                   "history": history.to_dict(orient="records"),
+                                   # what export and serving need to rebuild the model
+                                   "student": s.model_dump(mode="json"), "input_shape": soft.manifest["input_shape"],
+                                   "normalization": soft.manifest.get("normalization", {}), "num_classes": C,
+                                   "temperature": T, "soft_targets": soft.path, "ensemble": soft.manifest["ensemble"]})
+    return DistillResult(metrics, ckpt_path, history, name)
+
+
+def load_student(checkpoint_path: str, soft: SoftTargets, s: StudentConfig) -> torch.nn.Module:
+    state = storage.load_torch(storage.join(checkpoint_path, "student.pt"))
+    model = build_model(s.model, soft.manifest["input_shape"], soft.num_classes, **s.model_args)
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def omitted_class_report(cfg: ExperimentConfig, soft: SoftTargets, result: DistillResult) -> dict:
+    """The paper's bias adjustment for the one class left out of the transfer set."""
+    if len(cfg.data.omit_classes) != 1:
+        raise ValueError("the omitted-class report needs exactly one class in data.omit_classes")
+    c = int(cfg.data.omit_classes[0])
+    model = load_student(result.checkpoint_path, soft, cfg.student)
+    def logits_of(split: str):
+        cols = soft.eval_arrays(split)
+        with torch.no_grad():
+            return model(torch.from_numpy(cols["image"])), torch.from_numpy(cols["label"])
+
+    zv, yv = logits_of("val")
+    zt, yt = logits_of("test")
+    delta = bias_adjustment(zv, yv, c)
+
+    def errors(z, y, d):
+        z = z.clone()
+        z[:, c] += d
+        wrong = z.argmax(1) != y
+        return int(wrong.sum()), int((wrong & (y == c)).sum()), int((y == c).sum())
+
+    before, after = errors(zt, yt, 0.0), errors(zt, yt, delta)
+    return {"class": c, "delta": delta, "test_errors_before": before[0], "test_errors_after": after[0],
+            "class_errors_before": before[1], "class_errors_after": after[1], "class_count": before[2]}

@@ -1,0 +1,307 @@
+"""Stage 1: train an ensemble of K teachers in parallel, one Ray actor per teacher.
+
+Read top to bottom:
+
+* :class:`TeacherTrainer` is plain PyTorch: it trains one teacher spec, evaluates on the
+  validation set every epoch and checkpoints every epoch to
+  ``<storage>/<name>/teachers/<teacher_id>/`` (``checkpoint.pt`` to resume, ``model.pt`` when
+  complete, ``meta.json``; each written atomically). A checkpoint whose key (spec + data)
+  matches is resumed; a complete one is reused; anything else starts over.
+* :class:`TeacherActor` wraps it in a Ray actor: resources from the spec, GPU when torch sees
+  one, torch threads = the actor's CPUs, a Ray progress bar, restarts that resume.
+* :class:`EnsembleRun` launches all K actors at once (Ray queues what does not fit), collects
+  them with ``ray.wait`` as each finishes and summarises; :func:`train_ensemble` is the one call.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import ray
+import torch
+from ray.experimental.tqdm_ray import tqdm
+from torch import nn
+
+from kd_ray.core import storage
+from kd_ray.core.augment import random_shift
+from kd_ray.core.config import ExperimentConfig, TeacherSpec
+from kd_ray.core.data import Splits, load_splits
+from kd_ray.core.ensemble import predict_logits, save_teacher_model
+from kd_ray.core.losses import ensemble_average
+from kd_ray.core.models import build_model, count_parameters
+from kd_ray.core.subsets import select_fraction
+from kd_ray.core.train import Diverged, Engine, cross_entropy_loss, pick_device
+from kd_ray.layout import ensemble_file, teachers_dir
+from kd_ray.stages.cluster import largest_node
+from kd_ray.stages.datasets import from_dataset, to_dataset
+
+# Fields of a spec that decide *where* it runs, not *what* it learns: changing them retrains nothing.
+_PLACEMENT_FIELDS = ("num_gpus", "num_cpus")
+
+
+class TeacherError(RuntimeError):
+    """A teacher failed (diverged, bad input); the message names the teacher."""
+
+
+class EnsembleError(RuntimeError):
+    """One or more teachers failed; the others' checkpoints are intact."""
+
+
+def spec_key(spec: TeacherSpec, data_identity: dict) -> str:
+    """What a checkpoint must match to be resumed or reused: the spec and the data."""
+    learn = {k: v for k, v in spec.model_dump(mode="json").items() if k not in _PLACEMENT_FIELDS}
+    blob = json.dumps({"spec": learn, "data": data_identity}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class TeacherTrainer:
+    """Train (or resume, or reuse) one teacher. Plain PyTorch; storage paths may be URIs."""
+
+    teacher_id: str
+    spec: TeacherSpec
+    key: str
+    out_dir: str
+    num_classes: int
+    input_shape: tuple[int, ...]
+    progress: Any = None  # an object with .update(n) (a tqdm bar), or None
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def checkpoint_path(self) -> str:
+        return storage.join(self.out_dir, "checkpoint.pt")
+
+    @property
+    def model_path(self) -> str:
+        return storage.join(self.out_dir, "model.pt")
+
+    @property
+    def meta_path(self) -> str:
+        return storage.join(self.out_dir, "meta.json")
+
+    def completed(self) -> dict | None:
+        """The meta of a complete teacher with this key, or None."""
+        if not (storage.exists(self.meta_path) and storage.exists(self.model_path)):
+            return None
+        meta = storage.read_json(self.meta_path)
+        return meta if meta.get("key") == self.key and meta.get("complete") else None
+
+    def _subset(self, ids: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Row indices of this teacher's training set: a nested fraction, optionally bootstrapped."""
+        rows = np.arange(len(ids))
+        if self.spec.fraction < 1:
+            rows = rows[np.isin(ids, select_fraction(ids, labels, self.spec.fraction, self.spec.seed))]
+        if self.spec.bootstrap:
+            rows = np.random.default_rng(self.spec.seed).choice(rows, size=len(rows), replace=True)
+        return rows
+
+    def run(self, train: dict[str, np.ndarray], val: dict[str, np.ndarray]) -> dict:
+        started = time.time()
+        done = self.completed()
+        if done is not None:
+            return {**done, "epochs_run": 0, "resumed_from_epoch": done["epoch"], "start": started, "end": time.time()}
+
+        spec = self.spec
+        device = pick_device()
+        torch.manual_seed(spec.seed)
+        model = build_model(spec.model, self.input_shape, self.num_classes, **spec.model_args).to(device)
+        engine = Engine(model, spec, cross_entropy_loss)
+        if storage.exists(self.checkpoint_path):
+            ckpt = storage.load_torch(self.checkpoint_path)
+            if ckpt.get("key") == self.key:
+                engine.load_state_dict(ckpt)
+                self.log.append(f"{self.teacher_id}: resumed after epoch {engine.epoch}")
+        start_epoch = engine.epoch
+        if self.progress is not None and start_epoch:
+            self.progress.update(start_epoch)
+
+        rows = self._subset(train["id"], train["label"])
+        x = torch.from_numpy(train["image"][rows]).to(device)
+        y = torch.from_numpy(train["label"][rows]).to(device)
+        xv = torch.from_numpy(val["image"])
+        yv = torch.from_numpy(val["label"])
+        if len(x) == 0:
+            raise TeacherError(f"teacher {self.teacher_id}: its training subset is empty")
+
+        def batches(epoch: int):
+            torch.manual_seed(spec.seed * 100_003 + epoch)  # dropout, shifts: the same on resume
+            order = torch.randperm(len(x), generator=torch.Generator().manual_seed(spec.seed * 7919 + epoch)).to(device)
+            for i in range(0, len(x), spec.batch_size):
+                idx = order[i: i + spec.batch_size]
+                yield {"image": random_shift(x[idx], spec.jitter) if spec.jitter else x[idx], "label": y[idx]}
+
+        def validate(m: nn.Module) -> dict:
+            val_logits = predict_logits(m, xv)
+            return {"val_accuracy": float((val_logits.argmax(1) == yv).float().mean()) if len(yv) else float("nan")}
+
+        def checkpoint(row: dict) -> None:
+            storage.save_torch(self.checkpoint_path, {"key": self.key, **engine.state_dict()})
+            if self.progress is not None:
+                self.progress.update(1)
+
+        try:
+            engine.fit(spec.epochs, batches, validate, checkpoint)
+        except Diverged as e:
+            raise TeacherError(
+                f"teacher {self.teacher_id}: training loss became {e.loss} in epoch {e.epoch}; "
+                f"lower its lr (now {spec.lr}) or check the inputs. Its last good checkpoint "
+                f"(epoch {e.epoch - 1}) and the other teachers' checkpoints are kept."
+            ) from None
+        history = engine.history
+        save_teacher_model(self.model_path, self.teacher_id, self.key, spec, model, self.num_classes,
+                           self.input_shape, predict_logits(model, xv))
+        meta = {
+            "teacher_id": self.teacher_id, "key": self.key, "spec": spec.model_dump(mode="json"),
+            "complete": True, "epoch": spec.epochs, "history": history,
+            "val_accuracy": history[-1]["val_accuracy"] if history else float("nan"),
+            "params": count_parameters(model), "model_path": self.model_path, "train_size": len(x),
+            "device": str(device), "seconds": time.time() - started,
+        }
+        storage.write_json(self.meta_path, meta)  # last: marks the teacher complete
+        return {**meta, "epochs_run": spec.epochs - start_epoch, "resumed_from_epoch": start_epoch,
+                "start": started, "end": time.time()}
+
+
+class TeacherActor:
+    """One teacher in a Ray actor (made remote in :func:`_actor_class`)."""
+
+    def __init__(self, teacher_id: str, spec: dict, key: str, out_dir: str, num_classes: int,
+                 input_shape: list[int], train_ds, val_ds):
+        torch.set_num_threads(max(1, int(spec["num_cpus"])))
+        self.teacher_id, self.train_ds, self.val_ds = teacher_id, train_ds, val_ds
+        self.trainer = TeacherTrainer(teacher_id, TeacherSpec(**spec), key, out_dir, num_classes, tuple(input_shape))
+
+    def train(self) -> dict:
+        ctx = ray.get_runtime_context()
+        placement = {"node_id": ctx.get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                     "pid": os.getpid(), "torch_threads": torch.get_num_threads()}
+        bar = tqdm(total=self.trainer.spec.epochs, desc=f"teacher {self.teacher_id}")
+        self.trainer.progress = bar
+        try:
+            out = self.trainer.run(from_dataset(self.train_ds), from_dataset(self.val_ds))
+        finally:
+            bar.close()
+        return {**out, **placement, "log": self.trainer.log}
+
+
+_REMOTE = None
+
+
+def _actor_class():
+    global _REMOTE
+    if _REMOTE is None:
+        _REMOTE = ray.remote(TeacherActor)
+    return _REMOTE
+
+
+def check_resources(specs: list[TeacherSpec], ids: list[str]) -> None:
+    """Fail at once (not hang) when a teacher asks for more than the largest node has."""
+    for resource, attr in (("GPU", "num_gpus"), ("CPU", "num_cpus")):
+        have, node = largest_node(resource)
+        for tid, spec in zip(ids, specs):
+            want = getattr(spec, attr)
+            if want > have:
+                raise ValueError(
+                    f"teacher {tid} asks for {want:g} {resource}s (teachers.{attr}) but the largest node "
+                    f"({node}) has {have:g}; lower teachers.{attr} or add a node with more {resource}s"
+                )
+
+
+@dataclass
+class EnsembleResult:
+    teachers: list[dict]  # one dict per teacher: id, paths, metrics, timing, placement
+    val_accuracy: float  # the ensemble's (probability averaging, T = 1)
+    seconds: float
+
+    @property
+    def model_paths(self) -> list[str]:
+        return [t["model_path"] for t in self.teachers]
+
+    def summary(self) -> pd.DataFrame:
+        rows = [{"teacher": t["teacher_id"], "model": t["spec"]["model"], "parameters": t["params"],
+                 "val_accuracy": round(t["val_accuracy"], 4), "epochs": t["epoch"],
+                 "epochs_run": t["epochs_run"], "seconds": round(t["end"] - t["start"], 1)} for t in self.teachers]
+        return pd.DataFrame(rows)
+
+
+class EnsembleRun:
+    """All K teachers launched at once; :meth:`wait` collects them as each finishes."""
+
+    def __init__(self, cfg: ExperimentConfig, splits: Splits | None = None):
+        self.cfg = cfg
+        self.started = time.time()
+        self.splits = splits or load_splits(cfg.data)
+        specs = cfg.teachers.resolved()
+        self.ids = [f"t{i}" for i in range(len(specs))]
+        check_resources(specs, self.ids)
+        identity = self.splits.identity()
+        train_ds, val_ds = to_dataset(self.splits.train), to_dataset(self.splits.val)
+        out = teachers_dir(cfg)
+        self.actors: dict[str, Any] = {}
+        self.refs: dict[Any, str] = {}
+        self.reused: dict[str, dict] = {}
+        for tid, spec in zip(self.ids, specs):
+            key = spec_key(spec, identity)
+            done = TeacherTrainer(tid, spec, key, storage.join(out, tid), self.splits.num_classes,
+                                  self.splits.input_shape).completed()
+            if done is not None:  # complete in storage with the same spec and data: reuse
+                self.reused[tid] = {**done, "epochs_run": 0, "resumed_from_epoch": done["epoch"],
+                                    "start": self.started, "end": self.started}
+                continue
+            options = dict(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus,
+                           max_restarts=cfg.teachers.max_restarts, max_task_retries=cfg.teachers.max_restarts)
+            if cfg.teachers.spread:
+                options["scheduling_strategy"] = "SPREAD"
+            actor = _actor_class().options(**options).remote(
+                tid, spec.model_dump(mode="json"), key, storage.join(out, tid),
+                self.splits.num_classes, list(self.splits.input_shape), train_ds, val_ds)
+            self.actors[tid] = actor
+            self.refs[actor.train.remote()] = tid
+        print(f"[kd_ray] teachers -> {out}: {len(self.refs)} to train, {len(self.reused)} complete and reused",
+              flush=True)
+
+    def wait(self) -> EnsembleResult:
+        results: dict[str, dict] = dict(self.reused)
+        failures: dict[str, str] = {}
+        pending = list(self.refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            tid = self.refs[ready[0]]
+            try:
+                r = ray.get(ready[0])
+                results[tid] = r
+                print(f"[kd_ray] teacher {tid} done ({len(results) + len(failures)}/{len(self.ids)}): "
+                      f"val accuracy {r['val_accuracy']:.4f}, {r['epochs_run']} epochs run", flush=True)
+            except Exception as e:  # RayTaskError wraps the teacher's own error
+                cause = getattr(e, "cause", None) or e
+                failures[tid] = f"{type(cause).__name__}: {cause}"
+                print(f"[kd_ray] teacher {tid} FAILED: {failures[tid]}", flush=True)
+            finally:
+                ray.kill(self.actors[tid])
+        if failures:
+            raise EnsembleError("teacher(s) failed: " + "; ".join(f"{t}: {m}" for t, m in failures.items())
+                                + f". Completed teachers are kept under {teachers_dir(self.cfg)}.")
+        teachers = [results[t] for t in self.ids]
+        logits = torch.stack([storage.load_torch(t["model_path"])["val_logits"] for t in teachers])
+        acc = float((ensemble_average(logits, 1.0, "probs").argmax(1) == torch.from_numpy(self.splits.val.labels)).float().mean())
+        result = EnsembleResult(teachers, acc, time.time() - self.started)
+        storage.write_json(ensemble_file(self.cfg), {
+            "val_accuracy": acc, "model_paths": result.model_paths,
+            "teachers": result.summary().to_dict(orient="records"),
+        })
+        return result
+
+
+def train_ensemble(cfg: ExperimentConfig, splits: Splits | None = None) -> EnsembleResult:
+    """Train (or resume, or reuse) the K teachers in parallel; print a summary table."""
+    result = EnsembleRun(cfg, splits).wait()
+    print(result.summary().to_string(index=False), flush=True)
+    print(f"[kd_ray] ensemble of {len(result.teachers)}: val accuracy {result.val_accuracy:.4f} "
+          f"({result.seconds:.1f} s)", flush=True)
+    return result
