@@ -131,9 +131,8 @@ class SoftTargetsConfig(_Section):
     # 2022's "function matching"); 0: no mixup. With jitter 0 the views are mixed, not shifted.
     mixup: float = Field(0.0, ge=0)
     keep_teacher_logits: bool = True
-    # the teachers' arithmetic in the predictor: bfloat16 runs their forward passes ~3.8x faster
-    # on a CPU with AVX512-BF16 (GPUs not measured), for soft targets within ~1e-4 of float32's
-    # (jobs/analysis/precision_check.py); averaging and softmax stay in float32
+    # the teachers' arithmetic in the predictor (bfloat16: faster on CPUs with AVX512-BF16, soft
+    # targets within ~1e-4 of float32's; docs/notes.md); averaging and softmax stay in float32
     precision: Literal["float32", "bfloat16"] = "float32"
     batch_size: int = Field(512, gt=0)
     actors: int = Field(1, ge=1)  # size of the EnsemblePredictor actor pool

@@ -19,8 +19,8 @@ def init_ray(cfg: ExperimentConfig) -> None:
         if address:
             ray.init(address=address)
         else:
-            # Train's controller takes each report off a 1-slot queue once per health check
-            # (2 s by default), which would cost ~2 s per reported epoch on small data.
+            # Train's controller takes each report off a 1-slot queue once per health check:
+            # the default interval would cost seconds per reported epoch on small data
             os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
             ray.init(num_cpus=cfg.runtime.num_cpus, num_gpus=cfg.runtime.num_gpus,
                      include_dashboard=True, dashboard_host="127.0.0.1")

@@ -41,6 +41,7 @@ from kd_ray.core.ensemble import (
     load_teacher_files,
 )
 from kd_ray.core.subsets import stable_hash
+from kd_ray.core.train import pick_device
 from kd_ray.stages.cluster import largest_node
 from kd_ray.stages.datasets import from_dataset, to_dataset
 
@@ -81,7 +82,7 @@ class EnsemblePredictor:
 
     def __init__(self, model_paths: list[str], temperature: float, rule: str, keep_teacher_logits: bool,
                  split: str = "train", counter_names: Sequence[str] = (), precision: str = "float32"):
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = pick_device()
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1) if ray.is_initialized() else 1
         torch.set_num_threads(max(1, int(cpus)))
         self.models = [build_teacher(f.blob, self.device, precision) for f in load_teacher_files(model_paths)]
@@ -289,8 +290,8 @@ def _take_ids(ds, ids: np.ndarray):
 def read_cache_split(path: str, files: list[str]):
     """A cached split as a materialized Ray Dataset (one Arrow block per file).
 
-    Read with pyarrow on the driver: on Ray 2.60 ``ray.data.read_parquet`` costs ~15 s of fixed
-    overhead per read on a 2-core machine (measured), against ~0.2 s this way.
+    Read with pyarrow on the driver: ``ray.data.read_parquet`` has a large fixed start-up per read
+    on small machines (docs/notes.md).
     """
     tables = []
     for rel in files:
