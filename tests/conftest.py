@@ -62,7 +62,7 @@ def digits_cfg(tmp_path):
         return load_config(None, [
             f"runtime.storage_path={tmp_path / 'runs'}",
             "teachers.count=2", "teachers.epochs=2", "teachers.model_args={hidden: [64]}",
-            "teachers.batch_size=128", "student.epochs=2", *overrides,
+            "teachers.batch_size=128", "student.epochs=2", "student.use_gpu=false", *overrides,
         ])
     return make
 
@@ -77,5 +77,28 @@ def tiny_ensemble(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("ensemble")
     cfg = load_config(None, [f"runtime.storage_path={root}", "name=tiny", "teachers.count=3",
                              "teachers.epochs=8", "teachers.model_args={hidden: [128]}", "teachers.lr=0.1",
-                             "soft_targets.batch_size=256"])
+                             "soft_targets.batch_size=256",
+                             # the shared cluster's GPUs are logical: students stay CPU workers here
+                             # (test_sweep's `kd-ray run` test trains GPU workers on them)
+                             "student.use_gpu=false"])
     return cfg, train_ensemble(cfg)
+
+
+@pytest.fixture
+def interrupt():
+    """``interrupt(after=n)``: a Tune callback that presses Ctrl+C (SIGUSR1, which Tune treats the
+    same) once ``n`` trials have completed."""
+    import signal
+
+    from ray import tune
+
+    class Interrupt(tune.Callback):
+        def __init__(self, after):
+            self.after, self.done = after, 0
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done += 1
+            if self.done == self.after:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    return Interrupt

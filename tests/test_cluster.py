@@ -24,6 +24,47 @@ def test_a_file_uri_works_like_a_local_path(tmp_path):
     assert storage.absolute(uri) == uri and storage.absolute("rel") != "rel"
 
 
+def _autoscaling():
+    """A CPU-only head alive now and a GPU worker type the autoscaler may launch, 0 to 2 nodes."""
+    from kd_ray.stages.cluster import Capacity, NodeKind
+
+    head = NodeKind("node 10.0.0.1 (head)", {"CPU": 2.0, "memory": 8e9})
+    gpu = NodeKind("node type 'gpu_worker'", {"CPU": 8.0, "GPU": 1.0}, max_count=2)
+    return Capacity([head], [gpu])
+
+
+def test_feasibility_counts_the_node_types_the_autoscaler_may_launch():
+    from kd_ray.stages.cluster import Capacity, check_feasible
+
+    cap = _autoscaling()
+    gpu_teacher = {"CPU": 1.0, "GPU": 1.0}
+    assert cap.could_fit(gpu_teacher) and not cap.fits_now(gpu_teacher)  # feasible: wait, do not fail
+    check_feasible(cap, gpu_teacher, {"CPU": "teachers.num_cpus", "GPU": "teachers.num_gpus"}, "teacher t0")
+    with pytest.raises(ValueError, match=r"teacher t0 asks for 8 GPUs \(teachers.num_gpus\) but the largest node or "
+                                         r"node type \(node type 'gpu_worker'\) has 1"):
+        check_feasible(cap, {"CPU": 1.0, "GPU": 8.0}, {"CPU": "teachers.num_cpus", "GPU": "teachers.num_gpus"},
+                       "teacher t0")
+    assert cap.max_nodes() == 2 and cap.max_resources()["GPU"] == 2 and cap.has_gpus()
+    fixed = Capacity(cap.alive, [])  # a fixed cluster is its alive nodes
+    assert not fixed.could_fit(gpu_teacher) and fixed.max_nodes() == 1 and not fixed.has_gpus()
+    with pytest.raises(ValueError, match=r"teacher t0 asks for 1 GPUs \(teachers.num_gpus\) but the largest node \("):
+        check_feasible(fixed, gpu_teacher, {"CPU": "teachers.num_cpus", "GPU": "teachers.num_gpus"}, "teacher t0")
+
+
+def test_local_storage_is_refused_when_the_cluster_may_grow_and_gpus_follow_the_cluster(tmp_path):
+    from kd_ray.stages.cluster import Capacity, student_uses_gpu
+
+    cfg = load_config(None, [f"runtime.storage_path={tmp_path}"])
+    with pytest.raises(ValueError, match="is a local path, but the cluster may grow to 2 nodes"):
+        check_storage(cfg, _autoscaling())
+    check_storage(cfg, Capacity(_autoscaling().alive, []))  # one node, fixed: a local folder is fine
+    check_storage(load_config(None, ["runtime.storage_path=s3://bucket/runs"]), _autoscaling())
+    # students train on GPU workers when a GPU node type exists, whatever the driver's torch sees
+    assert student_uses_gpu(cfg, _autoscaling())
+    assert not student_uses_gpu(cfg, Capacity(_autoscaling().alive, []))
+    assert not student_uses_gpu(load_config(None, ["student.use_gpu=false"]), _autoscaling())
+
+
 @pytest.fixture
 def two_nodes(no_ray):
     import ray

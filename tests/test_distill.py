@@ -149,7 +149,7 @@ def test_student_init_teacher_starts_from_the_seeds_ensemble_member(tiny_ensembl
 
 
 def test_streaming_mode_recomputes_soft_targets_inside_train(tiny_ensemble):
-    from kd_ray.stages.soft_targets import forward_passes
+    from kd_ray.stages.counters import forward_passes
 
     base, ensemble = tiny_ensemble
     cfg = _cfg(base, "streamstudent", "soft_targets.jitter=1", "student.epochs=3", "student.fraction=0.5",

@@ -37,6 +37,34 @@ def test_cluster_yaml_passes_rays_validation_and_has_a_gpu_worker_type():
     assert "--dashboard-host=127.0.0.1" in " ".join(cfg["head_start_ray_commands"])
 
 
+def test_cluster_yaml_can_launch_workers_and_keeps_auth_on():
+    """Beyond Ray's schema: what a real `ray up` needs to launch GPU workers that reach the bucket."""
+    import json
+
+    cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    types = cfg["available_node_types"]
+    head, workers = types[cfg["head_node_type"]], [t for n, t in types.items() if n != cfg["head_node_type"]]
+    head_profile = head["node_config"]["IamInstanceProfile"]["Name"]
+    worker_profiles = {w["node_config"]["IamInstanceProfile"]["Name"] for w in workers}
+    assert head_profile not in worker_profiles
+    head_policy = json.loads((ROOT / "cluster-iam" / "head-policy.json").read_text())
+    actions = {a for st in head_policy["Statement"] for a in ([st["Action"]] if isinstance(st["Action"], str)
+                                                             else st["Action"])}
+    assert {"ec2:RunInstances", "ec2:DescribeInstances", "ec2:TerminateInstances", "ec2:CreateTags",
+            "iam:PassRole", "s3:PutObject"} <= actions
+    passrole = next(st for st in head_policy["Statement"] if st["Action"] == "iam:PassRole")
+    assert all(p in passrole["Resource"] for p in worker_profiles)  # the head may pass the workers' role
+    worker_policy = (ROOT / "cluster-iam" / "worker-policy.json").read_text()
+    assert "s3:PutObject" in worker_policy and "ec2:" not in worker_policy
+    assert {".venv", "runs", ".git"} <= set(cfg["rsync_exclude"])
+    cidr = cfg["provider"]["security_group"]["IpPermissions"][0]["IpRanges"][0]["CidrIp"]
+    assert cidr.startswith("SET-ME") and cidr != "0.0.0.0/0"  # a value the user must set
+    starts = " ".join(cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"])
+    assert "RAY_AUTH_MODE=disabled" not in starts and "RAY_AUTH_MODE=token" in starts
+    assert "~/.ray/auth_token" in cfg["file_mounts"].values()
+    assert any("/home/ubuntu/data" in c for c in cfg["setup_commands"])  # data the ubuntu user can write
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -13,7 +13,8 @@ from kd_ray.core.ensemble import (
 )
 from kd_ray.core.losses import ensemble_average, resoften
 from kd_ray.core.models import build_model
-from kd_ray.stages.soft_targets import build_soft_targets, forward_passes, predict
+from kd_ray.stages.counters import forward_passes
+from kd_ray.stages.soft_targets import build_soft_targets, predict
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -1,7 +1,6 @@
 """The Ray Tune sweep: its grid and resources (pure), and real sweeps on the shared cluster."""
 import json
 import os
-import signal
 
 import numpy as np
 import pytest
@@ -145,7 +144,8 @@ def test_bad_sweep_input_fails_before_any_work(tmp_path, capsys, override, messa
 @pytest.mark.slow
 def test_small_sweep_results_report_and_teacher_passes(tiny_ensemble):
     from kd_ray.report import write_report
-    from kd_ray.stages.soft_targets import build_soft_targets, forward_passes
+    from kd_ray.stages.counters import forward_passes
+    from kd_ray.stages.soft_targets import build_soft_targets
     from kd_ray.stages.sweep import run_sweep
 
     base, ensemble = tiny_ensemble
@@ -190,8 +190,9 @@ def test_consistent_teaching_sweep_streams_the_students_view_through_the_teacher
     from kd_ray.core.augment import mix, seeded_mixup, seeded_shift
     from kd_ray.core.ensemble import build_teacher, load_teacher_files
     from kd_ray.core.losses import ensemble_average
+    from kd_ray.stages.counters import forward_passes
     from kd_ray.stages.distill import subset_ids
-    from kd_ray.stages.soft_targets import build_soft_targets, forward_passes
+    from kd_ray.stages.soft_targets import build_soft_targets
     from kd_ray.stages.sweep import run_sweep
 
     base, ensemble = tiny_ensemble
@@ -249,28 +250,9 @@ def test_consistent_teaching_sweep_streams_the_students_view_through_the_teacher
     assert np.abs(b["soft_targets"] - soft_targets_of(original)).max() <= 1e-5
 
 
-class _Interrupt:
-    """A Tune callback that presses Ctrl+C (SIGUSR1, which Tune treats the same) once
-    ``after`` trials have completed."""
-
-    def __new__(cls, after):
-        from ray import tune
-
-        class Interrupt(tune.Callback):
-            def __init__(self):
-                self.done = 0
-
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                self.done += 1
-                if self.done == after:
-                    os.kill(os.getpid(), signal.SIGUSR1)
-
-        return Interrupt()
-
-
 @pytest.mark.ray
 @pytest.mark.slow
-def test_interrupted_sweep_finishes_the_rest_when_run_again(tiny_ensemble):
+def test_interrupted_sweep_finishes_the_rest_when_run_again(tiny_ensemble, interrupt):
     from kd_ray.stages.soft_targets import build_soft_targets
     from kd_ray.stages.sweep import run_sweep
 
@@ -278,7 +260,7 @@ def test_interrupted_sweep_finishes_the_rest_when_run_again(tiny_ensemble):
     cfg = _cfg(base, "sweepsmall", "sweep.fractions=[0.03, 0.1]", "sweep.targets=[hard]", "sweep.seeds=[1]",
                "sweep.max_concurrent_trials=1")
     st = build_soft_targets(cfg, ensemble)
-    first = run_sweep(cfg, st, callbacks=[_Interrupt(after=1)])
+    first = run_sweep(cfg, st, callbacks=[interrupt(after=1)])
     assert not first.complete
     done = first.results[first.results["status"] == "done"]
     assert len(done) == 1

@@ -134,7 +134,8 @@ def test_gradient_clipping_bounds_every_step():
     e = _engine(StudentConfig(epochs=1, lr=0.1, grad_clip_norm=0.01, momentum=0.0))
     before = [p.detach().clone() for p in e.plain.parameters()]
     _fit(e, 1, x, y)  # 3 steps of plain SGD: each moves the weights by at most lr * 0.01
-    moved = torch.sqrt(sum(((p - b) ** 2).sum() for p, b in zip(e.plain.parameters(), before)))
+    with torch.no_grad():
+        moved = torch.sqrt(sum(((p - b) ** 2).sum() for p, b in zip(e.plain.parameters(), before)))
     assert float(moved) <= 3 * 0.1 * 0.01 + 1e-6
 
 
@@ -186,3 +187,33 @@ def test_paper_setting_trains_at_T20_with_the_shipped_student(clip):
     engine.fit(2, batches, lambda m: {"val_accuracy": 0.0})
     losses = [r["train_loss"] for r in engine.history]
     assert all(np.isfinite(losses)) and losses[1] < losses[0]
+
+
+def test_bf16_autocast_trains_on_the_cpu():
+    """runtime.mixed_precision: the engine's forward pass under bf16 autocast, float32 weights."""
+    from kd_ray.core.config import StudentConfig
+    from kd_ray.core.train import amp_dtype
+
+    assert amp_dtype("auto", torch.device("cpu")) is None and amp_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert amp_dtype("bf16", torch.device("cpu")) == torch.bfloat16 and amp_dtype("off", torch.device("cuda")) is None
+    x, y = _toy(256)
+    seen = []
+
+    def loss_fn(m, b):
+        from kd_ray.core.train import cross_entropy_loss
+
+        loss, logits = cross_entropy_loss(m, b)
+        seen.append(logits.dtype)
+        return loss, logits
+
+    from kd_ray.core.models import build_model
+    from kd_ray.core.train import Engine
+
+    torch.manual_seed(0)
+    e = Engine(build_model("mlp", (1, 4, 4), 2, hidden=[16]), StudentConfig(epochs=4, lr=0.1), loss_fn,
+               amp=torch.bfloat16)
+    _fit(e, 4, x, y)
+    assert set(seen) == {torch.bfloat16}  # the forward pass ran in bfloat16
+    assert all(p.dtype == torch.float32 for p in e.plain.parameters())  # the weights stay float32
+    losses = [r["train_loss"] for r in e.history]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]

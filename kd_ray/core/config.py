@@ -176,7 +176,7 @@ class StudentConfig(_Section):
     seed: int = 0
     num_classes: Optional[int] = Field(None, gt=1)  # None: the soft targets' class count
     num_workers: int = Field(1, ge=1)
-    use_gpu: Optional[bool] = None  # None: when the driver's torch sees CUDA (set true for GPU workers)
+    use_gpu: Optional[bool] = None  # None: when the cluster has or may get a GPU node (never the driver's CUDA)
     max_failures: int = Field(0, ge=0)
     early_stopping_patience: Optional[int] = Field(None, gt=0)  # epochs without a better validation
     # validate, report and checkpoint every N epochs (and after the last): on a few dozen rows an
@@ -286,6 +286,11 @@ class RuntimeConfig(_Section):
     num_cpus: Optional[int] = Field(None, gt=0)  # only for a local cluster started by kd_ray
     num_gpus: Optional[int] = Field(None, ge=0)
     shared_filesystem: bool = False  # a local storage_path that every node mounts (NFS)
+    # how long a stage waits for the autoscaler to add the nodes it needs before failing
+    scale_timeout_s: float = Field(600.0, gt=0)
+    # autocast for teachers', students' and predictors' forward passes: "auto" is bf16 on a GPU
+    # and float32 on a CPU; "fp16" also scales the loss (torch.amp.GradScaler)
+    mixed_precision: Literal["auto", "off", "bf16", "fp16"] = "auto"
     # what `kd-ray run` and jobs/pipeline.py run, in this order (a stage computes what it
     # needs from earlier ones when missing, and reuses what is finished)
     stages: list[Literal["teachers", "soft-targets", "sweep", "report"]] = ["teachers", "soft-targets", "sweep", "report"]

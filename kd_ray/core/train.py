@@ -39,6 +39,17 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``runtime.mixed_precision`` on ``device``: "auto" is bf16 on CUDA and
+    off elsewhere (CPU autocast is slower than float32 on most CPUs); "off" is float32."""
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return AMP_DTYPES.get(setting)
+
+
 def make_optimizer(params, spec) -> torch.optim.Optimizer:
     """The optimiser a teacher or student spec names."""
     if spec.optimizer == "adam":
@@ -106,11 +117,14 @@ class Engine:
     :attr:`plain` is always the bare module (what is evaluated and checkpointed)."""
 
     def __init__(self, model: nn.Module, spec, loss_fn: LossFn, metric: str = "val_accuracy",
-                 keep_best: bool = False):
+                 keep_best: bool = False, amp: torch.dtype | None = None):
         self.model, self.spec, self.loss_fn, self.metric, self.keep_best = model, spec, loss_fn, metric, keep_best
         self.opt = make_optimizer(model.parameters(), spec)
         self.sched = make_scheduler(self.opt, spec)
         self.grad_clip_norm = getattr(spec, "grad_clip_norm", None)
+        # mixed precision: the forward pass and loss under autocast; float16 scales the loss
+        self.amp = amp
+        self.scaler = torch.amp.GradScaler(enabled=amp == torch.float16)
         self.epoch, self.resumed_from, self.history, self.best = 0, 0, [], Best()
 
     @property
@@ -139,12 +153,15 @@ class Engine:
         loss_sum = torch.zeros((), device=device)
         n = correct = 0
         for b in batches:
-            loss, logits = self.loss_fn(self.model, b)
+            with torch.autocast(device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                loss, logits = self.loss_fn(self.model, b)
             self.opt.zero_grad(set_to_none=True)
-            loss.backward()
+            self.scaler.scale(loss).backward()
             if self.grad_clip_norm is not None:  # bounds the step when soft targets at high T pull hard
+                self.scaler.unscale_(self.opt)
                 nn.utils.clip_grad_norm_(self.plain.parameters(), self.grad_clip_norm)
-            self.opt.step()
+            self.scaler.step(self.opt)
+            self.scaler.update()
             loss_sum += loss.detach() * len(logits)
             n += len(logits)
             correct += int((logits.argmax(1) == b["label"]).sum())

@@ -27,7 +27,7 @@ import ray.data
 import ray.train
 import ray.train.torch
 import torch
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from kd_ray import layout
 from kd_ray.core import storage
@@ -40,19 +40,16 @@ from kd_ray.core.train import (
     Diverged,
     Engine,
     EpochStream,
+    amp_dtype,
     eval_batches,
     evaluate,
     schedule_epochs,
     shuffled_batches,
     student_loss,
 )
-from kd_ray.stages.soft_targets import (
-    SoftTargets,
-    consistent_stream,
-    forward_passes,
-    pass_counter,
-    worker_share,
-)
+from kd_ray.stages.cluster import student_uses_gpu
+from kd_ray.stages.counters import forward_passes, pass_counter
+from kd_ray.stages.soft_targets import SoftTargets, consistent_stream, worker_share
 
 
 class StudentError(RuntimeError):
@@ -94,6 +91,7 @@ class StudentJob:
     in_memory: bool = False  # read the cached shard once into tensors
     cpus_per_worker: int = 1
     fail_after_epoch: int | None = None  # fault injection (tests)
+    mixed_precision: str = "auto"  # runtime.mixed_precision
 
 
 # --------------------------------------------------------------------------- the Train loop
@@ -167,7 +165,8 @@ def _student_engine(job: StudentJob) -> Engine:
     alpha = 0.0 if s.targets == "hard" else s.alpha
     loss_fn = student_loss(job.temperature, alpha, job.num_classes, job.targets_temperature, job.rule)
     # the best weights are kept (and checkpointed) only when early stopping will use them
-    return Engine(model, s, loss_fn, keep_best=s.early_stopping_patience is not None)
+    amp = amp_dtype(job.mixed_precision, ray.train.torch.get_device())
+    return Engine(model, s, loss_fn, keep_best=s.early_stopping_patience is not None, amp=amp)
 
 
 def _epoch_rows(job: StudentJob, rank: int, world: int, start_epoch: int, device):
@@ -259,11 +258,6 @@ def init_teacher_path(s: StudentConfig, soft: SoftTargets) -> str | None:
     return path
 
 
-def uses_gpu(s: StudentConfig) -> bool:
-    """GPU Train workers: as configured, else only when this process's torch sees CUDA."""
-    return s.use_gpu if s.use_gpu is not None else torch.cuda.is_available()
-
-
 def subset_ids(soft: SoftTargets, fraction: float, seed: int) -> np.ndarray:
     """The transfer-set ids a run at ``fraction`` trains on (nested, stratified)."""
     return select_fraction(soft.transfer.ids, soft.transfer.labels, fraction, seed)
@@ -309,7 +303,7 @@ def distill(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None = N
                      num_classes=soft.num_classes, input_shape=soft.manifest["input_shape"], teaching=teaching,
                      jitter=cfg.soft_targets.jitter, init_path=init_teacher_path(s, soft),
                      eval={split: ray.put(soft.eval_arrays(split)) for split in ("val", "test")},
-                     fail_after_epoch=fail_after_epoch)
+                     fail_after_epoch=fail_after_epoch, mixed_precision=cfg.runtime.mixed_precision)
     datasets = {}
     counter = f"{cfg.name}/{name}"  # this run's teacher passes (consistent teaching)
     if teaching == "consistent":
@@ -329,7 +323,10 @@ def distill(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None = N
         # one worker reads the whole dataset itself (no split-coordinator actor to start)
         dataset_config=ray.train.DataConfig(
             datasets_to_split=["train"] if soft.mode == "cached" and s.num_workers > 1 else []),
-        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=uses_gpu(s)),
+        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=student_uses_gpu(cfg)),
+        # one worker needs no collective: gloo also runs where the GPUs are logical (tests) or a
+        # worker's torch has no CUDA; several GPU workers use NCCL
+        torch_config=TorchConfig(backend="gloo") if s.num_workers == 1 else None,
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage.absolute(runs), callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=s.max_failures),

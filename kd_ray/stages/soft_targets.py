@@ -42,39 +42,12 @@ from kd_ray.core.ensemble import (
 )
 from kd_ray.core.subsets import stable_hash
 from kd_ray.core.train import pick_device
-from kd_ray.stages.cluster import largest_node
+from kd_ray.stages.cluster import wait_for
+from kd_ray.stages.counters import pass_counter
 from kd_ray.stages.datasets import from_dataset, to_dataset
 
 SCHEMA_VERSION = 2
 SPLITS = ("train", "val", "test")
-
-
-class PassCounter:
-    """How many samples each teacher has run on, per split (a named Ray actor)."""
-
-    def __init__(self):
-        self.counts: dict[str, int] = {}
-
-    def add(self, split: str, n: int) -> None:
-        self.counts[split] = self.counts.get(split, 0) + int(n)
-
-    def get(self) -> dict[str, int]:
-        return dict(self.counts)
-
-
-_COUNTERS: dict[str, Any] = {}  # keep the named actors alive while this driver runs
-
-
-def pass_counter(name: str):
-    if name not in _COUNTERS:
-        _COUNTERS[name] = ray.remote(PassCounter).options(
-            name=f"kd_ray_passes:{name}", get_if_exists=True, num_cpus=0).remote()
-    return _COUNTERS[name]
-
-
-def forward_passes(name: str) -> dict[str, int]:
-    """Samples each teacher has run on so far, per split, for experiment ``name``."""
-    return ray.get(pass_counter(name).get.remote())
 
 
 class EnsemblePredictor:
@@ -188,13 +161,12 @@ def consistent_stream(rows_ref, positions: np.ndarray, st: SoftTargetsConfig, mo
 
 
 def check_pool_resources(cfg: ExperimentConfig) -> None:
-    """An actor no node can host would wait forever: fail at once instead."""
+    """An actor no node type can host would wait forever: fail at once; wait (for the autoscaler)
+    while none is up yet."""
     st = cfg.soft_targets
-    for res, want in (("GPU", st.num_gpus), ("CPU", st.num_cpus)):
-        have, node = largest_node(res)
-        if want > have:
-            raise ValueError(f"soft_targets.num_{res.lower()}s={want:g} per predictor actor, but the largest "
-                             f"node ({node}) has {have:g} {res}s; lower it or add a bigger node")
+    wait_for([{"CPU": st.num_cpus, "GPU": st.num_gpus}] * st.actors,
+             {"CPU": "soft_targets.num_cpus", "GPU": "soft_targets.num_gpus"}, "predictor actors",
+             cfg.runtime.scale_timeout_s)
 
 
 # --------------------------------------------------------------------------- the stage

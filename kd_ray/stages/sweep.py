@@ -43,7 +43,8 @@ from ray.tune.schedulers import ASHAScheduler
 from kd_ray import layout
 from kd_ray.core import storage
 from kd_ray.core.config import ConfigError, ExperimentConfig
-from kd_ray.stages.distill import check_classes, distill, uses_gpu
+from kd_ray.stages.cluster import capacity, student_uses_gpu
+from kd_ray.stages.distill import check_classes, distill
 from kd_ray.stages.soft_targets import SoftTargets
 
 # A trial's driver only waits on its TorchTrainer: no CPU, but it reserves the memory a Train
@@ -199,7 +200,8 @@ def _tune_run(cfg: ExperimentConfig, trainable, group: list[dict], sweep_dir: st
               use_gpu: bool, run: str) -> dict[str, dict]:
     """One Tune run over trials that hold the same resources; the rows of those that did not finish."""
     metric = cfg.sweep.metric
-    concurrency = max_concurrent(cfg, ray.cluster_resources(), use_gpu, len(group), group[0])
+    # the cluster at its largest: an autoscaler adds nodes for the trials that wait
+    concurrency = max_concurrent(cfg, capacity().max_resources(), use_gpu, len(group), group[0])
     scheduler = None
     if cfg.sweep.scheduler == "asha":
         # a trial reports each epoch, Train's final (test) report, then the driver's own
@@ -222,7 +224,7 @@ def run_sweep(cfg: ExperimentConfig, soft: SoftTargets, callbacks: list | None =
     t0 = time.time()
     trials = trial_grid(cfg)
     check_classes(cfg.student, soft)  # before any trial starts
-    use_gpu = uses_gpu(cfg.student)
+    use_gpu = student_uses_gpu(cfg)
     metric = cfg.sweep.metric
     name = sweep_name(cfg, soft)
     sweep_dir = layout.sweep_dir(cfg, name)

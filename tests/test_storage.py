@@ -1,0 +1,107 @@
+"""Storage on local folders and on a real S3 protocol server (moto's server mode on 127.0.0.1)."""
+import os
+import socket
+
+import pytest
+
+from kd_ray.core import storage
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A real S3 endpoint on 127.0.0.1 with one bucket, reached through the standard AWS variables
+    (set before any Ray process starts, so actors and Train workers inherit them)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="kd-runs")
+    try:
+        yield "s3://kd-runs"
+    finally:
+        server.stop()
+
+
+def test_storage_round_trips_on_s3(s3):
+    root = storage.join(s3, "exp")
+    storage.write_json(storage.join(root, "a", "m.json"), {"k": 1})
+    storage.save_torch(storage.join(root, "a", "t.pt"), {"x": [1, 2]})
+    assert storage.read_json(storage.join(root, "a", "m.json")) == {"k": 1}
+    assert storage.load_torch(storage.join(root, "a", "t.pt")) == {"x": [1, 2]}
+    assert [p.rsplit("/", 1)[1] for p in storage.list_files(root)] == ["m.json", "t.pt"]
+    storage.check_writable(root)
+    storage.delete_dir(storage.join(root, "a"))
+    assert not storage.exists(storage.join(root, "a", "m.json"))
+
+
+def test_unwritable_or_unreachable_storage_fails_before_ray_starts(tmp_path, monkeypatch, capsys):
+    from kd_ray.cli import main
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if os.access(locked, os.W_OK):  # root ignores permissions: use a path under a file instead
+        locked = tmp_path / "a-file"
+        locked.write_text("")
+    assert main(["teachers", "--set", f"runtime.storage_path={locked}/runs"]) == 2
+    err = capsys.readouterr().err
+    assert "runtime.storage_path=" in err and "is not writable or not reachable" in err and "Traceback" not in err
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    assert main(["run", "--set", "runtime.storage_path=s3://kd-runs/exp"]) == 2
+    err = capsys.readouterr().err
+    assert "runtime.storage_path='s3://kd-runs/exp' is not writable or not reachable" in err
+    import ray
+
+    assert not ray.is_initialized()  # nothing started
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.isolated
+def test_pipeline_on_s3_then_everything_reused_then_an_interrupted_sweep_finished(s3, no_ray, capsys, interrupt):
+    from kd_ray.cli import main
+
+    root = storage.join(s3, "exp")
+    argv = ["run", "--set", f"runtime.storage_path={root}", "--set", "runtime.num_cpus=4",
+            "--set", "teachers.count=2", "--set", "teachers.epochs=2", "--set", "teachers.model_args={hidden: [32]}",
+            "--set", "student.epochs=2", "--set", "student.model_args={hidden: [32]}",
+            "--set", "sweep.fractions=[0.5]", "--set", "sweep.seeds=[0]"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert "2 to train" in first
+    for name in ("results.parquet", "summary.md", "accuracy_vs_fraction.png", "sweep.json", "teachers/ensemble.json"):
+        assert storage.exists(storage.join(root, "digits", name)), name
+    students = [p for p in storage.list_files(storage.join(root, "digits", "students"), "result.json")]
+    assert len(students) == 2  # Ray Train's runs and their results went to the bucket
+    assert main(argv) == 0  # again: every stage found finished in the bucket
+    again = capsys.readouterr().out
+    assert "0 to train, 2 complete and reused" in again and "reused at s3://" in again
+    assert "2 already finished, 0 to run" in again
+
+    # a sweep interrupted after one trial, then finished from the bucket
+    from kd_ray.core.config_files import load_config
+    from kd_ray.stages.soft_targets import build_soft_targets
+    from kd_ray.stages.sweep import run_sweep
+    from kd_ray.stages.teachers import train_ensemble
+
+    cfg = load_config(None, argv[2::2] + ["sweep.seeds=[1]", "sweep.targets=[hard]", "sweep.fractions=[0.3, 0.5]",
+                                          "sweep.max_concurrent_trials=1"])
+    st = build_soft_targets(cfg, train_ensemble(cfg))
+    assert not run_sweep(cfg, st, callbacks=[interrupt(after=1)]).complete
+    done = run_sweep(cfg, st)
+    assert done.complete and set(done.results["status"]) == {"done"} and len(done.results) == 2
+    assert storage.exists(storage.join(root, "digits", "results.parquet"))
