@@ -35,7 +35,8 @@ from kd_ray.layout import experiment_dir
 
 
 def _config(args: argparse.Namespace) -> ExperimentConfig:
-    return load_config(args.config or DEFAULT_CONFIG, args.set)
+    verbose = ["runtime.verbose=true"] if getattr(args, "verbose", False) else []
+    return load_config(args.config or DEFAULT_CONFIG, [*args.set, *verbose])
 
 
 def cmd_configs() -> None:
@@ -156,6 +157,8 @@ def _parser() -> argparse.ArgumentParser:
                        help=f"YAML file or shipped config name (default: {DEFAULT_CONFIG})")
         p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a config value (parsed as YAML); repeatable")
+        p.add_argument("--verbose", action="store_true",
+                       help="Ray's worker logs, progress bars and Tune's tables on the console (runtime.verbose)")
         return p
 
     sub.add_parser("configs", help="list the shipped configs")

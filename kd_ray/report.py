@@ -116,6 +116,8 @@ def summary_markdown(df: pd.DataFrame, info: dict, metric: str = METRIC) -> str:
            if teachers else "")
         + f". Soft targets at T={info.get('temperature')} ({info.get('rule')} averaging), "
           f"{info.get('transfer_rows')} transfer rows." + _training_note(info, df), "",
+        "Every trial reports the test figures of its best validation epoch (val_accuracy); the test "
+        "split chose nothing.", "",
         f"Trials: {len(df)} ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})"
         + ("" if info.get("complete", True) else " -- the sweep is INCOMPLETE: run it again to finish") + ".", "",
         _md_table(table), "",

@@ -19,3 +19,16 @@ def test_bad_config_exits_2_and_names_the_field(capsys):
     assert "student.alpha" in err and "less than or equal to 1" in err
     assert main(["teachers", "no/such/config.yaml"]) == 2
     assert "config file not found: no/such/config.yaml" in capsys.readouterr().err
+
+
+def test_front_door_errors_are_one_line_each_and_exit_2(capsys):
+    assert main(["config", "show", "--set", "sweep.fractions=[0.1,"]) == 2  # a YAML error inside --set
+    err = capsys.readouterr().err
+    assert "--set sweep.fractions: the value '[0.1,' is not valid YAML" in err and "Traceback" not in err
+    assert main(["config", "show", "--set", "teachers.specs=[{model: cnn, lr: -1, epochs: 0}]",
+                 "--set", "teachers.count=1"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert "  teachers.specs[0].epochs: Input should be greater than 0" in err
+    assert "  teachers.specs[0].lr: Input should be greater than 0" in err
+    assert main(["config", "show", "--set", "sweep.metric=test_accuracy"]) == 2  # the test split never chooses
+    assert "is a test metric: the test split never chooses anything" in capsys.readouterr().err

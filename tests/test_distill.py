@@ -8,7 +8,6 @@ import torch
 from kd_ray.core.config import ConfigError
 from kd_ray.core.config_files import build_config
 from kd_ray.stages.distill import (
-    StudentError,
     distill,
     subset_ids,
 )
@@ -123,8 +122,10 @@ def test_bad_inputs(tiny_ensemble):
         distill(cfg, st, ids=np.array([-1]))
     with pytest.raises(ConfigError, match="student.alpha"):
         _cfg(base, "badstudent", "student.alpha=2")
-    with pytest.raises(StudentError, match=r"loss became (nan|inf) in epoch 1"):
-        distill(_cfg(base, "badstudent", "student.epochs=2", "student.lr=1.0e+12", "student.momentum=0"), st)
+    # a student whose loss diverges finishes as "diverged", with the epoch and no test figures
+    bad = distill(_cfg(base, "badstudent", "student.epochs=2", "student.lr=1.0e+12", "student.momentum=0",
+                       "student.grad_clip_norm=null"), st)
+    assert bad.diverged_epoch == 1 and "test_accuracy" not in bad.metrics
 
 
 def test_student_init_teacher_starts_from_the_seeds_ensemble_member(tiny_ensemble):
@@ -166,14 +167,3 @@ def test_streaming_mode_recomputes_soft_targets_inside_train(tiny_ensemble):
     assert r.metrics["test_accuracy"] > 0.5
 
 
-def test_student_at_another_temperature_resoftens_stored_logits():
-    from kd_ray.core.losses import ensemble_average
-    from kd_ray.stages.distill import _targets
-
-    logits = torch.randn(3, 5, 10)  # K, B, C
-    batch = {"soft_targets": ensemble_average(logits, 4.0), "teacher_logits": logits.transpose(0, 1).half()}
-    assert torch.equal(_targets(batch, 4.0, 4.0, "probs"), batch["soft_targets"])
-    assert torch.allclose(_targets(batch, 2.0, 4.0, "probs"), ensemble_average(logits, 2.0), atol=2e-3)
-    del batch["teacher_logits"]
-    with pytest.raises(StudentError, match="keep_teacher_logits"):
-        _targets(batch, 2.0, 4.0, "probs")

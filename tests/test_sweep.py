@@ -85,9 +85,9 @@ def test_consistent_trials_also_hold_their_predictor_actors():
 def test_hard_trials_early_stop_and_soft_trials_do_not():
     cfg = load_config(None, ["sweep.hard_early_stopping_patience=7"])
     hard = trial_config(cfg, {"fraction": 0.1, "targets": "hard", "teaching": "none", "temperature": 4.0,
-                              "alpha": 0.0, "epochs": 20, "seed": 3})
+                              "alpha": 0.0, "lr": 0.05, "epochs": 20, "seed": 3})
     soft = trial_config(cfg, {"fraction": 0.1, "targets": "soft", "teaching": "cached", "temperature": 2.0,
-                              "alpha": 0.9, "epochs": 20, "seed": 3})
+                              "alpha": 0.9, "lr": 0.05, "epochs": 20, "seed": 3})
     assert hard.student.early_stopping_patience == 7 and hard.student.fraction == 0.1 and hard.student.seed == 3
     assert soft.student.early_stopping_patience is None and soft.student.temperature == 2.0
     assert cfg.student.fraction == 1.0  # the base config is not modified
@@ -118,7 +118,8 @@ def test_sweep_identity_ignores_the_grid_and_concurrency_but_not_the_student():
     # a grown grid or another concurrency: the same sweep, so finished trials are reused
     assert sweep_name(load_config(None, ["sweep.seeds=[0, 1, 2]", "sweep.fractions=[0.5]",
                                          "sweep.max_concurrent_trials=3"]), soft) == name
-    assert sweep_name(load_config(None, ["student.lr=0.01"]), soft) != name
+    assert sweep_name(load_config(None, ["sweep.lrs=[0.01, 0.1]"]), soft) == name  # learning rates are grid keys
+    assert sweep_name(load_config(None, ["student.batch_size=32"]), soft) != name
     assert sweep_name(load_config(None, ["sweep.hard_early_stopping_patience=3"]), soft) != name
     assert sweep_name(load_config(None, ["soft_targets.jitter=2", "soft_targets.mode=cached"]), soft) != name
     assert sweep_name(load_config(None, []), SimpleNamespace(manifest={"fingerprint": "other"})) != name
@@ -285,6 +286,7 @@ def test_a_diverged_trial_is_a_visible_row_and_the_others_finish(tiny_ensemble, 
     base, _ = tiny_ensemble
     cfg = _cfg(base, "tiny", "sweep.fractions=[0.1]", "sweep.targets=[hard]", "sweep.seeds=[0]",
                "sweep.lrs=[0.05, 1000000.0]", "sweep.max_concurrent_trials=2",
+               "student.grad_clip_norm=null",  # clipping would bound even these steps
                "runtime.stages=[soft-targets, sweep, report]")
     path = tmp_path / "diverge.yaml"
     path.write_text(cfg.to_yaml())

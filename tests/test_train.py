@@ -217,3 +217,20 @@ def test_bf16_autocast_trains_on_the_cpu():
     assert all(p.dtype == torch.float32 for p in e.plain.parameters())  # the weights stay float32
     losses = [r["train_loss"] for r in e.history]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def test_student_loss_resoftens_stored_logits_at_another_temperature():
+    from kd_ray.core.losses import ensemble_average, kd_loss
+    from kd_ray.core.train import student_loss
+
+    logits = torch.randn(3, 5, 10)  # K, B, C
+    z = torch.randn(5, 10)
+    batch = {"image": z, "label": torch.arange(5), "soft_targets": ensemble_average(logits, 4.0),
+             "teacher_logits": logits.transpose(0, 1).half()}
+    same = student_loss(4.0, 1.0, 10, targets_T=4.0)(lambda x: x, batch)[0]
+    assert torch.equal(same, kd_loss(z, batch["soft_targets"], None, 4.0, 1.0)[0])  # the stored column
+    other = student_loss(2.0, 1.0, 10, targets_T=4.0)(lambda x: x, batch)[0]
+    assert torch.allclose(other, kd_loss(z, ensemble_average(logits, 2.0), None, 2.0, 1.0)[0], atol=2e-3)
+    del batch["teacher_logits"]
+    with pytest.raises(ValueError, match="keep_teacher_logits"):
+        student_loss(2.0, 1.0, 10, targets_T=4.0)(lambda x: x, batch)

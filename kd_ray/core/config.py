@@ -20,8 +20,8 @@ from pydantic import (
 from kd_ray.core.models import MODELS
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "kmnist", "cifar10", "cifar100", "parquet", "image_folder")
-# Metrics a sweep can optimise; the student stage reports each of them.
-METRICS = ("val_accuracy", "test_accuracy", "val_nll", "test_nll", "val_fidelity", "test_fidelity")
+# Metrics a sweep can optimise: validation only (the test split never chooses anything)
+METRICS = ("val_accuracy", "val_nll", "val_fidelity")
 
 
 class ConfigError(ValueError):
@@ -116,8 +116,9 @@ class TeachersConfig(TeacherSpec):
             merged = {**base, "seed": self.seed + i, **override}
             try:
                 out.append(TeacherSpec(**merged))
-            except ValidationError as e:
-                raise ValueError(f"teachers.specs[{i}]: {e}") from None
+            except ValidationError as e:  # one line per field: teachers.specs[0].lr: ...
+                raise ValueError("\n".join(f"teachers.specs[{i}].{'.'.join(str(p) for p in err['loc'])}: "
+                                           f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())) from None
         return out
 
 
@@ -272,6 +273,8 @@ class SweepConfig(_Section):
     @field_validator("metric")
     @classmethod
     def _metric(cls, v: str) -> str:
+        if v.startswith("test_"):
+            raise ValueError(f"{v!r} is a test metric: the test split never chooses anything; use one of {list(METRICS)}")
         if v not in METRICS:
             raise ValueError(f"unknown metric {v!r}; known metrics: {list(METRICS)}")
         return v
@@ -286,6 +289,9 @@ class RuntimeConfig(_Section):
     num_cpus: Optional[int] = Field(None, gt=0)  # only for a local cluster started by kd_ray
     num_gpus: Optional[int] = Field(None, ge=0)
     shared_filesystem: bool = False  # a local storage_path that every node mounts (NFS)
+    # Ray's worker logs, Ray Data's progress bars and Tune's trial tables on the console (else
+    # they go to Ray's log files under /tmp/ray/session_latest/logs); `kd-ray --verbose` sets it
+    verbose: bool = False
     # how long a stage waits for the autoscaler to add the nodes it needs before failing
     scale_timeout_s: float = Field(600.0, gt=0)
     # autocast for teachers', students' and predictors' forward passes: "auto" is bf16 on a GPU

@@ -29,7 +29,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(nxt, dict):
                 raise ConfigError(f"--set {dotted}: {k!r} is not a section")
             node = nxt
-        node[keys[-1]] = yaml.safe_load(value) if value.strip() else None
+        try:
+            node[keys[-1]] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or "not valid YAML"
+            raise ConfigError(f"--set {dotted.strip()}: the value {value!r} is not valid YAML ({problem}); quote "
+                              f"it in the shell, e.g. --set '{dotted.strip()}=[0.1, 1.0]'") from None
     return out
 
 
@@ -40,7 +45,8 @@ def _format_errors(e: ValidationError, source: str) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; `kd-ray config show` lists every key)"
-        lines.append(f"  {loc}: {msg}")
+        for i, line in enumerate(msg.splitlines()):  # a message may name several fields, one per line
+            lines.append(f"  {line}" if line.startswith(f"{loc}.") or i else f"  {loc}: {line}")
     return "\n".join(lines)
 
 

@@ -34,6 +34,12 @@ class Diverged(RuntimeError):
         self.epoch, self.loss = epoch, loss
 
 
+def to_tensor(a: np.ndarray) -> torch.Tensor:
+    """A numpy array as a tensor, sharing its memory when it is writable and contiguous; a copy
+    otherwise (arrays from Ray's object store and Arrow are read-only)."""
+    return torch.from_numpy(a if a.flags.writeable and a.flags.c_contiguous else np.array(a))
+
+
 def pick_device() -> torch.device:
     """CUDA when torch really sees a GPU (Ray may hand out logical GPUs torch cannot see)."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -214,7 +220,7 @@ def shuffled_batches(rows: dict[str, torch.Tensor], batch_size: int, seed: int):
 def eval_batches(cols: dict[str, np.ndarray], device, size: int = 1024) -> list[Batch]:
     """Evaluation columns cut into batches for :func:`evaluate` (one batch of a whole split would
     hold every image's conv activations at once)."""
-    return [{k: torch.from_numpy(np.ascontiguousarray(v[i:i + size])).to(device) for k, v in cols.items()}
+    return [{k: to_tensor(v[i:i + size]).to(device) for k, v in cols.items()}
             for i in range(0, len(cols["label"]), size)]
 
 
@@ -284,4 +290,4 @@ class EpochStream:
             yield self._tensors(pending)
 
     def _tensors(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        return {c: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for c, v in batch.items()}
+        return {c: to_tensor(v).to(self.device) for c, v in batch.items()}

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 import ray
+import ray.data
 
 from kd_ray.core import storage
 from kd_ray.core.config import ExperimentConfig
@@ -158,15 +159,17 @@ def init_ray(cfg: ExperimentConfig) -> None:
     storage.check_writable(cfg.runtime.storage_path)  # before any Ray work
     if not ray.is_initialized():
         address = cfg.runtime.address or os.environ.get("RAY_ADDRESS") or _live_local_cluster()
+        quiet = {"log_to_driver": cfg.runtime.verbose}  # worker output stays in Ray's log files
         if address:
-            ray.init(address=address)
+            ray.init(address=address, **quiet)
             print(f"[kd_ray] joined the Ray cluster at {address}", file=sys.stderr, flush=True)
         else:
             # Train's controller takes each report off a 1-slot queue once per health check:
             # the default interval would cost seconds per reported epoch on small data
             os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
             ray.init(address="local", num_cpus=cfg.runtime.num_cpus, num_gpus=cfg.runtime.num_gpus,
-                     include_dashboard=True, dashboard_host="127.0.0.1")
+                     include_dashboard=True, dashboard_host="127.0.0.1", **quiet)
+    ray.data.DataContext.get_current().enable_progress_bars = cfg.runtime.verbose
     check_storage(cfg)
 
 

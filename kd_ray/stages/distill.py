@@ -46,6 +46,7 @@ from kd_ray.core.train import (
     schedule_epochs,
     shuffled_batches,
     student_loss,
+    to_tensor,
 )
 from kd_ray.stages.cluster import student_uses_gpu
 from kd_ray.stages.counters import forward_passes, pass_counter
@@ -142,14 +143,13 @@ def train_loop_per_worker(config: dict) -> dict:
         ray.train.report(final)
         return {"history": engine.history, "final": final}
 
-    # the final model: the best on validation (early stopping) or the last epoch
+    # the final model: the best validation epoch (val_accuracy); the test split is read once, here
     engine.restore_best()
     history = engine.history
     final = {"epoch": history[-1]["epoch"] if history else 0, "best_epoch": engine.best.epoch, "final": True,
              **{k: v for k, v in history[-1].items() if k.startswith(("val_", "train_"))}}
-    if patience is not None:
-        final.update(validate(engine.plain))
-    test = evaluate(engine.plain, eval_batches(ray.get(job.eval["test"]), device), device)  # read once, to report
+    final.update(validate(engine.plain))
+    test = evaluate(engine.plain, eval_batches(ray.get(job.eval["test"]), device), device)
     final.update({f"test_{k}": v for k, v in test.items()})
     _report(final, engine, rank, seen)
     return {"history": history, "final": final}
@@ -164,9 +164,9 @@ def _student_engine(job: StudentJob) -> Engine:
         model.load_state_dict(load_teacher_files([job.init_path])[0].blob["state_dict"])
     alpha = 0.0 if s.targets == "hard" else s.alpha
     loss_fn = student_loss(job.temperature, alpha, job.num_classes, job.targets_temperature, job.rule)
-    # the best weights are kept (and checkpointed) only when early stopping will use them
     amp = amp_dtype(job.mixed_precision, ray.train.torch.get_device())
-    return Engine(model, s, loss_fn, keep_best=s.early_stopping_patience is not None, amp=amp)
+    # one checkpoint rule for every student, soft or hard: the best validation epoch's weights
+    return Engine(model, s, loss_fn, keep_best=True, amp=amp)
 
 
 def _epoch_rows(job: StudentJob, rank: int, world: int, start_epoch: int, device):
@@ -193,7 +193,7 @@ def _read_shard(shard, device) -> dict[str, torch.Tensor]:
     for b in shard.iter_batches(batch_size=None, batch_format="numpy"):
         for k, v in b.items():
             parts.setdefault(k, []).append(np.asarray(v))
-    return {k: torch.from_numpy(np.ascontiguousarray(np.concatenate(v))).to(device) for k, v in parts.items()}
+    return {k: to_tensor(np.concatenate(v)).to(device) for k, v in parts.items()}
 
 
 def _report(metrics: dict, engine: Engine, rank: int, seen: dict) -> None:

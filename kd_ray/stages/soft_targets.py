@@ -41,7 +41,7 @@ from kd_ray.core.ensemble import (
     load_teacher_files,
 )
 from kd_ray.core.subsets import stable_hash
-from kd_ray.core.train import pick_device
+from kd_ray.core.train import pick_device, to_tensor
 from kd_ray.stages.cluster import wait_for
 from kd_ray.stages.counters import pass_counter
 from kd_ray.stages.datasets import from_dataset, to_dataset
@@ -65,7 +65,7 @@ class EnsemblePredictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if "image" not in batch:
             raise ValueError(f"the dataset has no 'image' column; columns found: {sorted(batch)}")
-        images = torch.from_numpy(np.ascontiguousarray(batch["image"], dtype=np.float32)).to(self.device)
+        images = to_tensor(np.asarray(batch["image"], dtype=np.float32)).to(self.device)
         batch.update(ensemble_outputs(self.models, images, self.T, self.rule, self.keep))
         if self.counters:  # per split: a ``split`` column (codes into SPLITS) wins
             codes = batch.get("split")

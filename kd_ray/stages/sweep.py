@@ -213,7 +213,8 @@ def _tune_run(cfg: ExperimentConfig, trainable, group: list[dict], sweep_dir: st
         trainable, param_space={"trial": tune.grid_search(group)},
         tune_config=tune.TuneConfig(metric=metric, mode=metric_mode(metric), scheduler=scheduler,
                                     max_concurrent_trials=concurrency),
-        run_config=tune.RunConfig(name=run, storage_path=storage.absolute(sweep_dir), callbacks=callbacks, verbose=1),
+        run_config=tune.RunConfig(name=run, storage_path=storage.absolute(sweep_dir), callbacks=callbacks,
+                                  verbose=1 if cfg.runtime.verbose else 0),
     ).fit()
     return unfinished_rows(grid, asha=scheduler is not None)
 

@@ -24,10 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-from kd_ray.core.config import (
+from kd_ray.core.config import ConfigError, ExperimentConfig
+from kd_ray.core.config_files import (
     DEFAULT_CONFIG,
-    ConfigError,
-    ExperimentConfig,
     config_path,
     load_config,
     shipped_configs,
@@ -36,7 +35,8 @@ from kd_ray.layout import experiment_dir
 
 
 def _config(args: argparse.Namespace) -> ExperimentConfig:
-    return load_config(args.config or DEFAULT_CONFIG, args.set)
+    verbose = ["runtime.verbose=true"] if getattr(args, "verbose", False) else []
+    return load_config(args.config or DEFAULT_CONFIG, [*args.set, *verbose])
 
 
 def cmd_configs() -> None:
@@ -79,7 +79,8 @@ def cmd_soft_targets(cfg: ExperimentConfig, ensemble=None):
 
 
 def cmd_distill(cfg: ExperimentConfig, soft=None):
-    from kd_ray.stages.distill import distill, omitted_class_report
+    from kd_ray.stages.distill import distill
+    from kd_ray.stages.omitted_class import omitted_class_report
 
     soft = soft or cmd_soft_targets(cfg)
     result = distill(cfg, soft)
@@ -146,7 +147,7 @@ def run_stages(cfg: ExperimentConfig) -> bool:
     return result is None or result.ok
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kd-ray", description="Distributed ensemble knowledge distillation on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -156,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                        help=f"YAML file or shipped config name (default: {DEFAULT_CONFIG})")
         p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a config value (parsed as YAML); repeatable")
+        p.add_argument("--verbose", action="store_true",
+                       help="Ray's worker logs, progress bars and Tune's tables on the console (runtime.verbose)")
         return p
 
     sub.add_parser("configs", help="list the shipped configs")
@@ -178,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("--format", default="torchscript", choices=["torchscript", "state_dict"])
     exp.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export)")
 
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "export":

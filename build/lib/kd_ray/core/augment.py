@@ -55,7 +55,7 @@ def seeded_shift(images, ids, max_shift: int, seed: int, epoch: int):
         dy, dx = seeded_offsets(np.asarray(ids), max_shift, seed, epoch)
         return shift_images(images, torch.from_numpy(dy).to(images.device), torch.from_numpy(dx).to(images.device))
     dy, dx = seeded_offsets(np.asarray(ids), max_shift, seed, epoch)
-    return shift_images(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(dy), torch.from_numpy(dx)).numpy()
+    return shift_images(torch.from_numpy(np.array(images)), torch.from_numpy(dy), torch.from_numpy(dx)).numpy()
 
 
 def seeded_mixup(n: int, a: float, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,14 +1,10 @@
 """One experiment = one validated config object (pydantic v2, unknown keys rejected).
 
-Load a YAML file with :func:`load_config`, override any value with ``--set section.key=value``
-(the value is parsed as YAML, so ``--set sweep.fractions=[0.1,1.0]`` works). Every later stage
-receives this object; none re-reads the YAML or invents a default of its own.
+:mod:`kd_ray.core.config_files` loads it from YAML with ``--set section.key=value`` overrides. Every
+later stage receives this object; none re-reads the YAML or invents a default of its own.
 """
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
@@ -24,8 +20,8 @@ from pydantic import (
 from kd_ray.core.models import MODELS
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "kmnist", "cifar10", "cifar100", "parquet", "image_folder")
-# Metrics a sweep can optimise; the student stage reports each of them.
-METRICS = ("val_accuracy", "test_accuracy", "val_nll", "test_nll", "val_fidelity", "test_fidelity")
+# Metrics a sweep can optimise: validation only (the test split never chooses anything)
+METRICS = ("val_accuracy", "val_nll", "val_fidelity")
 
 
 class ConfigError(ValueError):
@@ -120,8 +116,9 @@ class TeachersConfig(TeacherSpec):
             merged = {**base, "seed": self.seed + i, **override}
             try:
                 out.append(TeacherSpec(**merged))
-            except ValidationError as e:
-                raise ValueError(f"teachers.specs[{i}]: {e}") from None
+            except ValidationError as e:  # one line per field: teachers.specs[0].lr: ...
+                raise ValueError("\n".join(f"teachers.specs[{i}].{'.'.join(str(p) for p in err['loc'])}: "
+                                           f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())) from None
         return out
 
 
@@ -135,9 +132,8 @@ class SoftTargetsConfig(_Section):
     # 2022's "function matching"); 0: no mixup. With jitter 0 the views are mixed, not shifted.
     mixup: float = Field(0.0, ge=0)
     keep_teacher_logits: bool = True
-    # the teachers' arithmetic in the predictor: bfloat16 runs their forward passes ~3.8x faster
-    # on a CPU with AVX512-BF16 (GPUs not measured), for soft targets within ~1e-4 of float32's
-    # (jobs/analysis/precision_check.py); averaging and softmax stay in float32
+    # the teachers' arithmetic in the predictor (bfloat16: faster on CPUs with AVX512-BF16, soft
+    # targets within ~1e-4 of float32's; docs/notes.md); averaging and softmax stay in float32
     precision: Literal["float32", "bfloat16"] = "float32"
     batch_size: int = Field(512, gt=0)
     actors: int = Field(1, ge=1)  # size of the EnsemblePredictor actor pool
@@ -181,7 +177,7 @@ class StudentConfig(_Section):
     seed: int = 0
     num_classes: Optional[int] = Field(None, gt=1)  # None: the soft targets' class count
     num_workers: int = Field(1, ge=1)
-    use_gpu: Optional[bool] = None  # None: when the driver's torch sees CUDA (set true for GPU workers)
+    use_gpu: Optional[bool] = None  # None: when the cluster has or may get a GPU node (never the driver's CUDA)
     max_failures: int = Field(0, ge=0)
     early_stopping_patience: Optional[int] = Field(None, gt=0)  # epochs without a better validation
     # validate, report and checkpoint every N epochs (and after the last): on a few dozen rows an
@@ -277,6 +273,8 @@ class SweepConfig(_Section):
     @field_validator("metric")
     @classmethod
     def _metric(cls, v: str) -> str:
+        if v.startswith("test_"):
+            raise ValueError(f"{v!r} is a test metric: the test split never chooses anything; use one of {list(METRICS)}")
         if v not in METRICS:
             raise ValueError(f"unknown metric {v!r}; known metrics: {list(METRICS)}")
         return v
@@ -291,6 +289,14 @@ class RuntimeConfig(_Section):
     num_cpus: Optional[int] = Field(None, gt=0)  # only for a local cluster started by kd_ray
     num_gpus: Optional[int] = Field(None, ge=0)
     shared_filesystem: bool = False  # a local storage_path that every node mounts (NFS)
+    # Ray's worker logs, Ray Data's progress bars and Tune's trial tables on the console (else
+    # they go to Ray's log files under /tmp/ray/session_latest/logs); `kd-ray --verbose` sets it
+    verbose: bool = False
+    # how long a stage waits for the autoscaler to add the nodes it needs before failing
+    scale_timeout_s: float = Field(600.0, gt=0)
+    # autocast for teachers', students' and predictors' forward passes: "auto" is bf16 on a GPU
+    # and float32 on a CPU; "fp16" also scales the loss (torch.amp.GradScaler)
+    mixed_precision: Literal["auto", "off", "bf16", "fp16"] = "auto"
     # what `kd-ray run` and jobs/pipeline.py run, in this order (a stage computes what it
     # needs from earlier ones when missing, and reuses what is finished)
     stages: list[Literal["teachers", "soft-targets", "sweep", "report"]] = ["teachers", "soft-targets", "sweep", "report"]
@@ -364,86 +370,3 @@ class ExperimentConfig(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict, in order."""
-    out = json.loads(json.dumps(raw))  # deep copy of plain data
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set expects section.key=value, got {item!r}")
-        dotted, value = item.split("=", 1)
-        keys = [k for k in dotted.strip().split(".") if k]
-        if not keys:
-            raise ConfigError(f"--set has an empty key in {item!r}")
-        node = out
-        for k in keys[:-1]:
-            nxt = node.setdefault(k, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"--set {dotted}: {k!r} is not a section")
-            node = nxt
-        node[keys[-1]] = yaml.safe_load(value) if value.strip() else None
-    return out
-
-
-def _format_errors(e: ValidationError, source: str) -> str:
-    lines = [f"invalid config ({source}):"]
-    for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; `kd-ray config show` lists every key)"
-        lines.append(f"  {loc}: {msg}")
-    return "\n".join(lines)
-
-
-def build_config(raw: dict[str, Any], overrides: list[str] | None = None, source: str = "<dict>") -> ExperimentConfig:
-    merged = apply_overrides(raw or {}, overrides or [])
-    try:
-        return ExperimentConfig.model_validate(merged)
-    except ValidationError as e:
-        raise ConfigError(_format_errors(e, source)) from None
-
-
-DEFAULT_CONFIG = "digits"  # the shipped config `kd-ray` uses when none is given
-
-
-def shipped_configs() -> dict[str, tuple[Path, str]]:
-    """The configs the package ships (``kd_ray/configs/*.yaml``): name -> (path, one-line description).
-
-    The description is the file's first comment line."""
-    folder = Path(__file__).resolve().parents[1] / "configs"
-    out = {}
-    for path in sorted(folder.glob("*.yaml")):
-        first = next((line for line in path.read_text().splitlines() if line.startswith("#")), "#")
-        out[path.stem] = (path, first.lstrip("# ").strip())
-    return out
-
-
-def config_path(name_or_path: str | os.PathLike) -> Path:
-    """A config file: ``name_or_path`` itself when it is a file, else the shipped config of that
-    name (``digits`` or ``digits.yaml``)."""
-    p = Path(name_or_path)
-    if p.is_file():
-        return p
-    shipped = shipped_configs()
-    stem = p.name.removesuffix(".yaml")
-    if p.parent == Path(".") and stem in shipped:
-        return shipped[stem][0]
-    raise ConfigError(f"config file not found: {p} (shipped configs, usable by name: {', '.join(shipped)}; "
-                      f"`kd-ray configs` describes them)")
-
-
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Load a YAML config (a path or a shipped config's name; None: all defaults) and apply
-    ``--set`` overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = config_path(path)
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(raw).__name__}")
-    return build_config(raw, overrides, source=str(path or "defaults"))

@@ -85,11 +85,8 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, **model
     """Build a registered model; unknown names and arguments give an error naming them.
 
     Convolution weights are laid out channels-last (NHWC), the layout oneDNN's CPU kernels
-    prefer. On one core (``jobs/analysis/precision_check.py``, fashion_mnist_cnn.yaml, 128
-    images): a CNN student's SGD step 69.5 -> 49.8 ms; five CNN teachers 152.1 -> 67.4 ms in
-    float32 and 133.5 -> 42.7 ms in bfloat16. Only the memory layout changes (``state_dict``
-    keys, shapes and values do not; outputs agree with the channels-first model's within float
-    rounding); fully connected models have no 4-d weights, so nothing changes for them."""
+    prefer (docs/notes.md has the timings); only the memory layout changes, not ``state_dict``
+    keys, shapes or values. Fully connected models have no 4-d weights: nothing changes for them."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {sorted(MODELS)}")
     if len(input_shape) != 3:

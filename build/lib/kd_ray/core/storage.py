@@ -38,8 +38,8 @@ def join(base: str, *parts: str) -> str:
 
 
 def is_local(path: str) -> bool:
-    fs, _ = resolve(path)
-    return isinstance(fs, pafs.LocalFileSystem)
+    """A folder on this machine (a plain path or file://), decided without touching the network."""
+    return not is_uri(path) or str(path).startswith("file://")
 
 
 def exists(path: str) -> bool:
@@ -113,3 +113,17 @@ def load_torch(path: str, data: bytes | None = None) -> Any:
         raise FileNotFoundError(f"checkpoint not found: {path}") from None
     except Exception as e:  # unpickling errors come in many types
         raise ValueError(f"corrupt checkpoint {path}: {type(e).__name__}: {e}; delete it to retrain") from None
+
+
+def check_writable(path: str, what: str = "runtime.storage_path") -> None:
+    """Write and delete a probe file under ``path``: an unwritable folder or an unreachable object
+    store fails here, in one line naming ``what``, before any work starts. S3 endpoints and
+    credentials come from the standard AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)."""
+    probe = join(path, f".kd_ray_probe-{uuid.uuid4().hex[:8]}")
+    try:
+        write_bytes(probe, b"ok")
+        fs, p = resolve(probe)
+        fs.delete_file(p)
+    except Exception as e:  # OSError, PermissionError, pyarrow's S3 errors
+        reason = " ".join(str(e).split())[:300]
+        raise ValueError(f"{what}={path!r} is not writable or not reachable: {reason}") from None

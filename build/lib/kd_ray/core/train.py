@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from kd_ray.core.losses import kd_loss, mixed_labels, resoften
+
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
 
@@ -32,9 +34,26 @@ class Diverged(RuntimeError):
         self.epoch, self.loss = epoch, loss
 
 
+def to_tensor(a: np.ndarray) -> torch.Tensor:
+    """A numpy array as a tensor, sharing its memory when it is writable and contiguous; a copy
+    otherwise (arrays from Ray's object store and Arrow are read-only)."""
+    return torch.from_numpy(a if a.flags.writeable and a.flags.c_contiguous else np.array(a))
+
+
 def pick_device() -> torch.device:
     """CUDA when torch really sees a GPU (Ray may hand out logical GPUs torch cannot see)."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``runtime.mixed_precision`` on ``device``: "auto" is bf16 on CUDA and
+    off elsewhere (CPU autocast is slower than float32 on most CPUs); "off" is float32."""
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return AMP_DTYPES.get(setting)
 
 
 def make_optimizer(params, spec) -> torch.optim.Optimizer:
@@ -55,6 +74,30 @@ def cross_entropy_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, to
     """The hard-label loss (teachers)."""
     logits = model(batch["image"])
     return nn.functional.cross_entropy(logits, batch["label"]), logits
+
+
+def student_loss(T: float, alpha: float, num_classes: int, targets_T: float | None = None,
+                 rule: str = "probs") -> LossFn:
+    """The distillation loss on a batch ``{image, label, soft_targets?, teacher_logits?, mix_label?,
+    mix_weight?}``: ``kd_loss`` at the student's ``T``. Soft targets stored at ``targets_T`` are
+    re-softened from the batch's teacher logits when the two differ; a mixed image's label is mixed too."""
+    targets_T = T if targets_T is None else targets_T
+
+    def loss(model: nn.Module, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(b["image"])
+        soft = None
+        if alpha > 0:
+            if abs(T - targets_T) < 1e-12:
+                soft = b["soft_targets"]
+            elif "teacher_logits" in b:
+                soft = resoften(b["teacher_logits"], T, rule)
+            else:
+                raise ValueError(f"student.temperature={T} differs from the soft targets' T={targets_T} and the "
+                                 f"cache has no teacher_logits; set soft_targets.keep_teacher_logits: true")
+        labels = mixed_labels(b["label"], b["mix_label"], b["mix_weight"], num_classes) if "mix_weight" in b else b["label"]
+        return kd_loss(logits, soft, labels, T, alpha)[0], logits
+
+    return loss
 
 
 def schedule_epochs(s, rows: int) -> int:
@@ -80,11 +123,14 @@ class Engine:
     :attr:`plain` is always the bare module (what is evaluated and checkpointed)."""
 
     def __init__(self, model: nn.Module, spec, loss_fn: LossFn, metric: str = "val_accuracy",
-                 keep_best: bool = False):
+                 keep_best: bool = False, amp: torch.dtype | None = None):
         self.model, self.spec, self.loss_fn, self.metric, self.keep_best = model, spec, loss_fn, metric, keep_best
         self.opt = make_optimizer(model.parameters(), spec)
         self.sched = make_scheduler(self.opt, spec)
         self.grad_clip_norm = getattr(spec, "grad_clip_norm", None)
+        # mixed precision: the forward pass and loss under autocast; float16 scales the loss
+        self.amp = amp
+        self.scaler = torch.amp.GradScaler(enabled=amp == torch.float16)
         self.epoch, self.resumed_from, self.history, self.best = 0, 0, [], Best()
 
     @property
@@ -113,12 +159,15 @@ class Engine:
         loss_sum = torch.zeros((), device=device)
         n = correct = 0
         for b in batches:
-            loss, logits = self.loss_fn(self.model, b)
+            with torch.autocast(device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                loss, logits = self.loss_fn(self.model, b)
             self.opt.zero_grad(set_to_none=True)
-            loss.backward()
+            self.scaler.scale(loss).backward()
             if self.grad_clip_norm is not None:  # bounds the step when soft targets at high T pull hard
+                self.scaler.unscale_(self.opt)
                 nn.utils.clip_grad_norm_(self.plain.parameters(), self.grad_clip_norm)
-            self.opt.step()
+            self.scaler.step(self.opt)
+            self.scaler.update()
             loss_sum += loss.detach() * len(logits)
             n += len(logits)
             correct += int((logits.argmax(1) == b["label"]).sum())
@@ -171,7 +220,7 @@ def shuffled_batches(rows: dict[str, torch.Tensor], batch_size: int, seed: int):
 def eval_batches(cols: dict[str, np.ndarray], device, size: int = 1024) -> list[Batch]:
     """Evaluation columns cut into batches for :func:`evaluate` (one batch of a whole split would
     hold every image's conv activations at once)."""
-    return [{k: torch.from_numpy(np.ascontiguousarray(v[i:i + size])).to(device) for k, v in cols.items()}
+    return [{k: to_tensor(v[i:i + size]).to(device) for k, v in cols.items()}
             for i in range(0, len(cols["label"]), size)]
 
 
@@ -241,4 +290,4 @@ class EpochStream:
             yield self._tensors(pending)
 
     def _tensors(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        return {c: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for c, v in batch.items()}
+        return {c: to_tensor(v).to(self.device) for c, v in batch.items()}

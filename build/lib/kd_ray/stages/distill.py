@@ -27,33 +27,30 @@ import ray.data
 import ray.train
 import ray.train.torch
 import torch
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from kd_ray import layout
 from kd_ray.core import storage
 from kd_ray.core.augment import seeded_shift
 from kd_ray.core.config import ExperimentConfig, SoftTargetsConfig, StudentConfig
 from kd_ray.core.ensemble import load_teacher_files
-from kd_ray.core.losses import kd_loss, mixed_labels, resoften
 from kd_ray.core.models import build_model, count_parameters
 from kd_ray.core.subsets import select_fraction
 from kd_ray.core.train import (
     Diverged,
     Engine,
     EpochStream,
-    bias_adjustment,
+    amp_dtype,
     eval_batches,
     evaluate,
     schedule_epochs,
     shuffled_batches,
+    student_loss,
+    to_tensor,
 )
-from kd_ray.stages.soft_targets import (
-    SoftTargets,
-    consistent_stream,
-    forward_passes,
-    pass_counter,
-    worker_share,
-)
+from kd_ray.stages.cluster import student_uses_gpu
+from kd_ray.stages.counters import forward_passes, pass_counter
+from kd_ray.stages.soft_targets import SoftTargets, consistent_stream, worker_share
 
 
 class StudentError(RuntimeError):
@@ -95,16 +92,7 @@ class StudentJob:
     in_memory: bool = False  # read the cached shard once into tensors
     cpus_per_worker: int = 1
     fail_after_epoch: int | None = None  # fault injection (tests)
-
-
-def soft_targets_at(batch: dict, T: float, targets_T: float, rule: str) -> torch.Tensor:
-    """Soft targets at the student's T: the stored column, or re-softened stored logits."""
-    if abs(T - targets_T) < 1e-12:
-        return batch["soft_targets"]
-    if "teacher_logits" not in batch:
-        raise StudentError(f"student.temperature={T} differs from the soft targets' T={targets_T} and the "
-                           f"cache has no teacher_logits; set soft_targets.keep_teacher_logits: true")
-    return resoften(batch["teacher_logits"], T, rule)
+    mixed_precision: str = "auto"  # runtime.mixed_precision
 
 
 # --------------------------------------------------------------------------- the Train loop
@@ -113,26 +101,11 @@ def train_loop_per_worker(config: dict) -> dict:
     s = job.student
     # Per-epoch iteration bars from every worker drown the output; Train and Tune report epochs.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    T, alpha = job.temperature, (0.0 if s.targets == "hard" else s.alpha)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, job.cpus_per_worker))
-    torch.manual_seed(s.seed)
-    model = build_model(s.model, job.input_shape, job.num_classes, **s.model_args)
-    if job.init_path:  # student.init: teacher (a resumed run's checkpoint overrides it below)
-        model.load_state_dict(load_teacher_files([job.init_path])[0].blob["state_dict"])
-
-    def loss_fn(m, b):
-        logits = m(b["image"])
-        soft = soft_targets_at(b, T, job.targets_temperature, job.rule) if alpha > 0 else None
-        labels = (mixed_labels(b["label"], b["mix_label"], b["mix_weight"], job.num_classes)
-                  if "mix_weight" in b else b["label"])  # a mixed image's hard label is mixed too
-        return kd_loss(logits, soft, labels, T, alpha)[0], logits
-
-    patience = s.early_stopping_patience
-    # the best weights are kept (and checkpointed) only when early stopping will use them
-    engine = Engine(model, s, loss_fn, keep_best=patience is not None)
+    engine, patience = _student_engine(job), s.early_stopping_patience
     ckpt = ray.train.get_checkpoint()  # (1) resume
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -140,23 +113,7 @@ def train_loop_per_worker(config: dict) -> dict:
     start_epoch = engine.epoch
     engine.model = ray.train.torch.prepare_model(engine.model)  # (2) device move; DDP when world > 1
 
-    # (3) this worker's rows
-    if job.stream:  # consistent teaching: every remaining epoch through one predictor pool
-        sys.setswitchinterval(STREAM_SWITCH_INTERVAL_S)
-        st = job.stream
-        ds = consistent_stream(st.rows, worker_share(st.ids, rank, world), st.soft_targets, st.model_paths,
-                               range(start_epoch, s.epochs), s.seed, st.counters)
-        stream = EpochStream(ds.iter_batches(batch_size=None, batch_format="numpy"), s.batch_size, device)
-        epoch_rows = stream.epoch
-    else:
-        shard = ray.train.get_dataset_shard("train")
-        if job.in_memory:  # the shard, read once, reshuffled every epoch
-            rows = _read_shard(shard, device)
-            epoch_rows = lambda e: shuffled_batches(rows, s.batch_size, s.seed * 1000 + e)  # noqa: E731
-        else:
-            epoch_rows = lambda e: shard.iter_torch_batches(  # noqa: E731
-                batch_size=s.batch_size, device=device, local_shuffle_buffer_size=4096,
-                local_shuffle_seed=s.seed * 1000 + e)
+    epoch_rows = _epoch_rows(job, rank, world, start_epoch, device)  # (3) this worker's rows
     seen = {"ids": [], "sample": None}  # the epoch's row ids and first batch, kept in its checkpoint
 
     def batches(epoch: int):
@@ -186,17 +143,48 @@ def train_loop_per_worker(config: dict) -> dict:
         ray.train.report(final)
         return {"history": engine.history, "final": final}
 
-    # the final model: the best on validation (early stopping) or the last epoch
+    # the final model: the best validation epoch (val_accuracy); the test split is read once, here
     engine.restore_best()
     history = engine.history
     final = {"epoch": history[-1]["epoch"] if history else 0, "best_epoch": engine.best.epoch, "final": True,
              **{k: v for k, v in history[-1].items() if k.startswith(("val_", "train_"))}}
-    if patience is not None:
-        final.update(validate(engine.plain))
+    final.update(validate(engine.plain))
     test = evaluate(engine.plain, eval_batches(ray.get(job.eval["test"]), device), device)
     final.update({f"test_{k}": v for k, v in test.items()})
     _report(final, engine, rank, seen)
     return {"history": history, "final": final}
+
+
+def _student_engine(job: StudentJob) -> Engine:
+    """The student model (fresh, or a copy of a teacher) and its engine with the distillation loss."""
+    s = job.student
+    torch.manual_seed(s.seed)
+    model = build_model(s.model, job.input_shape, job.num_classes, **s.model_args)
+    if job.init_path:  # student.init: teacher (a resumed run's checkpoint overrides it)
+        model.load_state_dict(load_teacher_files([job.init_path])[0].blob["state_dict"])
+    alpha = 0.0 if s.targets == "hard" else s.alpha
+    loss_fn = student_loss(job.temperature, alpha, job.num_classes, job.targets_temperature, job.rule)
+    amp = amp_dtype(job.mixed_precision, ray.train.torch.get_device())
+    # one checkpoint rule for every student, soft or hard: the best validation epoch's weights
+    return Engine(model, s, loss_fn, keep_best=True, amp=amp)
+
+
+def _epoch_rows(job: StudentJob, rank: int, world: int, start_epoch: int, device):
+    """``epoch -> batches`` of this worker's rows: the consistent-teaching stream, the cached shard
+    read once into memory, or the shard streamed from Ray Data every epoch."""
+    s = job.student
+    if job.stream:  # consistent teaching: every remaining epoch through one predictor pool
+        sys.setswitchinterval(STREAM_SWITCH_INTERVAL_S)
+        st = job.stream
+        ds = consistent_stream(st.rows, worker_share(st.ids, rank, world), st.soft_targets, st.model_paths,
+                               range(start_epoch, s.epochs), s.seed, st.counters)
+        return EpochStream(ds.iter_batches(batch_size=None, batch_format="numpy"), s.batch_size, device).epoch
+    shard = ray.train.get_dataset_shard("train")
+    if job.in_memory:  # the shard, read once, reshuffled every epoch
+        rows = _read_shard(shard, device)
+        return lambda e: shuffled_batches(rows, s.batch_size, s.seed * 1000 + e)
+    return lambda e: shard.iter_torch_batches(batch_size=s.batch_size, device=device, local_shuffle_buffer_size=4096,
+                                              local_shuffle_seed=s.seed * 1000 + e)
 
 
 def _read_shard(shard, device) -> dict[str, torch.Tensor]:
@@ -205,7 +193,7 @@ def _read_shard(shard, device) -> dict[str, torch.Tensor]:
     for b in shard.iter_batches(batch_size=None, batch_format="numpy"):
         for k, v in b.items():
             parts.setdefault(k, []).append(np.asarray(v))
-    return {k: torch.from_numpy(np.ascontiguousarray(np.concatenate(v))).to(device) for k, v in parts.items()}
+    return {k: to_tensor(np.concatenate(v)).to(device) for k, v in parts.items()}
 
 
 def _report(metrics: dict, engine: Engine, rank: int, seen: dict) -> None:
@@ -270,23 +258,13 @@ def init_teacher_path(s: StudentConfig, soft: SoftTargets) -> str | None:
     return path
 
 
-def uses_gpu(s: StudentConfig) -> bool:
-    """GPU Train workers: as configured, else only when this process's torch sees CUDA."""
-    return s.use_gpu if s.use_gpu is not None else torch.cuda.is_available()
-
-
 def subset_ids(soft: SoftTargets, fraction: float, seed: int) -> np.ndarray:
     """The transfer-set ids a run at ``fraction`` trains on (nested, stratified)."""
     return select_fraction(soft.transfer.ids, soft.transfer.labels, fraction, seed)
 
 
-def distill(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None = None,
-            fail_after_epoch: int | None = None, callbacks: list | None = None) -> DistillResult:
-    """Train one student (``cfg.student``) on ``soft``; resumable, and reused when finished.
-
-    ``ids`` overrides the rows (default: ``student.fraction`` of the transfer set).
-    ``fail_after_epoch`` injects a worker failure once, for fault-tolerance tests.
-    """
+def _training_ids(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None) -> np.ndarray:
+    """The transfer-set ids this student trains on, after the checks that need no Ray."""
     s, T, teaching = cfg.student, cfg.student_temperature(), cfg.teaching()
     check_classes(s, soft)
     if teaching != "consistent" and soft.mode == "streaming":
@@ -299,6 +277,18 @@ def distill(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None = N
     if s.targets == "soft" and s.alpha > 0 and abs(T - soft.temperature) > 1e-12 and not soft.manifest["keep_teacher_logits"]:
         raise ValueError(f"student.temperature={T} differs from the soft targets' {soft.temperature}: "
                          f"set soft_targets.keep_teacher_logits: true to re-soften")
+    return ids
+
+
+def distill(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None = None,
+            fail_after_epoch: int | None = None, callbacks: list | None = None) -> DistillResult:
+    """Train one student (``cfg.student``) on ``soft``; resumable, and reused when finished.
+
+    ``ids`` overrides the rows (default: ``student.fraction`` of the transfer set).
+    ``fail_after_epoch`` injects a worker failure once, for fault-tolerance tests.
+    """
+    s, T, teaching = cfg.student, cfg.student_temperature(), cfg.teaching()
+    ids = _training_ids(cfg, soft, ids)
     name = run_name(cfg, soft)
     runs = layout.students_dir(layout.experiment_dir(cfg))
     done_path = storage.join(runs, name, "result.json")
@@ -313,7 +303,7 @@ def distill(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None = N
                      num_classes=soft.num_classes, input_shape=soft.manifest["input_shape"], teaching=teaching,
                      jitter=cfg.soft_targets.jitter, init_path=init_teacher_path(s, soft),
                      eval={split: ray.put(soft.eval_arrays(split)) for split in ("val", "test")},
-                     fail_after_epoch=fail_after_epoch)
+                     fail_after_epoch=fail_after_epoch, mixed_precision=cfg.runtime.mixed_precision)
     datasets = {}
     counter = f"{cfg.name}/{name}"  # this run's teacher passes (consistent teaching)
     if teaching == "consistent":
@@ -333,7 +323,10 @@ def distill(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None = N
         # one worker reads the whole dataset itself (no split-coordinator actor to start)
         dataset_config=ray.train.DataConfig(
             datasets_to_split=["train"] if soft.mode == "cached" and s.num_workers > 1 else []),
-        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=uses_gpu(s)),
+        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=student_uses_gpu(cfg)),
+        # one worker needs no collective: gloo also runs where the GPUs are logical (tests) or a
+        # worker's torch has no CUDA; several GPU workers use NCCL
+        torch_config=TorchConfig(backend="gloo") if s.num_workers == 1 else None,
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage.absolute(runs), callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
@@ -346,54 +339,27 @@ def distill(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None = N
         error = e
     if error is not None:
         raise StudentError(f"student run {name} failed: {error}") from None
-    out = result.return_value
-    history = pd.DataFrame(out["history"])
     teacher_rows = forward_passes(counter).get("train", 0) if teaching == "consistent" else 0
-    C = soft.num_classes
-    metrics = {**out["final"], "train_rows_total": int(len(ids)), "temperature": T, "alpha": s.alpha,
-               "targets": s.targets, "fraction": s.fraction, "seed": s.seed, "teaching": teaching, "init": s.init,
+    ckpt_path = result.checkpoint.path if result.checkpoint else ""
+    return _record(done_path, name, job, soft, result.return_value, len(ids), teacher_rows, ckpt_path)
+
+
+def _record(done_path: str, name: str, job: StudentJob, soft: SoftTargets, out: dict, rows: int,
+            teacher_rows: int, ckpt_path: str) -> DistillResult:
+    """The finished run's metrics, written to ``result.json`` (what a rerun, export and serving read)."""
+    s, C = job.student, soft.num_classes
+    history = pd.DataFrame(out["history"])
+    metrics = {**out["final"], "train_rows_total": int(rows), "temperature": job.temperature, "alpha": s.alpha,
+               "targets": s.targets, "fraction": s.fraction, "seed": s.seed, "teaching": job.teaching, "init": s.init,
                "epochs": s.epochs, "teacher_rows": int(teacher_rows),
                # teacher forward passes during this run (each row through K teachers)
                "teacher_passes": int(teacher_rows) * len(soft.model_paths),
                "parameters": count_parameters(build_model(s.model, soft.manifest["input_shape"], C, **s.model_args))}
-    ckpt_path = result.checkpoint.path if result.checkpoint else ""
     storage.write_json(done_path, {"metrics": metrics, "checkpoint_path": ckpt_path,
                                    "history": history.to_dict(orient="records"),
                                    # what export and serving need to rebuild the model
                                    "student": s.model_dump(mode="json"), "input_shape": soft.manifest["input_shape"],
                                    "normalization": soft.manifest.get("normalization", {}), "num_classes": C,
-                                   "temperature": T, "soft_targets": soft.path, "ensemble": soft.manifest["ensemble"]})
+                                   "temperature": job.temperature, "soft_targets": soft.path,
+                                   "ensemble": soft.manifest["ensemble"]})
     return DistillResult(metrics, ckpt_path, history, name)
-
-
-def load_student(checkpoint_path: str, soft: SoftTargets, s: StudentConfig) -> torch.nn.Module:
-    state = storage.load_torch(storage.join(checkpoint_path, "student.pt"))
-    model = build_model(s.model, soft.manifest["input_shape"], soft.num_classes, **s.model_args)
-    model.load_state_dict(state["model"])
-    return model.eval()
-
-
-def omitted_class_report(cfg: ExperimentConfig, soft: SoftTargets, result: DistillResult) -> dict:
-    """The paper's bias adjustment for the one class left out of the transfer set."""
-    if len(cfg.data.omit_classes) != 1:
-        raise ValueError("the omitted-class report needs exactly one class in data.omit_classes")
-    c = int(cfg.data.omit_classes[0])
-    model = load_student(result.checkpoint_path, soft, cfg.student)
-    def logits_of(split: str):
-        cols = soft.eval_arrays(split)
-        with torch.no_grad():
-            return model(torch.from_numpy(cols["image"])), torch.from_numpy(cols["label"])
-
-    zv, yv = logits_of("val")
-    zt, yt = logits_of("test")
-    delta = bias_adjustment(zv, yv, c)
-
-    def errors(z, y, d):
-        z = z.clone()
-        z[:, c] += d
-        wrong = z.argmax(1) != y
-        return int(wrong.sum()), int((wrong & (y == c)).sum()), int((y == c).sum())
-
-    before, after = errors(zt, yt, 0.0), errors(zt, yt, delta)
-    return {"class": c, "delta": delta, "test_errors_before": before[0], "test_errors_after": after[0],
-            "class_errors_before": before[1], "class_errors_after": after[1], "class_count": before[2]}

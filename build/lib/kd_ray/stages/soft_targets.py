@@ -41,39 +41,13 @@ from kd_ray.core.ensemble import (
     load_teacher_files,
 )
 from kd_ray.core.subsets import stable_hash
-from kd_ray.stages.cluster import largest_node
+from kd_ray.core.train import pick_device, to_tensor
+from kd_ray.stages.cluster import wait_for
+from kd_ray.stages.counters import pass_counter
 from kd_ray.stages.datasets import from_dataset, to_dataset
 
 SCHEMA_VERSION = 2
 SPLITS = ("train", "val", "test")
-
-
-class PassCounter:
-    """How many samples each teacher has run on, per split (a named Ray actor)."""
-
-    def __init__(self):
-        self.counts: dict[str, int] = {}
-
-    def add(self, split: str, n: int) -> None:
-        self.counts[split] = self.counts.get(split, 0) + int(n)
-
-    def get(self) -> dict[str, int]:
-        return dict(self.counts)
-
-
-_COUNTERS: dict[str, Any] = {}  # keep the named actors alive while this driver runs
-
-
-def pass_counter(name: str):
-    if name not in _COUNTERS:
-        _COUNTERS[name] = ray.remote(PassCounter).options(
-            name=f"kd_ray_passes:{name}", get_if_exists=True, num_cpus=0).remote()
-    return _COUNTERS[name]
-
-
-def forward_passes(name: str) -> dict[str, int]:
-    """Samples each teacher has run on so far, per split, for experiment ``name``."""
-    return ray.get(pass_counter(name).get.remote())
 
 
 class EnsemblePredictor:
@@ -81,7 +55,7 @@ class EnsemblePredictor:
 
     def __init__(self, model_paths: list[str], temperature: float, rule: str, keep_teacher_logits: bool,
                  split: str = "train", counter_names: Sequence[str] = (), precision: str = "float32"):
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = pick_device()
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1) if ray.is_initialized() else 1
         torch.set_num_threads(max(1, int(cpus)))
         self.models = [build_teacher(f.blob, self.device, precision) for f in load_teacher_files(model_paths)]
@@ -91,7 +65,7 @@ class EnsemblePredictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if "image" not in batch:
             raise ValueError(f"the dataset has no 'image' column; columns found: {sorted(batch)}")
-        images = torch.from_numpy(np.ascontiguousarray(batch["image"], dtype=np.float32)).to(self.device)
+        images = to_tensor(np.asarray(batch["image"], dtype=np.float32)).to(self.device)
         batch.update(ensemble_outputs(self.models, images, self.T, self.rule, self.keep))
         if self.counters:  # per split: a ``split`` column (codes into SPLITS) wins
             codes = batch.get("split")
@@ -187,13 +161,12 @@ def consistent_stream(rows_ref, positions: np.ndarray, st: SoftTargetsConfig, mo
 
 
 def check_pool_resources(cfg: ExperimentConfig) -> None:
-    """An actor no node can host would wait forever: fail at once instead."""
+    """An actor no node type can host would wait forever: fail at once; wait (for the autoscaler)
+    while none is up yet."""
     st = cfg.soft_targets
-    for res, want in (("GPU", st.num_gpus), ("CPU", st.num_cpus)):
-        have, node = largest_node(res)
-        if want > have:
-            raise ValueError(f"soft_targets.num_{res.lower()}s={want:g} per predictor actor, but the largest "
-                             f"node ({node}) has {have:g} {res}s; lower it or add a bigger node")
+    wait_for([{"CPU": st.num_cpus, "GPU": st.num_gpus}] * st.actors,
+             {"CPU": "soft_targets.num_cpus", "GPU": "soft_targets.num_gpus"}, "predictor actors",
+             cfg.runtime.scale_timeout_s)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -289,8 +262,8 @@ def _take_ids(ds, ids: np.ndarray):
 def read_cache_split(path: str, files: list[str]):
     """A cached split as a materialized Ray Dataset (one Arrow block per file).
 
-    Read with pyarrow on the driver: on Ray 2.60 ``ray.data.read_parquet`` costs ~15 s of fixed
-    overhead per read on a 2-core machine (measured), against ~0.2 s this way.
+    Read with pyarrow on the driver: ``ray.data.read_parquet`` has a large fixed start-up per read
+    on small machines (docs/notes.md).
     """
     tables = []
     for rel in files:

@@ -43,7 +43,8 @@ from ray.tune.schedulers import ASHAScheduler
 from kd_ray import layout
 from kd_ray.core import storage
 from kd_ray.core.config import ConfigError, ExperimentConfig
-from kd_ray.stages.distill import check_classes, distill, uses_gpu
+from kd_ray.stages.cluster import capacity, student_uses_gpu
+from kd_ray.stages.distill import check_classes, distill
 from kd_ray.stages.soft_targets import SoftTargets
 
 # A trial's driver only waits on its TorchTrainer: no CPU, but it reserves the memory a Train
@@ -195,13 +196,36 @@ class SweepResult:
         return self.complete and self.diverged.empty
 
 
+def _tune_run(cfg: ExperimentConfig, trainable, group: list[dict], sweep_dir: str, callbacks: list | None,
+              use_gpu: bool, run: str) -> dict[str, dict]:
+    """One Tune run over trials that hold the same resources; the rows of those that did not finish."""
+    metric = cfg.sweep.metric
+    # the cluster at its largest: an autoscaler adds nodes for the trials that wait
+    concurrency = max_concurrent(cfg, capacity().max_resources(), use_gpu, len(group), group[0])
+    scheduler = None
+    if cfg.sweep.scheduler == "asha":
+        # a trial reports each epoch, Train's final (test) report, then the driver's own
+        reports = math.ceil(max(t["epochs"] for t in group) / cfg.student.report_every)
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=reports + 2, grace_period=max(1, reports // 4))
+    print(f"[kd_ray] {len(group)} trials, up to {concurrency} at a time, each holding "
+          f"{dict(trial_resources(cfg, use_gpu, group[0]))} (Tune run {run})", flush=True)
+    grid = tune.Tuner(
+        trainable, param_space={"trial": tune.grid_search(group)},
+        tune_config=tune.TuneConfig(metric=metric, mode=metric_mode(metric), scheduler=scheduler,
+                                    max_concurrent_trials=concurrency),
+        run_config=tune.RunConfig(name=run, storage_path=storage.absolute(sweep_dir), callbacks=callbacks,
+                                  verbose=1 if cfg.runtime.verbose else 0),
+    ).fit()
+    return unfinished_rows(grid, asha=scheduler is not None)
+
+
 def run_sweep(cfg: ExperimentConfig, soft: SoftTargets, callbacks: list | None = None) -> SweepResult:
     """Run the sweep over ``cfg.sweep``'s grid on ``soft`` (only its unfinished trials); save
     the results table and ``sweep.json`` under ``<storage>/<name>/``."""
     t0 = time.time()
     trials = trial_grid(cfg)
     check_classes(cfg.student, soft)  # before any trial starts
-    use_gpu = uses_gpu(cfg.student)
+    use_gpu = student_uses_gpu(cfg)
     metric = cfg.sweep.metric
     name = sweep_name(cfg, soft)
     sweep_dir = layout.sweep_dir(cfg, name)
@@ -222,24 +246,8 @@ def run_sweep(cfg: ExperimentConfig, soft: SoftTargets, callbacks: list | None =
         for t in todo:
             groups.setdefault(tuple(sorted(trial_resources(cfg, use_gpu, t).items())), []).append(t)
         for i, group in enumerate(groups.values()):
-            concurrency = max_concurrent(cfg, ray.cluster_resources(), use_gpu, len(group), group[0])
-            scheduler = None
-            if cfg.sweep.scheduler == "asha":
-                # a trial reports each epoch, Train's final (test) report, then the driver's own
-                reports = math.ceil(max(t["epochs"] for t in group) / cfg.student.report_every)
-                scheduler = ASHAScheduler(time_attr="training_iteration", max_t=reports + 2,
-                                          grace_period=max(1, reports // 4))
-            run = time.strftime("run-%Y%m%d-%H%M%S") + (f"-{i}" if len(groups) > 1 else "")
-            print(f"[kd_ray] {len(group)} trials, up to {concurrency} at a time, each holding "
-                  f"{dict(trial_resources(cfg, use_gpu, group[0]))} (Tune run {run})", flush=True)
-            grid = tune.Tuner(
-                trainable, param_space={"trial": tune.grid_search(group)},
-                tune_config=tune.TuneConfig(metric=metric, mode=metric_mode(metric), scheduler=scheduler,
-                                            max_concurrent_trials=concurrency),
-                run_config=tune.RunConfig(name=run, storage_path=storage.absolute(sweep_dir),
-                                          callbacks=callbacks, verbose=1),
-            ).fit()
-            left = unfinished_rows(grid, asha=scheduler is not None)
+            left = _tune_run(cfg, trainable, group, sweep_dir, callbacks, use_gpu,
+                             time.strftime("run-%Y%m%d-%H%M%S") + (f"-{i}" if len(groups) > 1 else ""))
             for key, row in left.items():
                 if row["status"] == "stopped":  # ASHA's decision is final: recorded like a finished trial
                     storage.write_json(storage.join(record_dir, key + ".json"), row)

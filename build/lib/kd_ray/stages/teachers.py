@@ -36,9 +36,15 @@ from kd_ray.core.ensemble import predict_logits, save_teacher_model
 from kd_ray.core.losses import ensemble_average
 from kd_ray.core.models import build_model, count_parameters
 from kd_ray.core.subsets import select_fraction
-from kd_ray.core.train import Diverged, Engine, cross_entropy_loss, pick_device
+from kd_ray.core.train import (
+    Diverged,
+    Engine,
+    amp_dtype,
+    cross_entropy_loss,
+    pick_device,
+)
 from kd_ray.layout import ensemble_file, teachers_dir
-from kd_ray.stages.cluster import largest_node
+from kd_ray.stages.cluster import capacity, check_feasible, wait_for
 from kd_ray.stages.datasets import from_dataset, to_dataset
 
 # Fields of a spec that decide *where* it runs, not *what* it learns: changing them retrains nothing.
@@ -60,6 +66,16 @@ def spec_key(spec: TeacherSpec, data_identity: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def teacher_batches(spec: TeacherSpec, x: torch.Tensor, y: torch.Tensor, epoch: int):
+    """One epoch of a teacher's batches: a seeded order, shifted by up to ``spec.jitter`` pixels;
+    dropout and shifts are seeded per epoch, so a resumed teacher sees what it would have seen."""
+    torch.manual_seed(spec.seed * 100_003 + epoch)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(spec.seed * 7919 + epoch)).to(x.device)
+    for i in range(0, len(x), spec.batch_size):
+        idx = order[i: i + spec.batch_size]
+        yield {"image": random_shift(x[idx], spec.jitter) if spec.jitter else x[idx], "label": y[idx]}
+
+
 @dataclass
 class TeacherTrainer:
     """Train (or resume, or reuse) one teacher. Plain PyTorch; storage paths may be URIs."""
@@ -70,6 +86,7 @@ class TeacherTrainer:
     out_dir: str
     num_classes: int
     input_shape: tuple[int, ...]
+    mixed_precision: str = "auto"  # runtime.mixed_precision
     progress: Any = None  # an object with .update(n) (a tqdm bar), or None
     log: list[str] = field(default_factory=list)
 
@@ -111,7 +128,7 @@ class TeacherTrainer:
         device = pick_device()
         torch.manual_seed(spec.seed)
         model = build_model(spec.model, self.input_shape, self.num_classes, **spec.model_args).to(device)
-        engine = Engine(model, spec, cross_entropy_loss)
+        engine = Engine(model, spec, cross_entropy_loss, amp=amp_dtype(self.mixed_precision, device))
         if storage.exists(self.checkpoint_path):
             ckpt = storage.load_torch(self.checkpoint_path)
             if ckpt.get("key") == self.key:
@@ -129,13 +146,6 @@ class TeacherTrainer:
         if len(x) == 0:
             raise TeacherError(f"teacher {self.teacher_id}: its training subset is empty")
 
-        def batches(epoch: int):
-            torch.manual_seed(spec.seed * 100_003 + epoch)  # dropout, shifts: the same on resume
-            order = torch.randperm(len(x), generator=torch.Generator().manual_seed(spec.seed * 7919 + epoch)).to(device)
-            for i in range(0, len(x), spec.batch_size):
-                idx = order[i: i + spec.batch_size]
-                yield {"image": random_shift(x[idx], spec.jitter) if spec.jitter else x[idx], "label": y[idx]}
-
         def validate(m: nn.Module) -> dict:
             val_logits = predict_logits(m, xv)
             return {"val_accuracy": float((val_logits.argmax(1) == yv).float().mean()) if len(yv) else float("nan")}
@@ -146,7 +156,7 @@ class TeacherTrainer:
                 self.progress.update(1)
 
         try:
-            engine.fit(spec.epochs, batches, validate, checkpoint)
+            engine.fit(spec.epochs, lambda epoch: teacher_batches(spec, x, y, epoch), validate, checkpoint)
         except Diverged as e:
             raise TeacherError(
                 f"teacher {self.teacher_id}: training loss became {e.loss} in epoch {e.epoch}; "
@@ -172,10 +182,11 @@ class TeacherActor:
     """One teacher in a Ray actor (made remote in :func:`_actor_class`)."""
 
     def __init__(self, teacher_id: str, spec: dict, key: str, out_dir: str, num_classes: int,
-                 input_shape: list[int], train_ds, val_ds):
+                 input_shape: list[int], train_ds, val_ds, mixed_precision: str = "auto"):
         torch.set_num_threads(max(1, int(spec["num_cpus"])))
         self.teacher_id, self.train_ds, self.val_ds = teacher_id, train_ds, val_ds
-        self.trainer = TeacherTrainer(teacher_id, TeacherSpec(**spec), key, out_dir, num_classes, tuple(input_shape))
+        self.trainer = TeacherTrainer(teacher_id, TeacherSpec(**spec), key, out_dir, num_classes, tuple(input_shape),
+                                      mixed_precision)
 
     def train(self) -> dict:
         ctx = ray.get_runtime_context()
@@ -200,17 +211,14 @@ def _actor_class():
     return _REMOTE
 
 
-def check_resources(specs: list[TeacherSpec], ids: list[str]) -> None:
-    """Fail at once (not hang) when a teacher asks for more than the largest node has."""
-    for resource, attr in (("GPU", "num_gpus"), ("CPU", "num_cpus")):
-        have, node = largest_node(resource)
-        for tid, spec in zip(ids, specs):
-            want = getattr(spec, attr)
-            if want > have:
-                raise ValueError(
-                    f"teacher {tid} asks for {want:g} {resource}s (teachers.{attr}) but the largest node "
-                    f"({node}) has {have:g}; lower teachers.{attr} or add a node with more {resource}s"
-                )
+def check_resources(cfg: ExperimentConfig, specs: list[TeacherSpec], ids: list[str]) -> None:
+    """Fail at once when no node type could ever hold a teacher; wait (for the autoscaler) while
+    none is up yet."""
+    needs = [{"CPU": s.num_cpus, "GPU": s.num_gpus} for s in specs]
+    cap = capacity()
+    for tid, need in zip(ids, needs):
+        check_feasible(cap, need, {"CPU": "teachers.num_cpus", "GPU": "teachers.num_gpus"}, f"teacher {tid}")
+    wait_for(needs, {"CPU": "teachers.num_cpus", "GPU": "teachers.num_gpus"}, "teachers", cfg.runtime.scale_timeout_s)
 
 
 @dataclass
@@ -239,7 +247,7 @@ class EnsembleRun:
         self.splits = splits or load_splits(cfg.data)
         specs = cfg.teachers.resolved()
         self.ids = [f"t{i}" for i in range(len(specs))]
-        check_resources(specs, self.ids)
+        check_resources(cfg, specs, self.ids)
         identity = self.splits.identity()
         train_ds, val_ds = to_dataset(self.splits.train), to_dataset(self.splits.val)
         out = teachers_dir(cfg)
@@ -260,7 +268,7 @@ class EnsembleRun:
                 options["scheduling_strategy"] = "SPREAD"
             actor = _actor_class().options(**options).remote(
                 tid, spec.model_dump(mode="json"), key, storage.join(out, tid),
-                self.splits.num_classes, list(self.splits.input_shape), train_ds, val_ds)
+                self.splits.num_classes, list(self.splits.input_shape), train_ds, val_ds, cfg.runtime.mixed_precision)
             self.actors[tid] = actor
             self.refs[actor.train.remote()] = tid
         print(f"[kd_ray] teachers -> {out}: {len(self.refs)} to train, {len(self.reused)} complete and reused",
