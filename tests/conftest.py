@@ -102,3 +102,32 @@ def interrupt():
                 os.kill(os.getpid(), signal.SIGUSR1)
 
     return Interrupt
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A real S3 endpoint on 127.0.0.1 with one bucket, reached through the standard AWS variables
+    (set before any Ray process starts, so actors and Train workers inherit them)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="kd-runs")
+    try:
+        yield "s3://kd-runs"
+    finally:
+        server.stop()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -79,3 +79,23 @@ def test_gap_recovered_per_teaching_mode_table_and_plot(tmp_path):
     longer = df[df["teaching"] == "consistent"].assign(epochs=200)
     labels = set(gap_recovered(pd.concat([df, longer]), 0.90)["setting"])
     assert {"consistent T=4 a=0.9 40 ep", "consistent T=4 a=0.9 200 ep", "soft T=4 a=0.9 40 ep"} <= labels
+
+
+def test_gap_uses_the_stronger_hard_baseline_chosen_on_validation_and_says_when_not_measurable(tmp_path):
+    df = _results()
+    df["val_accuracy"] = df["test_accuracy"]
+    df["teaching"] = np.where(df["targets"] == "hard", "none", "cached")
+    matched = df[df["targets"] == "hard"].assign(teaching="inconsistent")
+    matched["test_accuracy"] += 0.05  # better on test ...
+    matched["val_accuracy"] -= 0.05  # ... but worse on validation: the plain baseline is chosen
+    df = pd.concat([df, matched], ignore_index=True)
+    g = gap_recovered(df, ensemble=0.90).set_index("fraction")
+    assert g.loc[0.1, "baseline"] == "hard" and g.loc[0.1, "hard"] == pytest.approx(0.65)
+    better = df.copy()
+    better.loc[better["teaching"] == "inconsistent", "val_accuracy"] += 0.2
+    g = gap_recovered(better, ensemble=0.90).set_index("fraction")
+    assert g.loc[0.1, "baseline"] == "hard (inconsistent views)" and g.loc[0.1, "hard"] == pytest.approx(0.70)
+    # at 100 % the ensemble leads hard labels by 0.02 = 2 of 100 test images: not measurable
+    text = write_report(str(tmp_path), df, {**INFO, "test_rows": 100})
+    assert "not measurable (the ensemble leads by fewer than 5 of 100 test images)" in text
+    assert "| hard (inconsistent views) |" in text  # both baselines appear in the table

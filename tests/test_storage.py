@@ -13,27 +13,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def s3(monkeypatch):
-    """A real S3 endpoint on 127.0.0.1 with one bucket, reached through the standard AWS variables
-    (set before any Ray process starts, so actors and Train workers inherit them)."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="kd-runs")
-    try:
-        yield "s3://kd-runs"
-    finally:
-        server.stop()
-
-
 def test_storage_round_trips_on_s3(s3):
     root = storage.join(s3, "exp")
     storage.write_json(storage.join(root, "a", "m.json"), {"k": 1})

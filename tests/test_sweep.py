@@ -47,11 +47,17 @@ def test_grid_sweeps_teaching_modes_and_epoch_budgets():
     assert len(soft) == 3 * 2 * 2
     assert {(t["teaching"], t["epochs"]) for t in soft} == {(m, e) for m in ("cached", "inconsistent", "consistent")
                                                              for e in (10, 40)}
-    # the hard baseline needs no teachers and stops early: once per seed, with the largest budget
-    assert [(t["teaching"], t["epochs"], t["seed"]) for t in hard] == [("none", 40, 0), ("none", 40, 1)]
+    # the plain hard baseline needs no teachers and stops early: once per seed, with the largest
+    # budget; matched baselines get each augmenting mode's views and each budget, without stopping
+    plain = [(t["epochs"], t["seed"]) for t in hard if t["teaching"] == "none"]
+    assert plain == [(40, 0), (40, 1)]
+    matched = {(t["teaching"], t["epochs"], t["seed"]) for t in hard if t["teaching"] != "none"}
+    assert matched == {(m, e, s) for m in ("inconsistent", "consistent") for e in (10, 40) for s in (0, 1)}
     c = trial_config(cfg, soft[-1])
     assert (c.student.teaching, c.student.epochs) == (soft[-1]["teaching"], soft[-1]["epochs"])
     assert trial_config(cfg, hard[0]).student.teaching is None
+    shifted = trial_config(cfg, next(t for t in hard if t["teaching"] == "consistent"))
+    assert shifted.student.early_stopping_patience is None and shifted.teaching() == "inconsistent"  # in-worker shifts
     # augmentation-based modes need augmentation; cached/inconsistent need cached rows
     with pytest.raises(ConfigError, match="soft_targets.jitter"):
         load_config(None, ["sweep.teaching=[consistent]"])
