@@ -155,3 +155,30 @@ def test_ray_job_submit_runs_the_pipeline_and_reports_a_bad_config(ray_head, tmp
     root = runs / "smoke"
     for name in ("results.parquet", "summary.md", "accuracy_vs_fraction.png", "teachers/t0/model.pt"):
         assert (root / name).exists(), name
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.isolated
+def test_kd_ray_joins_a_cluster_already_running_here_without_passing_resources(ray_head, tmp_path):
+    # no address anywhere: kd_ray finds the running head (runtime.num_cpus would be an error there)
+    env = {k: v for k, v in ray_head[1].items() if k != "RAY_ADDRESS"}
+    code = ("import ray; from kd_ray.core.config_files import load_config; from kd_ray.stages.cluster import init_ray; "
+            f"init_ray(load_config(None, ['runtime.num_cpus=2', 'runtime.storage_path={tmp_path}'])); "
+            "print('CPUS', ray.cluster_resources()['CPU'])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "joined the Ray cluster at" in out.stderr and "CPUS 4.0" in out.stdout  # the head's 4 CPUs, not 2
+
+
+def test_session_files_of_a_killed_cluster_are_not_a_cluster(monkeypatch):
+    from ray._private import services
+
+    from kd_ray.stages.cluster import _live_local_cluster
+
+    # /tmp/ray/ray_current_cluster still names a cluster, but no GCS process is alive
+    monkeypatch.setattr(services, "find_gcs_addresses", lambda: set())
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: "127.0.0.1:6379")
+    assert _live_local_cluster() is None  # kd_ray starts its own cluster
+    monkeypatch.setattr(services, "find_gcs_addresses", lambda: {"127.0.0.1:6379", "127.0.0.1:7000"})
+    assert _live_local_cluster() == "127.0.0.1:6379"  # the latest `ray start`, when it is alive

@@ -360,7 +360,10 @@ class ExperimentConfig(_Section):
         in-worker shifts ("inconsistent")."""
         streaming = self.soft_targets.resolved_mode == "streaming"
         mode = self.student.teaching or ("consistent" if streaming else "cached")
-        if mode == "consistent" and (targets or self.student.targets) == "hard" and not streaming:
+        # without mixup a hard student's "consistent" views are plain shifts, made in the worker;
+        # mixed views (and their mixed labels) come from the predictor pool's stream
+        if (mode == "consistent" and (targets or self.student.targets) == "hard" and not streaming
+                and self.soft_targets.mixup == 0):
             return "inconsistent"
         return mode
 

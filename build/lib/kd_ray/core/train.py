@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kd_ray.core.augment import random_shift
 from kd_ray.core.losses import kd_loss, mixed_labels, resoften
 
 Batch = dict[str, torch.Tensor]
@@ -215,6 +216,16 @@ def shuffled_batches(rows: dict[str, torch.Tensor], batch_size: int, seed: int):
     for i in range(0, n, batch_size):
         idx = order[i: i + batch_size].to(rows["id"].device)
         yield {k: v[idx] for k, v in rows.items()}
+
+
+def teacher_batches(spec, x: torch.Tensor, y: torch.Tensor, epoch: int):
+    """One epoch of a teacher's batches: a seeded order, shifted by up to ``spec.jitter`` pixels;
+    dropout and shifts are seeded per epoch, so a resumed teacher sees what it would have seen."""
+    torch.manual_seed(spec.seed * 100_003 + epoch)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(spec.seed * 7919 + epoch)).to(x.device)
+    for i in range(0, len(x), spec.batch_size):
+        idx = order[i: i + spec.batch_size]
+        yield {"image": random_shift(x[idx], spec.jitter) if spec.jitter else x[idx], "label": y[idx]}
 
 
 def eval_batches(cols: dict[str, np.ndarray], device, size: int = 1024) -> list[Batch]:

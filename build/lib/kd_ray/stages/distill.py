@@ -149,6 +149,7 @@ def train_loop_per_worker(config: dict) -> dict:
     final = {"epoch": history[-1]["epoch"] if history else 0, "best_epoch": engine.best.epoch, "final": True,
              **{k: v for k, v in history[-1].items() if k.startswith(("val_", "train_"))}}
     final.update(validate(engine.plain))
+    final.update(worker_node=ray.get_runtime_context().get_node_id(), worker_gpu_ids=[str(g) for g in ray.get_gpu_ids()])
     test = evaluate(engine.plain, eval_batches(ray.get(job.eval["test"]), device), device)
     final.update({f"test_{k}": v for k, v in test.items()})
     _report(final, engine, rank, seen)

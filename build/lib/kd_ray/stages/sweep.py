@@ -63,9 +63,11 @@ def trial_grid(cfg: ExperimentConfig) -> list[dict]:
     """Every trial of the sweep, as dicts of GRID_KEYS, in a fixed order.
 
     Soft-target trials: teaching modes x T x alpha x learning rates x epoch budgets x seeds.
-    Hard-label trials need no teachers, T, alpha or teaching mode (``teaching`` "none", alpha 0,
-    the soft targets' T), and stop early on validation, so there is one per (fraction, learning
-    rate, seed), with the largest epoch budget.
+    Hard-label trials need no teachers, T or alpha (alpha 0, the soft targets' T): the plain
+    baseline (``teaching`` "none", early stopping on validation, the largest epoch budget) and, for
+    every augmenting mode the soft trials use ("inconsistent": shifts; "consistent": the same
+    shifted and mixed views, with mixed labels), a matched baseline with that augmentation and
+    each epoch budget, so a gap never mixes augmentation gains with distillation gains.
     """
     sw = cfg.sweep
     temps = sw.temperatures or [cfg.student_temperature()]
@@ -80,7 +82,10 @@ def trial_grid(cfg: ExperimentConfig) -> list[dict]:
                 grid = [(m, T, a, lr, e) for m in teachings for T in temps for a in alphas for lr in lrs
                         for e in budgets]
             else:
-                grid = [("none", cfg.soft_targets.temperature, 0.0, lr, max(budgets)) for lr in lrs]
+                T0 = cfg.soft_targets.temperature
+                grid = [("none", T0, 0.0, lr, max(budgets)) for lr in lrs]
+                grid += [(m, T0, 0.0, lr, e) for m in teachings if m in ("inconsistent", "consistent")
+                         for lr in lrs for e in budgets]
             for teaching, T, alpha, lr, epochs in grid:
                 for seed in sw.seeds:
                     t = {"fraction": float(fraction), "targets": targets, "teaching": teaching,
@@ -98,7 +103,7 @@ def trial_config(cfg: ExperimentConfig, trial: dict) -> ExperimentConfig:
     update = {"fraction": trial["fraction"], "targets": trial["targets"], "temperature": trial["temperature"],
               "alpha": trial["alpha"], "lr": trial["lr"], "seed": trial["seed"], "epochs": trial["epochs"],
               "teaching": None if trial["teaching"] == "none" else trial["teaching"]}
-    if trial["targets"] == "hard":  # the paper's baseline: early stopping on validation
+    if trial["targets"] == "hard" and trial["teaching"] == "none":  # the paper's baseline: early stopping
         update["early_stopping_patience"] = cfg.sweep.hard_early_stopping_patience
     student = cfg.student.model_copy(update=update)
     return cfg.model_copy(update={"student": student})
@@ -271,7 +276,8 @@ def run_sweep(cfg: ExperimentConfig, soft: SoftTargets, callbacks: list | None =
         "temperature": soft.temperature, "rule": soft.manifest["rule"], "soft_targets": soft.path,
         "transfer_rows": soft.manifest["rows"]["train"], "seconds": round(time.time() - t0, 1),
         "jitter": cfg.soft_targets.jitter, "mixup": cfg.soft_targets.mixup, "min_steps": cfg.student.min_steps,
-        "init": cfg.student.init})
+        "init": cfg.student.init, "student_gpu": use_gpu, "test_rows": soft.manifest["rows"]["test"],
+        "checkpoint_rule": "best validation epoch (val_accuracy)"})
     return SweepResult(df, out, sweep_dir, complete, time.time() - t0)
 
 

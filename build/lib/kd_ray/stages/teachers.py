@@ -29,7 +29,6 @@ from ray.experimental.tqdm_ray import tqdm
 from torch import nn
 
 from kd_ray.core import storage
-from kd_ray.core.augment import random_shift
 from kd_ray.core.config import ExperimentConfig, TeacherSpec
 from kd_ray.core.data import Splits, load_splits
 from kd_ray.core.ensemble import predict_logits, save_teacher_model
@@ -42,6 +41,7 @@ from kd_ray.core.train import (
     amp_dtype,
     cross_entropy_loss,
     pick_device,
+    teacher_batches,
 )
 from kd_ray.layout import ensemble_file, teachers_dir
 from kd_ray.stages.cluster import capacity, check_feasible, wait_for
@@ -64,16 +64,6 @@ def spec_key(spec: TeacherSpec, data_identity: dict) -> str:
     learn = {k: v for k, v in spec.model_dump(mode="json").items() if k not in _PLACEMENT_FIELDS}
     blob = json.dumps({"spec": learn, "data": data_identity}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def teacher_batches(spec: TeacherSpec, x: torch.Tensor, y: torch.Tensor, epoch: int):
-    """One epoch of a teacher's batches: a seeded order, shifted by up to ``spec.jitter`` pixels;
-    dropout and shifts are seeded per epoch, so a resumed teacher sees what it would have seen."""
-    torch.manual_seed(spec.seed * 100_003 + epoch)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(spec.seed * 7919 + epoch)).to(x.device)
-    for i in range(0, len(x), spec.batch_size):
-        idx = order[i: i + spec.batch_size]
-        yield {"image": random_shift(x[idx], spec.jitter) if spec.jitter else x[idx], "label": y[idx]}
 
 
 @dataclass
@@ -302,6 +292,9 @@ class EnsembleRun:
         storage.write_json(ensemble_file(self.cfg), {
             "val_accuracy": acc, "model_paths": result.model_paths,
             "teachers": result.summary().to_dict(orient="records"),
+            # where each teacher trained in this run (reused teachers: not placed)
+            "placement": {t["teacher_id"]: {"node_id": t.get("node_id"), "gpu_ids": t.get("gpu_ids", [])}
+                          for t in result.teachers},
         })
         return result
 
