@@ -52,6 +52,10 @@ class Split:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def columns(self) -> dict[str, np.ndarray]:
+        """``{id, image, label}`` as numpy arrays."""
+        return {"id": self.ids, "image": self.images, "label": self.labels}
+
     def take(self, ids: np.ndarray) -> "Split":
         """The rows whose id is in ``ids`` (order of this split)."""
         mask = np.isin(self.ids, ids)

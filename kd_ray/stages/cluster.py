@@ -9,6 +9,7 @@ autoscaler for it and waits, printing what it waits for, until ``runtime.scale_t
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -170,6 +171,8 @@ def init_ray(cfg: ExperimentConfig) -> None:
             ray.init(address="local", num_cpus=cfg.runtime.num_cpus, num_gpus=cfg.runtime.num_gpus,
                      include_dashboard=True, dashboard_host="127.0.0.1", **quiet)
     ray.data.DataContext.get_current().enable_progress_bars = cfg.runtime.verbose
+    if not cfg.runtime.verbose:  # Ray Data's per-dataset INFO lines go to its log file only
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
     check_storage(cfg)
 
 

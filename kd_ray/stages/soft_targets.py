@@ -240,8 +240,7 @@ class SoftTargets:
 
     def transfer_rows(self, ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """The un-augmented transfer rows ``{id, image, label}`` as numpy arrays, optionally a subset."""
-        part = self.transfer if ids is None else self.transfer.take(ids)
-        return {"id": part.ids, "image": part.images, "label": part.labels}
+        return (self.transfer if ids is None else self.transfer.take(ids)).columns()
 
     def epoch_dataset(self, epoch: int, seed: int = 0, ids: np.ndarray | None = None):
         """The training rows for one epoch: the cache (cached mode) or a fresh augmented

@@ -29,7 +29,7 @@ from ray.experimental.tqdm_ray import tqdm
 from torch import nn
 
 from kd_ray.core import storage
-from kd_ray.core.config import ExperimentConfig, TeacherSpec
+from kd_ray.core.config import DataConfig, ExperimentConfig, TeacherSpec
 from kd_ray.core.data import Splits, load_splits
 from kd_ray.core.ensemble import predict_logits, save_teacher_model
 from kd_ray.core.losses import ensemble_average
@@ -45,7 +45,6 @@ from kd_ray.core.train import (
 )
 from kd_ray.layout import ensemble_file, teachers_dir
 from kd_ray.stages.cluster import capacity, check_feasible, wait_for
-from kd_ray.stages.datasets import from_dataset, to_dataset
 
 # Fields of a spec that decide *where* it runs, not *what* it learns: changing them retrains nothing.
 _PLACEMENT_FIELDS = ("num_gpus", "num_cpus")
@@ -172,9 +171,9 @@ class TeacherActor:
     """One teacher in a Ray actor (made remote in :func:`_actor_class`)."""
 
     def __init__(self, teacher_id: str, spec: dict, key: str, out_dir: str, num_classes: int,
-                 input_shape: list[int], train_ds, val_ds, mixed_precision: str = "auto"):
+                 input_shape: list[int], data: DataConfig, mixed_precision: str = "auto"):
         torch.set_num_threads(max(1, int(spec["num_cpus"])))
-        self.teacher_id, self.train_ds, self.val_ds = teacher_id, train_ds, val_ds
+        self.teacher_id, self.data = teacher_id, data  # the actor reads its data itself: a restart needs nothing lost
         self.trainer = TeacherTrainer(teacher_id, TeacherSpec(**spec), key, out_dir, num_classes, tuple(input_shape),
                                       mixed_precision)
 
@@ -185,7 +184,8 @@ class TeacherActor:
         bar = tqdm(total=self.trainer.spec.epochs, desc=f"teacher {self.teacher_id}")
         self.trainer.progress = bar
         try:
-            out = self.trainer.run(from_dataset(self.train_ds), from_dataset(self.val_ds))
+            splits = load_splits(self.data)
+            out = self.trainer.run(splits.train.columns(), splits.val.columns())
         finally:
             bar.close()
         return {**out, **placement, "log": self.trainer.log}
@@ -239,7 +239,6 @@ class EnsembleRun:
         self.ids = [f"t{i}" for i in range(len(specs))]
         check_resources(cfg, specs, self.ids)
         identity = self.splits.identity()
-        train_ds, val_ds = to_dataset(self.splits.train), to_dataset(self.splits.val)
         out = teachers_dir(cfg)
         self.actors: dict[str, Any] = {}
         self.refs: dict[Any, str] = {}
@@ -258,7 +257,7 @@ class EnsembleRun:
                 options["scheduling_strategy"] = "SPREAD"
             actor = _actor_class().options(**options).remote(
                 tid, spec.model_dump(mode="json"), key, storage.join(out, tid),
-                self.splits.num_classes, list(self.splits.input_shape), train_ds, val_ds, cfg.runtime.mixed_precision)
+                self.splits.num_classes, list(self.splits.input_shape), cfg.data, cfg.runtime.mixed_precision)
             self.actors[tid] = actor
             self.refs[actor.train.remote()] = tid
         print(f"[kd_ray] teachers -> {out}: {len(self.refs)} to train, {len(self.reused)} complete and reused",
