@@ -161,6 +161,8 @@ def init_ray(cfg: ExperimentConfig) -> None:
     if not ray.is_initialized():
         address = cfg.runtime.address or os.environ.get("RAY_ADDRESS") or _live_local_cluster()
         quiet = {"log_to_driver": cfg.runtime.verbose}  # worker output stays in Ray's log files
+        if not cfg.runtime.verbose:
+            os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with Tune's verbose=0: no trial tables
         if address:
             ray.init(address=address, **quiet)
             print(f"[kd_ray] joined the Ray cluster at {address}", file=sys.stderr, flush=True)
@@ -171,8 +173,9 @@ def init_ray(cfg: ExperimentConfig) -> None:
             ray.init(address="local", num_cpus=cfg.runtime.num_cpus, num_gpus=cfg.runtime.num_gpus,
                      include_dashboard=True, dashboard_host="127.0.0.1", **quiet)
     ray.data.DataContext.get_current().enable_progress_bars = cfg.runtime.verbose
-    if not cfg.runtime.verbose:  # Ray Data's per-dataset INFO lines go to its log file only
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
+    if not cfg.runtime.verbose:  # Ray Data's and Tune's INFO lines and hints: their log files only
+        for name in ("ray.data", "ray.tune", "ray.train"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     check_storage(cfg)
 
 
