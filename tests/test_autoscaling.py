@@ -32,6 +32,11 @@ FAKE_CLUSTER = {
         GPU_TYPE: {"resources": {"CPU": 2, "GPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2},
     },
     "head_node_type": "ray.head.default",
+    # the monitor reads these even when a fake provider ignores them (Ray's example.yaml is not in the wheel)
+    "auth": {}, "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+    "rsync_exclude": [], "rsync_filter": [], "initialization_commands": [], "setup_commands": [],
+    "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
+    "worker_start_ray_commands": [],
 }
 
 
