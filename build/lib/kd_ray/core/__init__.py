@@ -1,2 +1,0 @@
-"""The pure-torch core: config, data, subsets, augmentation, models, losses, ensemble inference and the
-training engine. Nothing here imports Ray (tests/test_layers.py enforces it)."""
