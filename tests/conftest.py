@@ -131,3 +131,35 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def head_process():
+    """``start(args, env, temp)``: `ray start --head --block ARGS` in its own process group, logging to
+    ``temp/head.log``; at the end the fixture stops that group (SIGTERM, SIGKILL after 90 s: only
+    what the test started) and removes ``temp``."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    started = []
+
+    def start(args, env, temp):
+        log = open(Path(temp) / "head.log", "w")
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", *args],
+                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        started.append((proc, log, temp))
+        return proc
+
+    yield start
+    for proc, log, temp in started:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)

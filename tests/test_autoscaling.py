@@ -6,7 +6,6 @@ nodes join), so the test is ``isolated`` and stops only what it started: the hea
 group, whose monitor owns the fake worker nodes.
 """
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -41,35 +40,23 @@ FAKE_CLUSTER = {
 
 
 @pytest.fixture
-def fake_cluster(no_ray, s3):
-    """`ray start --head` with the fake autoscaler; yields (dashboard address, env)."""
+def fake_cluster(no_ray, s3, head_process):
+    """`ray start --head` with the fake autoscaler; yields (dashboard address, env, temp dir)."""
     temp = tempfile.mkdtemp(prefix="kdf", dir="/tmp")  # short: Ray's socket paths have a length limit
     config = Path(temp) / "autoscaler.yaml"
     config.write_text(yaml.safe_dump(FAKE_CLUSTER))
     env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_AUTH_MODE": "disabled",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
-    log = open(Path(temp) / "head.log", "w")
-    head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--port=6379", "--dashboard-host=127.0.0.1", "--dashboard-port=8299",
-         f"--autoscaling-config={config}", f"--temp-dir={temp}", "--num-cpus=4", "--num-gpus=0",
-         "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and "Ray runtime started" not in (Path(temp) / "head.log").read_text():
-            time.sleep(1)
-        yield "http://127.0.0.1:8299", env, temp
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        log.close()
-        # the fake worker nodes are raylets the monitor started in their own sessions: stop those
-        # whose command line names this test's temp dir (and only those)
-        subprocess.run(["pkill", "-TERM", "-f", temp], check=False)
+    head_process(["--port=6379", "--dashboard-host=127.0.0.1", "--dashboard-port=8299", f"--autoscaling-config={config}",
+                  f"--temp-dir={temp}", "--num-cpus=4", "--num-gpus=0", "--disable-usage-stats"], env, temp)
+    deadline = time.time() + 120
+    while time.time() < deadline and "Ray runtime started" not in (Path(temp) / "head.log").read_text():
+        time.sleep(1)
+    yield "http://127.0.0.1:8299", env, temp
+    # the fake worker nodes are raylets the monitor started in sessions of their own: stop those
+    # whose command line names this test's temp dir (and only those); head_process stops the head
+    subprocess.run(["pkill", "-TERM", "-f", temp], check=False)
 
 
 def _job(address, env, *args, timeout=900):

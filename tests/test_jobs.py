@@ -6,8 +6,6 @@ cluster has shut down, and stops its head by signalling the head's own process (
 """
 import copy
 import os
-import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -83,29 +81,16 @@ def _wait_for(url: str, timeout: float) -> None:
 
 
 @pytest.fixture
-def ray_head(no_ray):
+def ray_head(no_ray, head_process):
     """A real head on 127.0.0.1 with free ports and its own temp dir; yields its dashboard URL."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     port = _free_port()
     temp = tempfile.mkdtemp(prefix="kdr", dir="/tmp")  # short: Ray's socket paths have a length limit
-    log = open(os.path.join(temp, "head.log"), "w")
-    head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--port=0", "--dashboard-host=127.0.0.1", f"--dashboard-port={port}",
-         "--num-cpus=4", "--num-gpus=0", f"--temp-dir={temp}", "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    head_process(["--port=0", "--dashboard-host=127.0.0.1", f"--dashboard-port={port}", "--num-cpus=4",
+                  "--num-gpus=0", f"--temp-dir={temp}", "--disable-usage-stats"], env, temp)
     address = f"http://127.0.0.1:{port}"
-    try:
-        _wait_for(f"{address}/api/version", timeout=120)
-        yield address, env
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        log.close()
-        shutil.rmtree(temp, ignore_errors=True)
+    _wait_for(f"{address}/api/version", timeout=120)
+    yield address, env
 
 
 def _submit(address: str, env: dict, *args: str) -> str:

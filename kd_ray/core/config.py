@@ -65,8 +65,8 @@ class DataConfig(_Section):
         return self
 
 
-class TeacherSpec(_Section):
-    """One teacher. ``teachers.specs`` entries override the ``teachers`` defaults field by field."""
+class TrainSpec(_Section):
+    """What the training engine needs of a teacher or a student: the model and its optimiser."""
 
     model: str = "mlp"
     model_args: dict[str, Any] = {}
@@ -77,17 +77,22 @@ class TeacherSpec(_Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     schedule: Literal["cosine", "constant"] = "cosine"
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        return _known_model(v)
+
+
+class TeacherSpec(TrainSpec):
+    """One teacher. ``teachers.specs`` entries override the ``teachers`` defaults field by field."""
+
     seed: int = 0
     fraction: float = Field(1.0, gt=0, le=1)  # nested stratified share of the training set
     bootstrap: bool = False  # resample the (fraction of the) training set with replacement
     jitter: int = Field(0, ge=0)  # pixel shifts applied to the teacher's training batches
     num_gpus: float = Field(0.0, ge=0)
     num_cpus: float = Field(1.0, gt=0)
-
-    @field_validator("model")
-    @classmethod
-    def _model(cls, v: str) -> str:
-        return _known_model(v)
 
 
 class TeachersConfig(TeacherSpec):
@@ -155,16 +160,9 @@ class SoftTargetsConfig(_Section):
 _NAMELESS_DEFAULTS = {"min_steps": None, "init": "scratch", "grad_clip_norm": None}
 
 
-class StudentConfig(_Section):
-    model: str = "mlp"
+class StudentConfig(TrainSpec):
     model_args: dict[str, Any] = {"hidden": [800, 800]}
     epochs: int = Field(20, gt=0)
-    batch_size: int = Field(128, gt=0)
-    lr: float = Field(0.05, gt=0)
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    schedule: Literal["cosine", "constant"] = "cosine"
     # The global gradient norm is clipped to this before every step (None: no clipping). The soft
     # term's gradient w.r.t. the logits is T * (q - p), up to T times a cross-entropy gradient: at
     # the paper's T = 20 on standardised inputs an unclipped SGD step diverges in the first epoch
@@ -211,11 +209,6 @@ class StudentConfig(_Section):
             if key in out and out[key] == default:
                 del out[key]
         return out
-
-    @field_validator("model")
-    @classmethod
-    def _model(cls, v: str) -> str:
-        return _known_model(v)
 
 
 class SweepConfig(_Section):
