@@ -123,8 +123,10 @@ def summary_markdown(df: pd.DataFrame, info: dict, metric: str = METRIC) -> str:
         "fraction": [_pct(f) for f in gaps["fraction"]], "soft setting": gaps["setting"],
         "soft": [f"{v:.4f}" for v in gaps["soft"]], "hard": [f"{v:.4f}" for v in gaps["hard"]],
         "baseline (chosen on validation)": gaps["baseline"],
-        "gap recovered (+- std over seeds)": [f"{g:.1%} +- {d:.1%}" if np.isfinite(g) else unmeasurable
-                                              for g, d in zip(gaps["gap"], gaps["gap_std"])]})
+        "gap recovered (+- std over seeds)": [
+            f"{g:.1%} +- {d:.1%}" if np.isfinite(g) else
+            ("not measurable (the ensemble is below this baseline)" if ens < h else unmeasurable)
+            for g, d, h in zip(gaps["gap"], gaps["gap_std"], gaps["hard"])]})
     pivot = gap_pivot(gaps)
     counts = df["status"].value_counts().to_dict()
     lines = [

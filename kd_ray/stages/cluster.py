@@ -77,21 +77,44 @@ class Capacity:
 
 
 def capacity() -> Capacity:
-    """The alive nodes and the node types the autoscaler may launch (Ray's GCS cluster config)."""
-    from ray._private.state import (
-        state,  # the autoscaler's node types; no public API in Ray 2.60
-    )
-
+    """The alive nodes and the node types the autoscaler may launch."""
     alive = [NodeKind(f"node {n['NodeManagerAddress']} ({n['NodeID'][:8]})",
                       {r: float(v) for r, v in n["Resources"].items() if "node:" not in r and "group" not in r})
              for n in ray.nodes() if n.get("Alive")]
+    return Capacity(alive, _node_types_from_gcs() or _node_types_from_monitor())
+
+
+def _node_types_from_gcs() -> list[NodeKind]:
+    """Autoscaler v2 (`ray up`'s default) reports its node groups to the GCS."""
+    from ray._private.state import state  # no public API for the node types in Ray 2.60
+
     config = state.get_cluster_config()
-    launchable = []
+    kinds = []
     for g in (config.node_group_configs if config else []):
         count = UNBOUNDED if g.max_count == -1 else int(g.max_count)
         if count != 0:
-            launchable.append(NodeKind(f"node type {g.name!r}", {r: float(v) for r, v in g.resources.items()}, count))
-    return Capacity(alive, launchable)
+            kinds.append(NodeKind(f"node type {g.name!r}", {r: float(v) for r, v in g.resources.items()}, count))
+    return kinds
+
+
+def _node_types_from_monitor() -> list[NodeKind]:
+    """Autoscaler v1 does not: read the config file its monitor process on this node was given
+    (`--autoscaling-config=`; jobs' drivers run on the head, where the monitor runs)."""
+    import psutil  # a Ray dependency
+    import yaml
+
+    for proc in psutil.process_iter(["cmdline"]):
+        args = proc.info.get("cmdline") or []
+        path = next((a.split("=", 1)[1] for a in args if a.startswith("--autoscaling-config=")), None)
+        if path and any("monitor.py" in a for a in args) and os.path.isfile(os.path.expanduser(path)):
+            with open(os.path.expanduser(path)) as f:
+                config = yaml.safe_load(f) or {}
+            head, default_max = config.get("head_node_type"), config.get("max_workers", 0)
+            return [NodeKind(f"node type {name!r}", {r: float(v) for r, v in (t.get("resources") or {}).items()},
+                             1 if name == head else int(t.get("max_workers", default_max)))
+                    for name, t in (config.get("available_node_types") or {}).items()
+                    if name == head or t.get("max_workers", default_max)]
+    return []
 
 
 def check_feasible(cap: Capacity, need: dict[str, float], fields: dict[str, str], what: str) -> None:
