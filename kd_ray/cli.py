@@ -111,6 +111,8 @@ def cmd_sweep(cfg: ExperimentConfig, soft=None):
     if not result.complete:
         print("[kd_ray] the sweep is incomplete (interrupted or failed trials): run the same command again to "
               "finish it; finished trials are kept", file=sys.stderr)
+    for row in result.results[result.results["status"] == "error"].itertuples():
+        print(f"[kd_ray] trial {row.targets} f={row.fraction:g} seed {row.seed} FAILED: {row.error}", file=sys.stderr)
     for row in result.diverged.itertuples():
         print(f"[kd_ray] trial {row.targets} f={row.fraction:g} T={row.temperature:g} a={row.alpha:g} lr={row.lr:g} "
               f"seed {row.seed} "

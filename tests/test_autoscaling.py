@@ -6,6 +6,7 @@ nodes join), so the test is ``isolated`` and stops only what it started: the hea
 group, whose monitor owns the fake worker nodes.
 """
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -63,7 +64,7 @@ def _job(address, env, *args, timeout=900):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(address)
-    sid = client.submit_job(entrypoint=" ".join([sys.executable, "jobs/pipeline.py", *args]),
+    sid = client.submit_job(entrypoint=shlex.join([sys.executable, "jobs/pipeline.py", *args]),
                             runtime_env={"working_dir": str(ROOT), "excludes": [".venv", ".git", "runs", "docs"]})
     deadline = time.time() + timeout
     while time.time() < deadline:

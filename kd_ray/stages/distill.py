@@ -103,7 +103,7 @@ def train_loop_per_worker(config: dict) -> dict:
     ray.data.DataContext.get_current().enable_progress_bars = False
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    device = _device()
     torch.set_num_threads(max(1, job.cpus_per_worker))
     engine, patience = _student_engine(job), s.early_stopping_patience
     ckpt = ray.train.get_checkpoint()  # (1) resume
@@ -111,7 +111,7 @@ def train_loop_per_worker(config: dict) -> dict:
         with ckpt.as_directory() as d:
             engine.load_state_dict(torch.load(os.path.join(d, "student.pt"), map_location="cpu", weights_only=True))
     start_epoch = engine.epoch
-    engine.model = ray.train.torch.prepare_model(engine.model)  # (2) device move; DDP when world > 1
+    engine.model = ray.train.torch.prepare_model(engine.model, move_to_device=device)  # (2) DDP when world > 1
 
     epoch_rows = _epoch_rows(job, rank, world, start_epoch, device)  # (3) this worker's rows
     seen = {"ids": [], "sample": None}  # the epoch's row ids and first batch, kept in its checkpoint
@@ -156,6 +156,12 @@ def train_loop_per_worker(config: dict) -> dict:
     return {"history": history, "final": final}
 
 
+def _device() -> torch.device:
+    """This worker's GPU when torch can use it; the CPU where Ray's GPUs are logical (tests, fake
+    autoscaler) or the worker's torch has no CUDA."""
+    return ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+
+
 def _student_engine(job: StudentJob) -> Engine:
     """The student model (fresh, or a copy of a teacher) and its engine with the distillation loss."""
     s = job.student
@@ -165,7 +171,7 @@ def _student_engine(job: StudentJob) -> Engine:
         model.load_state_dict(load_teacher_files([job.init_path])[0].blob["state_dict"])
     alpha = 0.0 if s.targets == "hard" else s.alpha
     loss_fn = student_loss(job.temperature, alpha, job.num_classes, job.targets_temperature, job.rule)
-    amp = amp_dtype(job.mixed_precision, ray.train.torch.get_device())
+    amp = amp_dtype(job.mixed_precision, _device())
     # one checkpoint rule for every student, soft or hard: the best validation epoch's weights
     return Engine(model, s, loss_fn, keep_best=True, amp=amp)
 
