@@ -143,17 +143,22 @@ def train_loop_per_worker(config: dict) -> dict:
         ray.train.report(final)
         return {"history": engine.history, "final": final}
 
-    # the final model: the best validation epoch (val_accuracy); the test split is read once, here
-    engine.restore_best()
-    history = engine.history
-    final = {"epoch": history[-1]["epoch"] if history else 0, "best_epoch": engine.best.epoch, "final": True,
-             **{k: v for k, v in history[-1].items() if k.startswith(("val_", "train_"))}}
-    final.update(validate(engine.plain))
-    final.update(worker_node=ray.get_runtime_context().get_node_id(), worker_gpu_ids=[str(g) for g in ray.get_gpu_ids()])
-    test = evaluate(engine.plain, eval_batches(ray.get(job.eval["test"]), device), device)
-    final.update({f"test_{k}": v for k, v in test.items()})
+    final = _final_metrics(engine, job, validate, device)
     _report(final, engine, rank, seen)
-    return {"history": history, "final": final}
+    return {"history": engine.history, "final": final}
+
+
+def _final_metrics(engine: Engine, job: StudentJob, validate, device) -> dict:
+    """The best validation epoch's model (val_accuracy) on validation and, read once here, test;
+    and where this worker ran."""
+    engine.restore_best()
+    last = engine.history[-1] if engine.history else {}
+    final = {"epoch": last.get("epoch", 0), "best_epoch": engine.best.epoch, "final": True,
+             **{k: v for k, v in last.items() if k.startswith(("val_", "train_"))}, **validate(engine.plain),
+             "worker_node": ray.get_runtime_context().get_node_id(),
+             "worker_gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+    test = evaluate(engine.plain, eval_batches(ray.get(job.eval["test"]), device), device)
+    return {**final, **{f"test_{k}": v for k, v in test.items()}}
 
 
 def _device() -> torch.device:
@@ -325,20 +330,7 @@ def distill(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None = N
         # bars, or every epoch of every worker prints one.
         datasets["train"].context.enable_progress_bars = False
         job.in_memory = datasets["train"].size_bytes() / s.num_workers <= s.max_in_memory_mb * 1024**2
-    trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config={"job": job}, datasets=datasets,
-        # one worker reads the whole dataset itself (no split-coordinator actor to start)
-        dataset_config=ray.train.DataConfig(
-            datasets_to_split=["train"] if soft.mode == "cached" and s.num_workers > 1 else []),
-        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=student_uses_gpu(cfg)),
-        # one worker needs no collective: gloo also runs where the GPUs are logical (tests) or a
-        # worker's torch has no CUDA; several GPU workers use NCCL
-        torch_config=TorchConfig(backend="gloo") if s.num_workers == 1 else None,
-        run_config=ray.train.RunConfig(
-            name=name, storage_path=storage.absolute(runs), callbacks=callbacks,
-            failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
-    )
+    trainer = _trainer(cfg, job, datasets, soft.mode, name, runs, callbacks)
     try:
         result = trainer.fit()
         error = result.error
@@ -349,6 +341,26 @@ def distill(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None = N
     teacher_rows = forward_passes(counter).get("train", 0) if teaching == "consistent" else 0
     ckpt_path = result.checkpoint.path if result.checkpoint else ""
     return _record(done_path, name, job, soft, result.return_value, len(ids), teacher_rows, ckpt_path)
+
+
+def _trainer(cfg: ExperimentConfig, job: StudentJob, datasets: dict, soft_mode: str, name: str, runs: str,
+             callbacks: list | None) -> TorchTrainer:
+    """The Ray Train run of one student: its workers, GPUs, failure budget and checkpoints."""
+    s = job.student
+    return TorchTrainer(
+        train_loop_per_worker, train_loop_config={"job": job}, datasets=datasets,
+        # one worker reads the whole dataset itself (no split-coordinator actor to start)
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=["train"] if soft_mode == "cached" and s.num_workers > 1 else []),
+        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=student_uses_gpu(cfg)),
+        # one worker needs no collective: gloo also runs where the GPUs are logical (tests) or a
+        # worker's torch has no CUDA; several GPU workers use NCCL
+        torch_config=TorchConfig(backend="gloo") if s.num_workers == 1 else None,
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage.absolute(runs), callbacks=callbacks,
+            failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+    )
 
 
 def _record(done_path: str, name: str, job: StudentJob, soft: SoftTargets, out: dict, rows: int,
