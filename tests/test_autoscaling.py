@@ -93,9 +93,9 @@ def test_gpu_stages_scale_a_gpu_worker_type_from_zero(fake_cluster, s3):
     status, logs = _job(address, env, *tiny, "--set", "teachers.num_gpus=8", timeout=180)
     assert status == "FAILED" and "teachers.num_gpus" in logs and f"node type '{GPU_TYPE}'" in logs, logs[-3000:]
     # a feasible request (no GPU node is up yet) that does not arrive in time fails at the deadline
-    status, logs = _job(address, env, *tiny, "--set", "runtime.scale_timeout_s=0.5", timeout=180)
+    status, logs = _job(address, env, *tiny, "--set", "runtime.scale_timeout_s=0.5", "--set", "name=late", timeout=180)
     assert status == "FAILED" and "waiting for the autoscaler: 2 teachers need 1 GPU each, 0 GPU nodes up" in logs
-    assert "runtime.scale_timeout_s" in logs and "teachers.num_gpus" in logs
+    assert "teachers: no node with 1 GPU (teachers.num_gpus) joined within runtime.scale_timeout_s=0.5 s" in logs
 
     t0 = time.time()
     status, logs = _job(address, env, *tiny)

@@ -155,7 +155,7 @@ def wait_for(needs: list[dict[str, float]], fields: dict[str, str], what: str, t
             up = sum(1 for n in cap.alive if n.resources.get(resource, 0) > 0)
             print(f"[kd_ray] waiting for the autoscaler: {len(needs)} {what} need {needs[0].get(resource, 0):g} "
                   f"{resource} each, {up} {resource} nodes up, {waited:.0f} s", file=sys.stderr, flush=True)
-            time.sleep(poll_s)
+            time.sleep(min(poll_s, max(0.05, timeout_s - waited)))  # the deadline is kept to the poll
             cap = capacity()
     finally:
         request_resources(bundles=[])  # the stage's own demand keeps the nodes from here on

@@ -27,10 +27,11 @@ _COUNTERS: dict[str, Any] = {}  # keep the named actors alive while this driver 
 
 
 def pass_counter(name: str):
-    if name not in _COUNTERS:
-        _COUNTERS[name] = ray.remote(PassCounter).options(
+    key = (ray.get_runtime_context().get_job_id(), name)  # a handle from an earlier Ray session is stale
+    if key not in _COUNTERS:
+        _COUNTERS[key] = ray.remote(PassCounter).options(
             name=f"kd_ray_passes:{name}", get_if_exists=True, num_cpus=0).remote()
-    return _COUNTERS[name]
+    return _COUNTERS[key]
 
 
 def forward_passes(name: str) -> dict[str, int]:

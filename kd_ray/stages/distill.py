@@ -32,7 +32,12 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from kd_ray import layout
 from kd_ray.core import storage
 from kd_ray.core.augment import seeded_shift
-from kd_ray.core.config import ExperimentConfig, SoftTargetsConfig, StudentConfig
+from kd_ray.core.config import (
+    METRICS,
+    ExperimentConfig,
+    SoftTargetsConfig,
+    StudentConfig,
+)
 from kd_ray.core.ensemble import load_teacher_files
 from kd_ray.core.models import build_model, count_parameters
 from kd_ray.core.subsets import select_fraction
@@ -139,7 +144,9 @@ def train_loop_per_worker(config: dict) -> dict:
     try:
         engine.fit(s.epochs, batches, validate, report, s.report_every, patience)
     except Diverged as e:  # a finished run that says so: no test metrics, the earlier checkpoints kept
-        final = {"epoch": e.epoch, "best_epoch": engine.best.epoch, "final": True, "diverged_epoch": e.epoch}
+        final = {"epoch": e.epoch, "best_epoch": engine.best.epoch, "final": True, "diverged_epoch": e.epoch,
+                 # Tune wants the sweep's metric in every report; a diverged model has none
+                 **{m: float("nan") for m in METRICS}}
         ray.train.report(final)
         return {"history": engine.history, "final": final}
 
