@@ -171,9 +171,11 @@ class TeacherActor:
     """One teacher in a Ray actor (made remote in :func:`_actor_class`)."""
 
     def __init__(self, teacher_id: str, spec: dict, key: str, out_dir: str, num_classes: int,
-                 input_shape: list[int], data: DataConfig, mixed_precision: str = "auto"):
+                 input_shape: list[int], data: dict, mixed_precision: str = "auto"):
         torch.set_num_threads(max(1, int(spec["num_cpus"])))
-        self.teacher_id, self.data = teacher_id, data  # the actor reads its data itself: a restart needs nothing lost
+        # the actor reads its data itself, so a restart needs nothing from the object store; the
+        # arguments are plain data (unpickling a config object would import torch in a second thread)
+        self.teacher_id, self.data = teacher_id, DataConfig(**data)
         self.trainer = TeacherTrainer(teacher_id, TeacherSpec(**spec), key, out_dir, num_classes, tuple(input_shape),
                                       mixed_precision)
 
@@ -257,7 +259,8 @@ class EnsembleRun:
                 options["scheduling_strategy"] = "SPREAD"
             actor = _actor_class().options(**options).remote(
                 tid, spec.model_dump(mode="json"), key, storage.join(out, tid),
-                self.splits.num_classes, list(self.splits.input_shape), cfg.data, cfg.runtime.mixed_precision)
+                self.splits.num_classes, list(self.splits.input_shape), cfg.data.model_dump(mode="json"),
+                cfg.runtime.mixed_precision)
             self.actors[tid] = actor
             self.refs[actor.train.remote()] = tid
         print(f"[kd_ray] teachers -> {out}: {len(self.refs)} to train, {len(self.reused)} complete and reused",
