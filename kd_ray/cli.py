@@ -123,6 +123,7 @@ def cmd_sweep(cfg: ExperimentConfig, soft=None):
 
 def cmd_report(cfg: ExperimentConfig) -> str:
     from kd_ray.report import write_report
+
     out = experiment_dir(cfg)
     text = write_report(out)
     print(text)
@@ -131,7 +132,7 @@ def cmd_report(cfg: ExperimentConfig) -> str:
 
 
 def run_stages(cfg: ExperimentConfig) -> bool:
-    """The stages in ``runtime.stages``, in order; False when the sweep is incomplete."""
+    """The stages in ``runtime.stages``, in order; False when the sweep is incomplete or a trial diverged."""
     t0 = time.time()
     ensemble = soft = result = None
     for stage in cfg.runtime.stages:
