@@ -103,17 +103,24 @@ def _node_types_from_monitor() -> list[NodeKind]:
     import psutil  # a Ray dependency
     import yaml
 
-    for proc in psutil.process_iter(["cmdline"]):
-        args = proc.info.get("cmdline") or []
+    try:  # processes come and go while we look
+        commands = [p.info.get("cmdline") or [] for p in psutil.process_iter(["cmdline"])]
+    except (psutil.Error, OSError):
+        commands = []
+    for args in commands:
         path = next((a.split("=", 1)[1] for a in args if a.startswith("--autoscaling-config=")), None)
-        if path and any("monitor.py" in a for a in args) and os.path.isfile(os.path.expanduser(path)):
+        if not (path and any("monitor.py" in a for a in args)):
+            continue
+        try:
             with open(os.path.expanduser(path)) as f:
                 config = yaml.safe_load(f) or {}
-            head, default_max = config.get("head_node_type"), config.get("max_workers", 0)
-            return [NodeKind(f"node type {name!r}", {r: float(v) for r, v in (t.get("resources") or {}).items()},
-                             1 if name == head else int(t.get("max_workers", default_max)))
-                    for name, t in (config.get("available_node_types") or {}).items()
-                    if name == head or t.get("max_workers", default_max)]
+        except OSError:
+            continue
+        head, default_max = config.get("head_node_type"), config.get("max_workers", 0)
+        return [NodeKind(f"node type {name!r}", {r: float(v) for r, v in (t.get("resources") or {}).items()},
+                         1 if name == head else int(t.get("max_workers", default_max)))
+                for name, t in (config.get("available_node_types") or {}).items()
+                if name == head or t.get("max_workers", default_max)]
     return []
 
 

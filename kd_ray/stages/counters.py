@@ -27,7 +27,7 @@ _COUNTERS: dict[str, Any] = {}  # keep the named actors alive while this driver 
 
 
 def pass_counter(name: str):
-    key = (ray.get_runtime_context().get_job_id(), name)  # a handle from an earlier Ray session is stale
+    key = (ray.get_runtime_context().get_node_id(), name)  # a handle from an earlier Ray session is stale
     if key not in _COUNTERS:
         _COUNTERS[key] = ray.remote(PassCounter).options(
             name=f"kd_ray_passes:{name}", get_if_exists=True, num_cpus=0).remote()

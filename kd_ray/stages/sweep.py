@@ -231,6 +231,8 @@ def run_sweep(cfg: ExperimentConfig, soft: SoftTargets, callbacks: list | None =
     trials = trial_grid(cfg)
     check_classes(cfg.student, soft)  # before any trial starts
     use_gpu = student_uses_gpu(cfg)
+    # resolved once, here: every trial's Train workers use the driver's decision
+    cfg = cfg.model_copy(update={"student": cfg.student.model_copy(update={"use_gpu": use_gpu})})
     metric = cfg.sweep.metric
     name = sweep_name(cfg, soft)
     sweep_dir = layout.sweep_dir(cfg, name)
