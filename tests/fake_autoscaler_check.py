@@ -1,4 +1,9 @@
-"""The cluster path on Ray's fake multi-node autoscaler: a CPU-only head, a GPU worker type from 0
+"""NOT IN THE SUITE YET (run it by name: `pytest tests/fake_autoscaler_check.py`): it passed on
+2026-12-02 (65 s for the pipeline job), then failed twice in the sweep stage with
+"[Errno 2] No such file or directory" after later changes; until that is found it stays out of
+`make test` (issue 26 stays open).
+
+The cluster path on Ray's fake multi-node autoscaler: a CPU-only head, a GPU worker type from 0
 to 2 nodes (logical GPUs; torch runs on the CPU), storage on a real S3 server on 127.0.0.1.
 
 The head is this test's own Ray instance (`ray start --head` on port 6379, which the fake
