@@ -137,12 +137,14 @@ def check_feasible(cap: Capacity, need: dict[str, float], fields: dict[str, str]
 
 
 def wait_for(needs: list[dict[str, float]], fields: dict[str, str], what: str, timeout_s: float,
-             poll_s: float = 2.0) -> Capacity:
-    """Wait until the cluster can hold the largest of ``needs`` (asking the autoscaler for all of
-    them), printing what it waits for; fail after ``timeout_s`` naming the resource and the field."""
+             poll_s: float = 2.0, names: list[str] | None = None) -> Capacity:
+    """Fail at once when no node type could hold a need (``names`` names each in the error, else
+    ``what``); otherwise wait until the cluster can hold the largest of ``needs`` (asking the
+    autoscaler for all of them), printing what it waits for; fail after ``timeout_s`` naming the
+    resource and the field."""
     cap = capacity()
-    for need in needs:
-        check_feasible(cap, need, fields, what)
+    for need, name in zip(needs, names or [what] * len(needs)):
+        check_feasible(cap, need, fields, name)
     needs = sorted(needs, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), reverse=True)
     if cap.fits_now(needs[0]):
         return cap

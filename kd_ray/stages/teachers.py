@@ -44,7 +44,7 @@ from kd_ray.core.train import (
     teacher_batches,
 )
 from kd_ray.layout import ensemble_file, teachers_dir
-from kd_ray.stages.cluster import capacity, check_feasible, wait_for
+from kd_ray.stages.cluster import wait_for
 
 # Fields of a spec that decide *where* it runs, not *what* it learns: changing them retrains nothing.
 _PLACEMENT_FIELDS = ("num_gpus", "num_cpus")
@@ -206,11 +206,9 @@ def _actor_class():
 def check_resources(cfg: ExperimentConfig, specs: list[TeacherSpec], ids: list[str]) -> None:
     """Fail at once when no node type could ever hold a teacher; wait (for the autoscaler) while
     none is up yet."""
-    needs = [{"CPU": s.num_cpus, "GPU": s.num_gpus} for s in specs]
-    cap = capacity()
-    for tid, need in zip(ids, needs):
-        check_feasible(cap, need, {"CPU": "teachers.num_cpus", "GPU": "teachers.num_gpus"}, f"teacher {tid}")
-    wait_for(needs, {"CPU": "teachers.num_cpus", "GPU": "teachers.num_gpus"}, "teachers", cfg.runtime.scale_timeout_s)
+    wait_for([{"CPU": s.num_cpus, "GPU": s.num_gpus} for s in specs],
+             {"CPU": "teachers.num_cpus", "GPU": "teachers.num_gpus"}, "teachers", cfg.runtime.scale_timeout_s,
+             names=[f"teacher {tid}" for tid in ids])
 
 
 @dataclass
