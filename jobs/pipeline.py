@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         complete = run_stages(cfg)
     except (ConfigError, FileNotFoundError, ValueError) as e:
+        if not isinstance(e, ConfigError):  # the job log keeps where it came from
+            traceback.print_exc()
         print(f"kd_ray pipeline: error: {e}", file=sys.stderr, flush=True)
         return 2
     except Exception as e:  # a failed stage: the full traceback for the job logs, then the reason

@@ -1,9 +1,4 @@
-"""NOT IN THE SUITE YET (run it by name: `pytest tests/fake_autoscaler_check.py`): it passed on
-2026-12-02 (65 s for the pipeline job), then failed twice in the sweep stage with
-"[Errno 2] No such file or directory" after later changes; until that is found it stays out of
-`make test` (issue 26 stays open).
-
-The cluster path on Ray's fake multi-node autoscaler: a CPU-only head, a GPU worker type from 0
+"""The cluster path on Ray's fake multi-node autoscaler: a CPU-only head, a GPU worker type from 0
 to 2 nodes (logical GPUs; torch runs on the CPU), storage on a real S3 server on 127.0.0.1.
 
 The head is this test's own Ray instance (`ray start --head` on port 6379, which the fake
@@ -69,8 +64,11 @@ def _job(address, env, *args, timeout=900):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(address)
+    # `local://`: the checkout in place. The fake nodes share this machine's disk, and Ray unpacks an
+    # uploaded working_dir afresh (rmtree first) on each node's first use, which would delete the
+    # driver's own working directory under it; a real cluster's nodes each have their own disk.
     sid = client.submit_job(entrypoint=shlex.join([sys.executable, "jobs/pipeline.py", *args]),
-                            runtime_env={"working_dir": str(ROOT), "excludes": [".venv", ".git", "runs", "docs"]})
+                            runtime_env={"working_dir": f"local://{ROOT}"})
     deadline = time.time() + timeout
     while time.time() < deadline:
         status = client.get_job_status(sid)
