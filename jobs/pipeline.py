@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"kd_ray pipeline: config error: {e}", file=sys.stderr, flush=True)
         return 2
+    os.environ.update(cfg.runtime.storage_options.env())  # runtime.storage_options (Ray workers: init_ray)
     print(f"[kd_ray] job on {os.environ.get('RAY_ADDRESS', 'a new local cluster')}: experiment {cfg.name}, "
           f"stages {', '.join(cfg.runtime.stages)}, storage {cfg.runtime.storage_path}", flush=True)
     try:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,7 +37,9 @@ from kd_ray.layout import experiment_dir
 
 def _config(args: argparse.Namespace) -> ExperimentConfig:
     verbose = ["runtime.verbose=true"] if getattr(args, "verbose", False) else []
-    return load_config(args.config or DEFAULT_CONFIG, [*args.set, *verbose])
+    cfg = load_config(args.config or DEFAULT_CONFIG, [*args.set, *verbose])
+    os.environ.update(cfg.runtime.storage_options.env())  # also for stages that start no Ray (report)
+    return cfg
 
 
 def cmd_configs() -> None:
@@ -61,20 +64,24 @@ def cmd_config_show(cfg: ExperimentConfig) -> None:
 
 
 def cmd_teachers(cfg: ExperimentConfig):
+    from kd_ray.core.data import load_splits
+    from kd_ray.core.storage import check_writable
     from kd_ray.stages.cluster import init_ray
-    from kd_ray.stages.teachers import train_ensemble
+    from kd_ray.stages.teachers import import_teachers, train_ensemble
 
+    check_writable(cfg.runtime.storage_path)
+    splits = load_splits(cfg.data)
+    imported = import_teachers(cfg, splits)  # before Ray starts: a teacher file that does not fit fails here
     init_ray(cfg)
-    return train_ensemble(cfg)
+    return train_ensemble(cfg, splits, imported)
 
 
 def cmd_soft_targets(cfg: ExperimentConfig, ensemble=None):
     from kd_ray.stages.cluster import init_ray
     from kd_ray.stages.soft_targets import build_soft_targets
-    from kd_ray.stages.teachers import train_ensemble
 
+    ensemble = ensemble or cmd_teachers(cfg)
     init_ray(cfg)
-    ensemble = ensemble or train_ensemble(cfg)
     return build_soft_targets(cfg, ensemble)
 
 

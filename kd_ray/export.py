@@ -17,7 +17,8 @@ import warnings
 import torch
 
 from kd_ray.core import storage
-from kd_ray.core.models import build_model, count_parameters
+from kd_ray.core.config import StudentConfig
+from kd_ray.core.models import count_parameters
 from kd_ray.layout import students_dir
 
 FORMATS = ("torchscript", "state_dict")
@@ -56,7 +57,7 @@ def load_exportable(student_dir: str) -> tuple[torch.nn.Module, dict]:
     if "student" not in done:
         raise ValueError(f"{student_dir}/result.json predates export support (no model config); rerun the student")
     s = done["student"]
-    model = build_model(s["model"], done["input_shape"], done["num_classes"], **s["model_args"])
+    model = StudentConfig.model_validate(s).build(done["input_shape"], done["num_classes"])
     state = storage.load_torch(storage.join(done["checkpoint_path"], "student.pt"))
     model.load_state_dict(state["model"])
     return model.eval(), done
@@ -87,6 +88,7 @@ def export_student(run_dir: str, out: str | None = None, fmt: str = "torchscript
     card = {
         "format": fmt, "artifact": ARTIFACT[fmt], "source": student_dir, **why,
         "model": done["student"]["model"], "model_args": done["student"]["model_args"],
+        "input_adapt": done["student"].get("input_adapt"),
         "classes": list(range(done["num_classes"])), "num_classes": done["num_classes"],
         "input_shape": done["input_shape"], "input_dtype": "float32",
         "input_normalization": done.get("normalization", {}),

@@ -37,6 +37,8 @@ def _setting(row, with_epochs: bool, with_lr: bool = False) -> str:
         return "hard" + aug + lr + (f" {int(row['epochs'])} ep" if with_epochs and aug else "")
     mode = row.get("teaching", "cached")
     label = f"{'soft' if mode in ('cached', None) or pd.isna(mode) else mode} T={row['temperature']:g} a={row['alpha']:g}"
+    if row.get("loss", "kd") == "logit_matching":  # T plays no part in matching logits
+        label = label.replace(f" T={row['temperature']:g}", " logit matching")
     return label + lr + (f" {int(row['epochs'])} ep" if with_epochs else "")
 
 

@@ -32,3 +32,21 @@ def test_front_door_errors_are_one_line_each_and_exit_2(capsys):
     assert "  teachers.specs[0].lr: Input should be greater than 0" in err
     assert main(["config", "show", "--set", "sweep.metric=test_accuracy"]) == 2  # the test split never chooses
     assert "is a test metric: the test split never chooses anything" in capsys.readouterr().err
+
+
+def test_an_imported_teacher_that_does_not_fit_fails_before_ray_starts(tmp_path, capsys, monkeypatch):
+    import torch
+
+    import kd_ray.stages.cluster
+
+    def no_ray(cfg):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(kd_ray.stages.cluster, "init_ray", no_ray)
+    three = tmp_path / "three_classes.pt"
+    torch.save(torch.nn.Linear(64, 3).state_dict(), three)
+    rc = main(["teachers", "--set", f"runtime.storage_path={tmp_path}", "--set", "teachers.count=1", "--set",
+               f"teachers.specs=[{{checkpoint: '{three}', model: 'tests.fixtures.factories:tiny_net'}}]"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "teachers.specs[0].checkpoint" in err and "three_classes.pt" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -55,3 +55,57 @@ def test_conv_models_are_channels_last_and_agree_with_channels_first(name):
     with torch.no_grad():
         assert torch.allclose(model(x), plain(x), atol=1e-4)
         assert torch.equal(model(x), reloaded(x))
+
+
+@pytest.mark.parametrize("ref, args", [
+    ("timm:test_efficientnet", {}),  # a tiny timm model, no pretrained weights (nothing downloads)
+    ("timm:test_vit", {"img_size": 8, "patch_size": 2}),
+    ("tests.fixtures.factories:tiny_net", {"width": 8}),  # a user's own factory; gets input_shape
+])
+def test_models_by_reference(ref, args):
+    from kd_ray.core.models import check_model
+
+    check_model(ref, args)
+    model = build_model(ref, (1, 8, 8), 10, **args).eval()
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_torchvision_reference_behind_an_input_adapter():
+    from kd_ray.core.models import InputAdapter, inner_model
+
+    # torchvision's ResNet-18 expects 3 channels; the adapter repeats the one channel and resizes
+    model = build_model("torchvision:resnet18", (1, 8, 8), 10, input_adapt={"channels": 3, "size": [32, 32]}).eval()
+    assert isinstance(model, InputAdapter) and inner_model(model).conv1.in_channels == 3
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    with pytest.raises(RuntimeError):  # without it the model refuses one-channel images
+        build_model("torchvision:resnet18", (1, 8, 8), 10).eval()(torch.randn(2, 1, 8, 8))
+
+
+@pytest.mark.parametrize("ref, args, words", [
+    ("timm:no_such_net", {}, "timm has no model 'no_such_net'"),
+    ("torchvision:no_such_net", {}, "torchvision has no model"),
+    ("tests.fixtures.factories:missing", {}, "does not import"),
+    ("nope", {}, "unknown model 'nope'"),
+    ("cnn", {"hidden": [8]}, "model_args.hidden: cnn takes no argument 'hidden'"),
+    ("tests.fixtures.factories:tiny_net", {"depth": 2}, "model_args.depth"),
+    ("timm:test_efficientnet", {"bogus": 1}, "bogus"),  # **kwargs factories: checked on the meta device
+])
+def test_bad_references_and_arguments_are_named(ref, args, words):
+    from kd_ray.core.models import check_model
+
+    with pytest.raises(ValueError, match=words.replace("(", r"\(")):
+        check_model(ref, args)
+
+
+def test_config_errors_name_the_field_before_ray_starts():
+    from kd_ray.core.config import ConfigError
+    from kd_ray.core.config_files import load_config
+
+    with pytest.raises(ConfigError, match=r"student\.model_args\.hidden: cnn takes no argument"):
+        load_config(None, ["student.model=cnn"])
+    with pytest.raises(ConfigError, match=r"teachers\.specs\[1\]\.model: unknown model 'timm:nope'"):
+        load_config(None, ["teachers.specs=[{lr: 0.1}, {model: 'timm:nope'}]"])
+    # a spec that names another model does not inherit the default's model_args
+    cfg = load_config(None, ["teachers.specs=[{}, {model: 'timm:test_efficientnet'}]"])
+    assert cfg.teachers.resolved()[1].model_args == {}

@@ -52,11 +52,16 @@ def test_unwritable_or_unreachable_storage_fails_before_ray_starts(tmp_path, mon
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.isolated
-def test_pipeline_on_s3_then_everything_reused_then_an_interrupted_sweep_finished(s3, no_ray, capsys, interrupt):
+def test_pipeline_on_s3_then_everything_reused_then_an_interrupted_sweep_finished(s3, no_ray, capsys, interrupt,
+                                                                                 monkeypatch):
     from kd_ray.cli import main
 
+    # the endpoint from runtime.storage_options, not the environment: Ray's workers get it too
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
     root = storage.join(s3, "exp")
     argv = ["run", "--set", f"runtime.storage_path={root}", "--set", "runtime.num_cpus=4",
+            "--set", f"runtime.storage_options={{endpoint_url: '{endpoint}'}}",
             "--set", "teachers.count=2", "--set", "teachers.epochs=2", "--set", "teachers.model_args={hidden: [32]}",
             "--set", "student.epochs=2", "--set", "student.model_args={hidden: [32]}",
             "--set", "sweep.fractions=[0.5]", "--set", "sweep.seeds=[0]"]

@@ -12,6 +12,7 @@ from kd_ray.stages.sweep import (
     max_concurrent,
     trial_config,
     trial_grid,
+    trial_key,
     trial_resources,
 )
 
@@ -35,6 +36,16 @@ def test_grid_has_one_hard_trial_per_fraction_and_seed():
     # defaults: the student's alpha and the cache's T
     plain = trial_grid(load_config(None, ["sweep.seeds=[0]", "soft_targets.temperature=3"]))
     assert len(plain) == 4 * 2 and {t["temperature"] for t in plain} == {3.0}
+
+
+def test_grid_sweeps_the_soft_loss_and_keeps_kd_trial_keys():
+    cfg = load_config(None, ["sweep.fractions=[0.1]", "sweep.losses=[kd, logit_matching]"])
+    trials = trial_grid(cfg)
+    assert sorted((t["targets"], t["loss"]) for t in trials) == [("hard", "kd"), ("soft", "kd"), ("soft", "logit_matching")]
+    kd = next(t for t in trials if t["targets"] == "soft" and t["loss"] == "kd")
+    assert trial_key(kd) == "f0.1-soft-cached-T4-a0.9-lr0.05-e20-s0"  # as before the loss was a grid key
+    matching = next(t for t in trials if t["loss"] == "logit_matching")
+    assert trial_key(matching).endswith("-logit_matching") and trial_config(cfg, matching).student.loss == "logit_matching"
 
 
 def test_grid_sweeps_teaching_modes_and_epoch_budgets():
@@ -156,14 +167,16 @@ def test_small_sweep_results_report_and_teacher_passes(tiny_ensemble):
     from kd_ray.stages.sweep import run_sweep
 
     base, ensemble = tiny_ensemble
-    cfg = _cfg(base, "sweepsmall", "sweep.fractions=[0.03, 0.1]", "sweep.seeds=[0]", "sweep.max_concurrent_trials=4")
+    cfg = _cfg(base, "sweepsmall", "sweep.fractions=[0.03, 0.1]", "sweep.seeds=[0]", "sweep.max_concurrent_trials=4",
+               "sweep.losses=[kd, logit_matching]")
     st = build_soft_targets(cfg, ensemble)
     n_rows = sum(st.manifest["rows"].values())
     assert forward_passes(cfg.name) == st.manifest["rows"]  # one pass over train, val and test
     result = run_sweep(cfg, st)
     df = result.results
-    assert result.complete and len(df) == 4 and set(df["status"]) == {"done"}
-    assert sorted(zip(df["fraction"], df["targets"])) == [(0.03, "hard"), (0.03, "soft"), (0.1, "hard"), (0.1, "soft")]
+    assert result.complete and len(df) == 6 and set(df["status"]) == {"done"}
+    assert sorted(zip(df["fraction"], df["targets"], df["loss"])) == [
+        (f, t, loss) for f in (0.03, 0.1) for t, loss in (("hard", "kd"), ("soft", "kd"), ("soft", "logit_matching"))]
     for col in ("fraction", "targets", "temperature", "alpha", "seed", "test_accuracy", "test_fidelity",
                 "val_accuracy", "wall_s", "checkpoint_path", "train_rows_total", "status"):
         assert col in df.columns, col
@@ -173,7 +186,7 @@ def test_small_sweep_results_report_and_teacher_passes(tiny_ensemble):
     for name in ("results.parquet", "results.csv", "sweep.json"):
         assert os.path.exists(os.path.join(result.path, name)), name
     text = write_report(result.path)
-    assert "| 3.0% |" in text and "gap recovered" in text.lower()
+    assert "| 3.0% |" in text and "gap recovered" in text.lower() and "logit matching" in text
     assert os.path.getsize(os.path.join(result.path, "accuracy_vs_fraction.png")) > 1000
 
     # what the workers trained on: nested (3 % inside 10 %), every class in each

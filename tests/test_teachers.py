@@ -106,3 +106,59 @@ def test_diverging_teacher_is_named_and_others_kept(ray_session, digits_cfg):
         blob = storage.load_torch(storage.join(base, tid, "model.pt"))
         assert blob["teacher_id"] == tid
     assert not storage.exists(storage.join(base, "t1", "model.pt"))
+
+
+@pytest.mark.slow
+def test_imported_and_timm_teachers_distil_a_timm_student_with_tracking(ray_session, tmp_path, capsys, monkeypatch):
+    """Three teachers trained elsewhere (two state dicts, one TorchScript file) build soft targets and
+    teach a timm student without any teacher training; then a fourth teacher, a timm model trained
+    here, joins them (a mixed ensemble). MLflow holds one run per trial, TensorBoard their curves."""
+    import hashlib
+    import warnings
+
+    from mlflow.tracking import MlflowClient
+
+    from kd_ray.cli import main
+    from kd_ray.core.config import DataConfig
+    from kd_ray.core.data import load_splits
+    from tests.fixtures.factories import teacher_files
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        files = teacher_files(tmp_path, load_splits(DataConfig()))
+    sha = {k: hashlib.sha256(open(p, "rb").read()).hexdigest() for k, p in files.items()}
+    specs = (f"[{{checkpoint: '{files['mlp_state']}', model: mlp, model_args: {{hidden: [64]}}}}, "
+             f"{{checkpoint: '{files['timm_state']}', model: 'timm:test_efficientnet'}}, "
+             f"{{checkpoint: '{files['torchscript']}'}}")
+    root = tmp_path / "runs"
+    argv = ["run", "--set", f"runtime.storage_path={root}", "--set", f"teachers.specs={specs}]", "--set", "teachers.count=3",
+            "--set", "student.model=timm:test_efficientnet", "--set", "student.model_args={}",
+            "--set", "student.epochs=1", "--set", "student.use_gpu=false",
+            "--set", "sweep.fractions=[1.0]", "--set", "sweep.seeds=[0]",
+            "--set", "runtime.tracking=[tensorboard, mlflow]", "--set", "runtime.stages=[teachers, soft-targets, sweep]"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "teacher t2 imported from" in out and "0 to train, 3 complete and reused" in out
+    exp = root / "digits"
+    manifest = storage.read_json(str(exp / "teachers" / "ensemble.json"))
+    assert len(manifest["model_paths"]) == 3
+    assert {k: hashlib.sha256(open(p, "rb").read()).hexdigest() for k, p in files.items()} == sha  # never overwritten
+    # one MLflow run per trial (soft and hard), each with its validation curve and the config
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for it to read a file store
+    client = MlflowClient(f"file://{exp / 'mlruns'}")
+    runs = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
+    students = [r for r in runs if r.data.tags["kd_ray_kind"] == "student"]
+    assert len(students) == 2 and {r.data.params["targets"] for r in students} == {"soft", "hard"}
+    assert all(r.data.params["model"] == "timm:test_efficientnet" and "val_accuracy" in r.data.metrics for r in students)
+    assert len(list((exp / "tensorboard" / "students").iterdir())) == 2
+    assert (exp / "config.yaml").exists()
+
+    # a mixed ensemble: the three imported teachers and a timm teacher trained here
+    argv[4] = f"teachers.specs={specs}, {{model: 'timm:test_efficientnet', epochs: 1}}]"
+    argv[6] = "teachers.count=4"
+    assert main(argv[:-2] + ["--set", "runtime.stages=[teachers]"]) == 0
+    out = capsys.readouterr().out
+    assert "1 to train, 3 complete and reused" in out and "teacher t3 done" in out
+    assert list((exp / "tensorboard" / "teachers" / "t3").iterdir())
+    runs = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
+    assert [r.data.tags["kd_ray_run"] for r in runs if r.data.tags["kd_ray_kind"] == "teacher"] == ["t3"]

@@ -234,3 +234,20 @@ def test_student_loss_resoftens_stored_logits_at_another_temperature():
     del batch["teacher_logits"]
     with pytest.raises(ValueError, match="keep_teacher_logits"):
         student_loss(2.0, 1.0, 10, targets_T=4.0)(lambda x: x, batch)
+
+
+def test_student_loss_matches_the_teachers_mean_logit_with_logit_matching():
+    import torch.nn.functional as F
+
+    from kd_ray.core.losses import logit_matching_loss
+    from kd_ray.core.train import student_loss
+
+    logits = torch.randn(5, 3, 10)  # B, K, C
+    z = torch.randn(5, 10)
+    batch = {"image": z, "label": torch.arange(5), "teacher_logits": logits.half()}
+    loss = student_loss(4.0, 0.7, 10, kind="logit_matching")(lambda x: x, batch)[0]
+    want = 0.7 * logit_matching_loss(z, logits.half().float().mean(1)) + 0.3 * F.cross_entropy(z, torch.arange(5))
+    assert torch.allclose(loss, want)
+    del batch["teacher_logits"]
+    with pytest.raises(ValueError, match="student.loss=logit_matching needs the teachers' logits"):
+        student_loss(4.0, 0.7, 10, kind="logit_matching")(lambda x: x, batch)

@@ -17,7 +17,7 @@ from pydantic import (
     model_validator,
 )
 
-from kd_ray.core.models import MODELS
+from kd_ray.core.models import check_model
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "kmnist", "cifar10", "cifar100", "parquet", "image_folder")
 # Metrics a sweep can optimise: validation only (the test split never chooses anything)
@@ -30,12 +30,6 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-def _known_model(name: str) -> str:
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known models: {sorted(MODELS)}")
-    return name
 
 
 class DataConfig(_Section):
@@ -65,11 +59,20 @@ class DataConfig(_Section):
         return self
 
 
+class InputAdapt(_Section):
+    """What a model expects of its input, when the data differs: channels (one is repeated) and size."""
+
+    channels: Optional[int] = Field(None, ge=1)
+    size: Optional[list[int]] = Field(None, min_length=2, max_length=2)
+
+
 class TrainSpec(_Section):
     """What the training engine needs of a teacher or a student: the model and its optimiser."""
 
+    # a built-in name (mlp, cnn, resnet18), timm:<name>, torchvision:<name> or package.module:factory
     model: str = "mlp"
     model_args: dict[str, Any] = {}
+    input_adapt: Optional[InputAdapt] = None  # e.g. {channels: 3, size: [224, 224]} for an ImageNet model
     epochs: int = Field(10, gt=0)
     batch_size: int = Field(128, gt=0)
     lr: float = Field(0.05, gt=0)
@@ -78,16 +81,26 @@ class TrainSpec(_Section):
     weight_decay: float = Field(0.0, ge=0)
     schedule: Literal["cosine", "constant"] = "cosine"
 
-    @field_validator("model")
-    @classmethod
-    def _model(cls, v: str) -> str:
-        return _known_model(v)
+    @model_validator(mode="after")
+    def _model_fits(self) -> "TrainSpec":
+        check_model(self.model, self.model_args)  # before Ray starts: the reference and its arguments
+        return self
+
+    def build(self, input_shape, num_classes: int):
+        """This spec's model for data of ``input_shape`` (behind its input adapter, if any)."""
+        from kd_ray.core.models import build_model
+
+        adapt = self.input_adapt.model_dump() if self.input_adapt else None
+        return build_model(self.model, input_shape, num_classes, input_adapt=adapt, **self.model_args)
 
 
 class TeacherSpec(TrainSpec):
     """One teacher. ``teachers.specs`` entries override the ``teachers`` defaults field by field."""
 
     seed: int = 0
+    # an imported teacher: a state dict (of ``model``) or a TorchScript file, a path or URI; it is
+    # validated before Ray starts and never trained or overwritten
+    checkpoint: Optional[str] = None
     fraction: float = Field(1.0, gt=0, le=1)  # nested stratified share of the training set
     bootstrap: bool = False  # resample the (fraction of the) training set with replacement
     jitter: int = Field(0, ge=0)  # pixel shifts applied to the teacher's training batches
@@ -119,12 +132,20 @@ class TeachersConfig(TeacherSpec):
         out = []
         for i, override in enumerate(self.specs):
             merged = {**base, "seed": self.seed + i, **override}
+            if "model" in override and "model_args" not in override:  # another model: not the default's arguments
+                merged["model_args"] = {}
             try:
                 out.append(TeacherSpec(**merged))
             except ValidationError as e:  # one line per field: teachers.specs[0].lr: ...
-                raise ValueError("\n".join(f"teachers.specs[{i}].{'.'.join(str(p) for p in err['loc'])}: "
-                                           f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())) from None
+                raise ValueError("\n".join(_spec_error(i, err) for err in e.errors())) from None
         return out
+
+
+def _spec_error(i: int, err: dict) -> str:
+    """One line per field: ``teachers.specs[0].lr: ...`` (a spec's own validator names its field)."""
+    msg = err["msg"].removeprefix("Value error, ")
+    loc = ".".join(str(p) for p in err["loc"])
+    return f"teachers.specs[{i}].{loc}: {msg}" if loc else f"teachers.specs[{i}].{msg}"
 
 
 class SoftTargetsConfig(_Section):
@@ -157,7 +178,8 @@ class SoftTargetsConfig(_Section):
 
 
 # StudentConfig fields added after runs were named: at these values they stay out of run names
-_NAMELESS_DEFAULTS = {"min_steps": None, "init": "scratch", "grad_clip_norm": None}
+_NAMELESS_DEFAULTS = {"min_steps": None, "init": "scratch", "grad_clip_norm": None, "loss": "kd",
+                      "input_adapt": None}
 
 
 class StudentConfig(TrainSpec):
@@ -169,6 +191,9 @@ class StudentConfig(TrainSpec):
     # (docs/results.md, "The paper's MNIST setting"). Hard and soft trials are clipped alike.
     grad_clip_norm: Optional[float] = Field(5.0, gt=0)
     alpha: float = Field(0.9, ge=0, le=1)  # weight of the soft term
+    # the soft term: kd (T^2 * KL at temperature T) or logit_matching (the paper's high-temperature
+    # limit: squared distance of zero-mean logits to the teachers' mean logit; needs teacher logits)
+    loss: Literal["kd", "logit_matching"] = "kd"
     temperature: Optional[float] = Field(None, gt=0)  # None: the soft targets' temperature
     targets: Literal["soft", "hard"] = "soft"
     fraction: float = Field(1.0, gt=0, le=1)
@@ -217,6 +242,7 @@ class SweepConfig(_Section):
     temperatures: list[float] = []  # empty: the student's temperature
     alphas: list[float] = []  # empty: the student's alpha
     lrs: list[float] = []  # learning rates, for soft and hard trials alike; empty: the student's lr
+    losses: list[Literal["kd", "logit_matching"]] = []  # soft trials' loss; empty: the student's
     seeds: list[int] = [0]
     max_concurrent_trials: Optional[int] = Field(None, ge=1)
     metric: str = "val_accuracy"  # what the sweep (and ASHA) optimises; *_nll is minimised
@@ -273,6 +299,16 @@ class SweepConfig(_Section):
         return v
 
 
+class StorageOptions(_Section):
+    endpoint_url: Optional[str] = None  # e.g. http://minio.internal:9000 (sets AWS_ENDPOINT_URL)
+    region: Optional[str] = None  # sets AWS_DEFAULT_REGION
+
+    def env(self) -> dict[str, str]:
+        """The standard AWS variables these options stand for (pyarrow, Ray and boto3 read them)."""
+        names = {"endpoint_url": "AWS_ENDPOINT_URL", "region": "AWS_DEFAULT_REGION"}
+        return {names[k]: v for k, v in self.model_dump().items() if v is not None}
+
+
 class RuntimeConfig(_Section):
     address: Optional[str] = None  # Ray address; None: RAY_ADDRESS, else a local cluster
     # local folder or s3:// / gs:// / file:// URI. A relative folder is made absolute against
@@ -282,6 +318,9 @@ class RuntimeConfig(_Section):
     num_cpus: Optional[int] = Field(None, gt=0)  # only for a local cluster started by kd_ray
     num_gpus: Optional[int] = Field(None, ge=0)
     shared_filesystem: bool = False  # a local storage_path that every node mounts (NFS)
+    # an S3-compatible endpoint for storage_path, instead of the AWS variables (credentials stay
+    # in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the instance profile, never in a config)
+    storage_options: StorageOptions = StorageOptions()
     # Ray's worker logs, Ray Data's progress bars and Tune's trial tables on the console (else
     # they go to Ray's log files under /tmp/ray/session_latest/logs); `kd-ray --verbose` sets it
     verbose: bool = False
@@ -290,6 +329,10 @@ class RuntimeConfig(_Section):
     # autocast for teachers', students' and predictors' forward passes: "auto" is bf16 on a GPU
     # and float32 on a CPU; "fp16" also scales the loss (torch.amp.GradScaler)
     mixed_precision: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    # where finished teachers' and students' per-epoch metrics go (kd_ray/stages/tracking.py)
+    tracking: list[Literal["tensorboard", "mlflow"]] = ["tensorboard"]
+    # MLflow tracking URI (a server, sqlite:///..., or a folder); None: <storage_path>/<name>/mlruns
+    mlflow_uri: Optional[str] = None
     # what `kd-ray run` and jobs/pipeline.py run, in this order (a stage computes what it
     # needs from earlier ones when missing, and reuses what is finished)
     stages: list[Literal["teachers", "soft-targets", "sweep", "report"]] = ["teachers", "soft-targets", "sweep", "report"]
@@ -302,6 +345,21 @@ class RuntimeConfig(_Section):
         if not v:
             raise ValueError("give a folder or an s3:// / gs:// URI")
         return absolute(v)
+
+    @model_validator(mode="after")
+    def _mlflow(self) -> "RuntimeConfig":
+        import importlib.util
+
+        from kd_ray.core.storage import is_local
+
+        if "mlflow" not in self.tracking:
+            return self
+        if importlib.util.find_spec("mlflow") is None:
+            raise ValueError("tracking: mlflow is not installed; `pip install mlflow-skinny` or drop mlflow")
+        if self.mlflow_uri is None and not is_local(self.storage_path):
+            raise ValueError(f"mlflow_uri: MLflow's file store needs a folder, but storage_path is "
+                             f"{self.storage_path}; give an MLflow server, sqlite:///... or a folder")
+        return self
 
     @field_validator("stages")
     @classmethod

@@ -46,7 +46,12 @@ def _format_errors(e: ValidationError, source: str) -> str:
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; `kd-ray config show` lists every key)"
         for i, line in enumerate(msg.splitlines()):  # a message may name several fields, one per line
-            lines.append(f"  {line}" if line.startswith(f"{loc}.") or i else f"  {loc}: {line}")
+            if line.startswith(f"{loc}.") or i:
+                lines.append(f"  {line}")
+            elif line.startswith(("model:", "model_args.", "model_args:", "tracking:", "mlflow_uri:")):  # a field named by its section's validator
+                lines.append(f"  {loc}.{line}")
+            else:
+                lines.append(f"  {loc}: {line}")
     return "\n".join(lines)
 
 

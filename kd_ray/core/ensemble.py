@@ -1,12 +1,16 @@
 """Ensemble inference, no Ray: teacher checkpoints on storage, their logits, the averaged soft targets.
 
-A teacher checkpoint (``model.pt``) is self-describing: model name and args, class count, input
-shape and weights, loaded with ``weights_only=True``. The Ray predictor pool, the analysis
-scripts and the benchmarks' plain baselines all build teachers here.
+A teacher checkpoint (``model.pt``) is self-describing: model reference and args, input
+adaptation, class count, input shape and weights (a state dict, or the bytes of a TorchScript
+file for an imported one), loaded with ``weights_only=True``. The Ray predictor pool, the
+analysis scripts and the benchmarks' plain baselines all build teachers here;
+:func:`import_teacher` reads and checks a teacher trained elsewhere.
 """
 from __future__ import annotations
 
 import hashlib
+import io
+import zipfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
@@ -16,7 +20,7 @@ from torch import nn
 
 from kd_ray.core import storage
 from kd_ray.core.losses import ensemble_average
-from kd_ray.core.models import build_model
+from kd_ray.core.models import InputAdapter, build_model, inner_model
 
 if TYPE_CHECKING:  # pragma: no cover
     from kd_ray.core.config import TeacherSpec
@@ -36,10 +40,59 @@ def save_teacher_model(path: str, teacher_id: str, key: str, spec: TeacherSpec, 
                        num_classes: int, input_shape, val_logits: torch.Tensor) -> None:
     """The self-describing artifact the soft-target stage loads (``weights_only``-safe types)."""
     storage.save_torch(path, {
-        "teacher_id": teacher_id, "key": key, "model": spec.model, "model_args": spec.model_args,
-        "num_classes": int(num_classes), "input_shape": [int(d) for d in input_shape],
-        "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "val_logits": val_logits,
+        **_describe(spec, num_classes, input_shape), "teacher_id": teacher_id, "key": key,
+        "state_dict": {k: v.cpu() for k, v in inner_model(model).state_dict().items()}, "val_logits": val_logits,
     })
+
+
+def _describe(spec: TeacherSpec, num_classes: int, input_shape) -> dict:
+    return {"model": spec.model, "model_args": spec.model_args,
+            "input_adapt": spec.input_adapt.model_dump() if spec.input_adapt else None,
+            "num_classes": int(num_classes), "input_shape": [int(d) for d in input_shape]}
+
+
+def is_torchscript(raw: bytes) -> bool:
+    """A TorchScript archive (``torch.jit.save``) rather than a pickled state dict (``torch.save``)."""
+    try:
+        return any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(io.BytesIO(raw)).namelist())
+    except zipfile.BadZipFile:
+        return False
+
+
+def import_teacher(spec: TeacherSpec, field: str, num_classes: int, input_shape,
+                   val_images: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """A teacher trained elsewhere (``spec.checkpoint``: a state dict of ``spec.model``, or a
+    TorchScript file) as a ``model.pt`` blob, with its validation logits. Every check names
+    ``field`` and the file: it loads (``weights_only``), it accepts the data's input shape (behind
+    ``input_adapt``), and it predicts ``num_classes`` classes."""
+    path = spec.checkpoint
+    if not storage.exists(path):
+        raise FileNotFoundError(f"{field}: teacher file not found: {path}")
+    raw = storage.read_bytes(path)
+    blob = {**_describe(spec, num_classes, input_shape), "source": path, "sha256": hashlib.sha256(raw).hexdigest()}
+    if is_torchscript(raw):
+        blob["torchscript"] = raw
+    else:
+        state = storage.load_torch(path, raw)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{field}: {path} holds neither a state dict nor a TorchScript model")
+        blob["state_dict"] = state
+    try:
+        model = build_teacher(blob, torch.device("cpu"))
+    except RuntimeError as e:  # load_state_dict: missing / unexpected keys, wrong shapes
+        raise ValueError(f"{field}: {path} does not fit model {spec.model} {spec.model_args}: "
+                         f"{str(e).splitlines()[0]}") from None
+    try:
+        logits = predict_logits(model, val_images[:2])
+    except Exception as e:  # noqa: BLE001 - any failure of a foreign model on our input
+        raise ValueError(f"{field}: {path} does not accept inputs of shape {tuple(input_shape)}: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; declare the "
+                         f"teacher's input_adapt (channels, size)") from None
+    if logits.dim() != 2 or logits.shape[1] != num_classes:
+        raise ValueError(f"{field}: {path} predicts {tuple(logits.shape[1:])} outputs per image but the data "
+                         f"has {num_classes} classes")
+    return blob, predict_logits(model, val_images)
 
 
 @dataclass
@@ -59,7 +112,8 @@ def load_teacher_files(paths: Sequence[str]) -> list[TeacherFile]:
             raise FileNotFoundError(f"teacher checkpoint not found: {p}; run `kd-ray teachers` first")
         raw = storage.read_bytes(p)
         blob = storage.load_torch(p, raw)
-        missing = [k for k in ("model", "model_args", "num_classes", "input_shape", "state_dict") if k not in blob]
+        missing = [k for k in ("model", "model_args", "num_classes", "input_shape") if k not in blob]
+        missing += [] if "state_dict" in blob or "torchscript" in blob else ["state_dict"]
         if missing:
             raise ValueError(f"corrupt checkpoint {p}: missing {missing}; delete it to retrain that teacher")
         out.append(TeacherFile(p, hashlib.sha256(raw).hexdigest(), blob))
@@ -77,8 +131,15 @@ PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # SoftTarge
 
 def build_teacher(blob: dict, device: torch.device, precision: str = "float32") -> torch.nn.Module:
     """A teacher in eval mode on ``device``, its weights cast to ``precision``."""
-    model = build_model(blob["model"], blob["input_shape"], blob["num_classes"], **blob["model_args"])
-    model.load_state_dict(blob["state_dict"])
+    adapt = blob.get("input_adapt")
+    if "torchscript" in blob:
+        model = torch.jit.load(io.BytesIO(blob["torchscript"]), map_location="cpu")
+        if adapt:
+            model = InputAdapter(model, adapt.get("channels"), adapt.get("size"))
+    else:
+        model = build_model(blob["model"], blob["input_shape"], blob["num_classes"], input_adapt=adapt,
+                            **blob["model_args"])
+        inner_model(model).load_state_dict(blob["state_dict"])
     return model.to(device=device, dtype=PRECISIONS[precision]).eval()
 
 

@@ -1,4 +1,9 @@
-"""Model registry: ``build_model(name, input_shape, num_classes, **model_args)``.
+"""Models by reference: ``build_model(ref, input_shape, num_classes, input_adapt=None, **model_args)``.
+
+A reference is a built-in name (below), ``timm:<name>`` (built without pretrained weights),
+``torchvision:<name>`` (``weights=None``) or ``package.module:factory``, a function called as
+``factory(num_classes=C, **model_args)``, plus ``input_shape=(C, H, W)`` when it takes that argument.
+``check_model`` checks a reference and its ``model_args`` without building weights (config time).
 
 * ``mlp``: the paper's fully connected nets (1200-1200 teachers, 800-800 students), ReLU,
   optional dropout and optional input jitter (random shifts of up to k pixels while training).
@@ -7,7 +12,9 @@
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import importlib
+import inspect
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -81,21 +88,121 @@ def resnet18(input_shape: Sequence[int], num_classes: int, small_stem: bool = Tr
 MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn, "resnet18": resnet18}
 
 
-def build_model(name: str, input_shape: Sequence[int], num_classes: int, **model_args) -> nn.Module:
-    """Build a registered model; unknown names and arguments give an error naming them.
+class InputAdapter(nn.Module):
+    """Data -> what a model expects: repeat a single channel to ``channels``, resize to ``size``
+    (bilinear). Declared per teacher or student as ``input_adapt: {channels: 3, size: [224, 224]}``."""
 
-    Convolution weights are laid out channels-last (NHWC), the layout oneDNN's CPU kernels
-    prefer (docs/notes.md has the timings); only the memory layout changes, not ``state_dict``
-    keys, shapes or values. Fully connected models have no 4-d weights: nothing changes for them."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known models: {sorted(MODELS)}")
+    def __init__(self, model: nn.Module, channels: Optional[int] = None, size: Optional[Sequence[int]] = None):
+        super().__init__()
+        self.model, self.channels = model, channels
+        self.size = tuple(int(d) for d in size) if size else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels and x.shape[1] != self.channels:
+            x = x.expand(-1, self.channels, -1, -1) if x.shape[1] == 1 else x[:, : self.channels]
+        if self.size and tuple(x.shape[-2:]) != self.size:
+            x = nn.functional.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+        return self.model(x)
+
+
+def adapted_shape(input_shape: Sequence[int], input_adapt: Optional[dict]) -> tuple[int, ...]:
+    """The (C, H, W) a model sees behind its :class:`InputAdapter`."""
+    c, h, w = (int(d) for d in input_shape)
+    adapt = input_adapt or {}
+    if adapt.get("size"):
+        h, w = (int(d) for d in adapt["size"])
+    return int(adapt.get("channels") or c), h, w
+
+
+def _factory(ref: str) -> tuple[Callable[..., nn.Module], str]:
+    """The callable behind a model reference, and its calling convention."""
+    if ref in MODELS:
+        return MODELS[ref], "builtin"
+    kind, sep, name = ref.partition(":")
+    if not sep or not name:
+        raise ValueError(f"model: unknown model {ref!r}; give a built-in name {sorted(MODELS)}, timm:<name>, "
+                         f"torchvision:<name> or package.module:factory")
+    if kind == "timm":
+        import timm
+
+        if not timm.is_model(name):
+            raise ValueError(f"model: unknown model {ref!r}: timm has no model {name!r} (see timm.list_models())")
+        return timm.create_model, "timm"
+    if kind == "torchvision":
+        import torchvision
+
+        if name not in torchvision.models.list_models():
+            raise ValueError(f"model: unknown model {ref!r}: torchvision has no model {name!r} "
+                             f"(see torchvision.models.list_models())")
+        return torchvision.models.get_model, "torchvision"
+    try:
+        factory = getattr(importlib.import_module(kind), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"model: {ref!r} does not import: {e}") from None
+    if not callable(factory):
+        raise ValueError(f"model: {ref!r} is not callable")
+    return factory, "import"
+
+
+def _call(ref: str, input_shape: tuple[int, ...], num_classes: int, model_args: dict) -> nn.Module:
+    factory, kind = _factory(ref)
+    if kind == "builtin":
+        return factory(input_shape, num_classes, **model_args)
+    name = ref.partition(":")[2]
+    if kind == "timm":
+        return factory(name, pretrained=False, num_classes=num_classes,
+                       **{"in_chans": input_shape[0], **model_args})
+    if kind == "torchvision":
+        return factory(name, weights=None, num_classes=num_classes, **model_args)
+    if "input_shape" in inspect.signature(factory).parameters:
+        model_args = {"input_shape": input_shape, **model_args}
+    return factory(num_classes=num_classes, **model_args)
+
+
+def check_model(ref: str, model_args: dict[str, Any]) -> None:
+    """Raise ValueError naming the argument when ``model_args`` does not fit the factory of ``ref``.
+
+    Explicit signatures are read; factories that take ``**kwargs`` (timm, torchvision) are built
+    once on the meta device (no memory, no weights) on a 3 x 32 x 32 input with 10 classes."""
+    factory, kind = _factory(ref)
+    if kind in ("builtin", "import"):
+        params = inspect.signature(factory).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            fixed = {"input_shape", "num_classes"}
+            for key in model_args:
+                if key not in params or key in fixed:
+                    raise ValueError(f"model_args.{key}: {ref} takes no argument {key!r}; it takes "
+                                     f"{[p for p in params if p not in fixed]}")
+            return
+    try:
+        with torch.device("meta"):
+            _call(ref, (3, 32, 32), 10, model_args)
+    except TypeError as e:
+        raise ValueError(f"model_args: {ref} refuses them: {e}") from None
+
+
+def build_model(ref: str, input_shape: Sequence[int], num_classes: int, input_adapt: Optional[dict] = None,
+                **model_args) -> nn.Module:
+    """Build the model ``ref`` names; unknown names and arguments give an error naming them.
+
+    With ``input_adapt`` the model is built for the adapted shape and wrapped in an
+    :class:`InputAdapter`. Convolution weights are laid out channels-last (NHWC), the layout
+    oneDNN's CPU kernels prefer (docs/notes.md has the timings); only the memory layout changes,
+    not ``state_dict`` keys, shapes or values."""
     if len(input_shape) != 3:
         raise ValueError(f"input_shape must be (channels, height, width), got {tuple(input_shape)}")
     try:
-        model = MODELS[name](tuple(int(d) for d in input_shape), int(num_classes), **model_args)
+        model = _call(ref, adapted_shape(input_shape, input_adapt), int(num_classes), dict(model_args))
     except TypeError as e:
-        raise ValueError(f"bad model_args for {name!r}: {e}") from e
+        raise ValueError(f"bad model_args for {ref!r}: {e}") from e
+    if input_adapt:
+        model = InputAdapter(model, input_adapt.get("channels"), input_adapt.get("size"))
     return model.to(memory_format=torch.channels_last)
+
+
+def inner_model(model: nn.Module) -> nn.Module:
+    """The model behind an :class:`InputAdapter` (whose weights a checkpoint holds)."""
+    return model.model if isinstance(model, InputAdapter) else model
 
 
 def count_parameters(model: nn.Module) -> int:

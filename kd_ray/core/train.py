@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from kd_ray.core.augment import random_shift
-from kd_ray.core.losses import kd_loss, mixed_labels, resoften
+from kd_ray.core.losses import kd_loss, matching_loss, mixed_labels, resoften
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
@@ -78,14 +78,21 @@ def cross_entropy_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, to
 
 
 def student_loss(T: float, alpha: float, num_classes: int, targets_T: float | None = None,
-                 rule: str = "probs") -> LossFn:
+                 rule: str = "probs", kind: str = "kd") -> LossFn:
     """The distillation loss on a batch ``{image, label, soft_targets?, teacher_logits?, mix_label?,
-    mix_weight?}``: ``kd_loss`` at the student's ``T``. Soft targets stored at ``targets_T`` are
+    mix_weight?}``: ``kd_loss`` at the student's ``T`` (``kind="kd"``), or ``matching_loss`` on the
+    teachers' logits (``kind="logit_matching"``). Soft targets stored at ``targets_T`` are
     re-softened from the batch's teacher logits when the two differ; a mixed image's label is mixed too."""
     targets_T = T if targets_T is None else targets_T
 
     def loss(model: nn.Module, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(b["image"])
+        labels = mixed_labels(b["label"], b["mix_label"], b["mix_weight"], num_classes) if "mix_weight" in b else b["label"]
+        if kind == "logit_matching" and alpha > 0:
+            if "teacher_logits" not in b:
+                raise ValueError("student.loss=logit_matching needs the teachers' logits: set "
+                                 "soft_targets.keep_teacher_logits: true")
+            return matching_loss(logits, b["teacher_logits"], labels, alpha), logits
         soft = None
         if alpha > 0:
             if abs(T - targets_T) < 1e-12:
@@ -95,7 +102,6 @@ def student_loss(T: float, alpha: float, num_classes: int, targets_T: float | No
             else:
                 raise ValueError(f"student.temperature={T} differs from the soft targets' T={targets_T} and the "
                                  f"cache has no teacher_logits; set soft_targets.keep_teacher_logits: true")
-        labels = mixed_labels(b["label"], b["mix_label"], b["mix_weight"], num_classes) if "mix_weight" in b else b["label"]
         return kd_loss(logits, soft, labels, T, alpha)[0], logits
 
     return loss

@@ -20,6 +20,7 @@ import ray.data
 
 from kd_ray.core import storage
 from kd_ray.core.config import ExperimentConfig
+from kd_ray.stages.tracking import save_config
 
 UNBOUNDED = 1_000_000  # a node type with no max_count
 
@@ -189,10 +190,14 @@ def init_ray(cfg: ExperimentConfig) -> None:
 
     The dashboard stays on (Train's internal actors use the state API), bound to 127.0.0.1.
     """
+    env = cfg.runtime.storage_options.env()
+    os.environ.update(env)  # runtime.storage_options, for this process and (below) every Ray worker
     storage.check_writable(cfg.runtime.storage_path)  # before any Ray work
     if not ray.is_initialized():
         address = cfg.runtime.address or os.environ.get("RAY_ADDRESS") or _live_local_cluster()
         quiet = {"log_to_driver": cfg.runtime.verbose}  # worker output stays in Ray's log files
+        if env:
+            quiet["runtime_env"] = {"env_vars": env}
         if not cfg.runtime.verbose:
             os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with Tune's verbose=0: no trial tables
         if address:
@@ -209,6 +214,7 @@ def init_ray(cfg: ExperimentConfig) -> None:
         for name in ("ray.data", "ray.tune", "ray.train"):
             logging.getLogger(name).setLevel(logging.ERROR)
     check_storage(cfg)
+    save_config(cfg)  # <storage>/<name>/config.yaml: what this run was asked to do
 
 
 def check_storage(cfg: ExperimentConfig, cap: Capacity | None = None) -> None:

@@ -39,7 +39,7 @@ from kd_ray.core.config import (
     StudentConfig,
 )
 from kd_ray.core.ensemble import load_teacher_files
-from kd_ray.core.models import build_model, count_parameters
+from kd_ray.core.models import count_parameters, inner_model
 from kd_ray.core.subsets import select_fraction
 from kd_ray.core.train import (
     Diverged,
@@ -56,6 +56,7 @@ from kd_ray.core.train import (
 from kd_ray.stages.cluster import student_uses_gpu
 from kd_ray.stages.counters import forward_passes, pass_counter
 from kd_ray.stages.soft_targets import SoftTargets, consistent_stream, worker_share
+from kd_ray.stages.tracking import track
 
 
 class StudentError(RuntimeError):
@@ -178,11 +179,11 @@ def _student_engine(job: StudentJob) -> Engine:
     """The student model (fresh, or a copy of a teacher) and its engine with the distillation loss."""
     s = job.student
     torch.manual_seed(s.seed)
-    model = build_model(s.model, job.input_shape, job.num_classes, **s.model_args)
+    model = s.build(job.input_shape, job.num_classes)
     if job.init_path:  # student.init: teacher (a resumed run's checkpoint overrides it)
-        model.load_state_dict(load_teacher_files([job.init_path])[0].blob["state_dict"])
+        inner_model(model).load_state_dict(load_teacher_files([job.init_path])[0].blob["state_dict"])
     alpha = 0.0 if s.targets == "hard" else s.alpha
-    loss_fn = student_loss(job.temperature, alpha, job.num_classes, job.targets_temperature, job.rule)
+    loss_fn = student_loss(job.temperature, alpha, job.num_classes, job.targets_temperature, job.rule, s.loss)
     amp = amp_dtype(job.mixed_precision, _device())
     # one checkpoint rule for every student, soft or hard: the best validation epoch's weights
     return Engine(model, s, loss_fn, keep_best=True, amp=amp)
@@ -296,6 +297,10 @@ def _training_ids(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | No
     if s.targets == "soft" and s.alpha > 0 and abs(T - soft.temperature) > 1e-12 and not soft.manifest["keep_teacher_logits"]:
         raise ValueError(f"student.temperature={T} differs from the soft targets' {soft.temperature}: "
                          f"set soft_targets.keep_teacher_logits: true to re-soften")
+    keeps = cfg.soft_targets.keep_teacher_logits if teaching == "consistent" else soft.manifest["keep_teacher_logits"]
+    if s.targets == "soft" and s.alpha > 0 and s.loss == "logit_matching" and not keeps:
+        raise ValueError("student.loss=logit_matching matches the teachers' logits, but the soft targets keep "
+                         "none: set soft_targets.keep_teacher_logits: true")
     return ids
 
 
@@ -347,7 +352,10 @@ def distill(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None = N
         raise StudentError(f"student run {name} failed: {error}") from None
     teacher_rows = forward_passes(counter).get("train", 0) if teaching == "consistent" else 0
     ckpt_path = result.checkpoint.path if result.checkpoint else ""
-    return _record(done_path, name, job, soft, result.return_value, len(ids), teacher_rows, ckpt_path)
+    out = _record(done_path, name, job, soft, result.return_value, len(ids), teacher_rows, ckpt_path)
+    track(cfg, "students", name, name, {**s.model_dump(mode="json"), "temperature": T, "teaching": teaching},
+          out.history.to_dict(orient="records"), out.metrics)
+    return out
 
 
 def _trainer(cfg: ExperimentConfig, job: StudentJob, datasets: dict, soft_mode: str, name: str, runs: str,
@@ -380,7 +388,7 @@ def _record(done_path: str, name: str, job: StudentJob, soft: SoftTargets, out: 
                "epochs": s.epochs, "teacher_rows": int(teacher_rows),
                # teacher forward passes during this run (each row through K teachers)
                "teacher_passes": int(teacher_rows) * len(soft.model_paths),
-               "parameters": count_parameters(build_model(s.model, soft.manifest["input_shape"], C, **s.model_args))}
+               "parameters": count_parameters(s.build(soft.manifest["input_shape"], C))}
     storage.write_json(done_path, {"metrics": metrics, "checkpoint_path": ckpt_path,
                                    "history": history.to_dict(orient="records"),
                                    # what export and serving need to rebuild the model

@@ -6,7 +6,6 @@ import torch
 
 from kd_ray.core import storage
 from kd_ray.core.config import ExperimentConfig, StudentConfig
-from kd_ray.core.models import build_model
 from kd_ray.core.train import bias_adjustment
 from kd_ray.stages.distill import DistillResult
 from kd_ray.stages.soft_targets import SoftTargets
@@ -14,7 +13,7 @@ from kd_ray.stages.soft_targets import SoftTargets
 
 def load_student(checkpoint_path: str, soft: SoftTargets, s: StudentConfig) -> torch.nn.Module:
     state = storage.load_torch(storage.join(checkpoint_path, "student.pt"))
-    model = build_model(s.model, soft.manifest["input_shape"], soft.num_classes, **s.model_args)
+    model = s.build(soft.manifest["input_shape"], soft.num_classes)
     model.load_state_dict(state["model"])
     return model.eval()
 

@@ -51,7 +51,7 @@ from kd_ray.stages.soft_targets import SoftTargets
 # run's controller and bookkeeping take on the head (~0.5 GB each, Ray issue #65443), and Tune
 # needs a non-empty resource request.
 DRIVER_RESOURCES = {"cpu": 0, "memory": 512 * 1024**2}
-GRID_KEYS = ("fraction", "targets", "teaching", "temperature", "alpha", "lr", "epochs", "seed")
+GRID_KEYS = ("fraction", "targets", "teaching", "temperature", "alpha", "lr", "epochs", "seed", "loss")
 # the columns of results.parquet after the grid keys (final metrics of each student)
 METRIC_COLUMNS = ("test_accuracy", "test_errors", "test_nll", "test_fidelity", "val_accuracy", "val_errors",
                   "val_nll", "val_fidelity", "train_accuracy", "epoch", "best_epoch", "train_rows_total",
@@ -62,7 +62,7 @@ METRIC_COLUMNS = ("test_accuracy", "test_errors", "test_nll", "test_fidelity", "
 def trial_grid(cfg: ExperimentConfig) -> list[dict]:
     """Every trial of the sweep, as dicts of GRID_KEYS, in a fixed order.
 
-    Soft-target trials: teaching modes x T x alpha x learning rates x epoch budgets x seeds.
+    Soft-target trials: teaching modes x losses x T x alpha x learning rates x epoch budgets x seeds.
     Hard-label trials need no teachers, T or alpha (alpha 0, the soft targets' T): the plain
     baseline (``teaching`` "none", early stopping on validation, the largest epoch budget) and, for
     every augmenting mode the soft trials use ("inconsistent": shifts; "consistent": the same
@@ -75,22 +75,23 @@ def trial_grid(cfg: ExperimentConfig) -> list[dict]:
     teachings = sw.teaching or [cfg.teaching("soft")]
     budgets = sw.epochs or [cfg.student.epochs]
     lrs = sw.lrs or [cfg.student.lr]
+    losses = sw.losses or [cfg.student.loss]
     trials = []
     for fraction in sw.fractions:
         for targets in sw.targets:
             if targets == "soft":
-                grid = [(m, T, a, lr, e) for m in teachings for T in temps for a in alphas for lr in lrs
-                        for e in budgets]
-            else:
+                grid = [(m, T, a, lr, e, loss) for m in teachings for loss in losses for T in temps
+                        for a in alphas for lr in lrs for e in budgets]
+            else:  # a hard trial has no soft term: its loss is kd's with alpha 0
                 T0 = cfg.soft_targets.temperature
-                grid = [("none", T0, 0.0, lr, max(budgets)) for lr in lrs]
-                grid += [(m, T0, 0.0, lr, e) for m in teachings if m in ("inconsistent", "consistent")
+                grid = [("none", T0, 0.0, lr, max(budgets), "kd") for lr in lrs]
+                grid += [(m, T0, 0.0, lr, e, "kd") for m in teachings if m in ("inconsistent", "consistent")
                          for lr in lrs for e in budgets]
-            for teaching, T, alpha, lr, epochs in grid:
+            for teaching, T, alpha, lr, epochs, loss in grid:
                 for seed in sw.seeds:
                     t = {"fraction": float(fraction), "targets": targets, "teaching": teaching,
                          "temperature": float(T), "alpha": float(alpha), "lr": float(lr), "epochs": int(epochs),
-                         "seed": int(seed)}
+                         "seed": int(seed), "loss": loss}
                     if t not in trials:
                         trials.append(t)
     if not trials:
@@ -102,6 +103,7 @@ def trial_config(cfg: ExperimentConfig, trial: dict) -> ExperimentConfig:
     """The experiment config of one trial: the student section with the trial's values."""
     update = {"fraction": trial["fraction"], "targets": trial["targets"], "temperature": trial["temperature"],
               "alpha": trial["alpha"], "lr": trial["lr"], "seed": trial["seed"], "epochs": trial["epochs"],
+              "loss": trial.get("loss", "kd"),
               "teaching": None if trial["teaching"] == "none" else trial["teaching"]}
     if trial["targets"] == "hard" and trial["teaching"] == "none":  # the paper's baseline: early stopping
         update["early_stopping_patience"] = cfg.sweep.hard_early_stopping_patience
@@ -156,8 +158,9 @@ def sweep_name(cfg: ExperimentConfig, soft: SoftTargets) -> str:
 
 
 def trial_key(trial: dict) -> str:
+    loss = "" if trial.get("loss", "kd") == "kd" else f"-{trial['loss']}"  # kd keeps older sweeps' keys
     return (f"f{trial['fraction']:g}-{trial['targets']}-{trial['teaching']}-T{trial['temperature']:g}"
-            f"-a{trial['alpha']:g}-lr{trial['lr']:g}-e{trial['epochs']}-s{trial['seed']}")
+            f"-a{trial['alpha']:g}-lr{trial['lr']:g}-e{trial['epochs']}-s{trial['seed']}{loss}")
 
 
 # --------------------------------------------------------------------------- the trial
@@ -319,6 +322,7 @@ def results_frame(rows: list[dict]) -> pd.DataFrame:
     for c in ("status", "error", "run_name", "checkpoint_path", "trial_path"):
         df[c] = df[c].fillna("").astype(str)
     df["reused"] = df["reused"].fillna(False).astype(bool)
+    df["loss"] = df["loss"].fillna("kd").astype(str)  # trials recorded before student.loss existed
     return df
 
 

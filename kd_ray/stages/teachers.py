@@ -9,6 +9,9 @@ Read top to bottom:
   matches is resumed; a complete one is reused; anything else starts over.
 * :class:`TeacherActor` wraps it in a Ray actor: resources from the spec, GPU when torch sees
   one, torch threads = the actor's CPUs, a Ray progress bar, restarts that resume.
+* :func:`import_teachers` brings in teachers trained elsewhere (``checkpoint`` in a spec), in the
+  driver before Ray starts: each is checked against the data and stored as a complete teacher,
+  so the stages after it cannot tell it from one trained here.
 * :class:`EnsembleRun` launches all K actors at once (Ray queues what does not fit), collects
   them with ``ray.wait`` as each finishes and summarises; :func:`train_ensemble` is the one call.
 """
@@ -31,9 +34,14 @@ from torch import nn
 from kd_ray.core import storage
 from kd_ray.core.config import DataConfig, ExperimentConfig, TeacherSpec
 from kd_ray.core.data import Splits, load_splits
-from kd_ray.core.ensemble import predict_logits, save_teacher_model
+from kd_ray.core.ensemble import (
+    build_teacher,
+    import_teacher,
+    predict_logits,
+    save_teacher_model,
+)
 from kd_ray.core.losses import ensemble_average
-from kd_ray.core.models import build_model, count_parameters
+from kd_ray.core.models import count_parameters
 from kd_ray.core.subsets import select_fraction
 from kd_ray.core.train import (
     Diverged,
@@ -45,6 +53,7 @@ from kd_ray.core.train import (
 )
 from kd_ray.layout import ensemble_file, teachers_dir
 from kd_ray.stages.cluster import wait_for
+from kd_ray.stages.tracking import track
 
 # Fields of a spec that decide *where* it runs, not *what* it learns: changing them retrains nothing.
 _PLACEMENT_FIELDS = ("num_gpus", "num_cpus")
@@ -116,7 +125,7 @@ class TeacherTrainer:
         spec = self.spec
         device = pick_device()
         torch.manual_seed(spec.seed)
-        model = build_model(spec.model, self.input_shape, self.num_classes, **spec.model_args).to(device)
+        model = spec.build(self.input_shape, self.num_classes).to(device)
         engine = Engine(model, spec, cross_entropy_loss, amp=amp_dtype(self.mixed_precision, device))
         if storage.exists(self.checkpoint_path):
             ckpt = storage.load_torch(self.checkpoint_path)
@@ -203,9 +212,47 @@ def _actor_class():
     return _REMOTE
 
 
+def teacher_ids(cfg: ExperimentConfig) -> list[str]:
+    return [f"t{i}" for i in range(len(cfg.teachers.resolved()))]
+
+
+def import_teachers(cfg: ExperimentConfig, splits: Splits) -> dict[str, dict]:
+    """The imported teachers (specs with a ``checkpoint``), checked and stored as complete teachers
+    under ``<storage>/<name>/teachers/<id>/``; plain PyTorch, run before Ray starts. The source file
+    is only read: an imported teacher is never trained or overwritten."""
+    out: dict[str, dict] = {}
+    specs = cfg.teachers.resolved()
+    xv, yv = torch.from_numpy(splits.val.images), torch.from_numpy(splits.val.labels)
+    for i, (tid, spec) in enumerate(zip(teacher_ids(cfg), specs)):
+        if not spec.checkpoint:
+            continue
+        field = f"teachers.specs[{i}].checkpoint" if cfg.teachers.specs else "teachers.checkpoint"
+        started = time.time()
+        blob, val_logits = import_teacher(spec, field, splits.num_classes, splits.input_shape, xv)
+        key = spec_key(spec, {**splits.identity(), "sha256": blob["sha256"]})
+        trainer = TeacherTrainer(tid, spec, key, storage.join(teachers_dir(cfg), tid), splits.num_classes,
+                                 splits.input_shape)
+        meta = trainer.completed()
+        if meta is None:
+            storage.save_torch(trainer.model_path, {**blob, "teacher_id": tid, "key": key, "val_logits": val_logits})
+            acc = float((val_logits.argmax(1) == yv).float().mean()) if len(yv) else float("nan")
+            meta = {"teacher_id": tid, "key": key, "spec": spec.model_dump(mode="json"), "complete": True,
+                    "imported_from": spec.checkpoint, "epoch": 0, "history": [], "val_accuracy": acc,
+                    "params": count_parameters(build_teacher(blob, torch.device("cpu"))),
+                    "model_path": trainer.model_path, "train_size": 0, "device": "cpu",
+                    "seconds": time.time() - started}
+            storage.write_json(trainer.meta_path, meta)
+        print(f"[kd_ray] teacher {tid} imported from {spec.checkpoint}: val accuracy {meta['val_accuracy']:.4f}",
+              flush=True)
+        out[tid] = {**meta, "epochs_run": 0, "resumed_from_epoch": 0, "start": started, "end": time.time()}
+    return out
+
+
 def check_resources(cfg: ExperimentConfig, specs: list[TeacherSpec], ids: list[str]) -> None:
     """Fail at once when no node type could ever hold a teacher; wait (for the autoscaler) while
     none is up yet."""
+    if not specs:  # every teacher imported or complete
+        return
     wait_for([{"CPU": s.num_cpus, "GPU": s.num_gpus} for s in specs],
              {"CPU": "teachers.num_cpus", "GPU": "teachers.num_gpus"}, "teachers", cfg.runtime.scale_timeout_s,
              names=[f"teacher {tid}" for tid in ids])
@@ -231,19 +278,19 @@ class EnsembleResult:
 class EnsembleRun:
     """All K teachers launched at once; :meth:`wait` collects them as each finishes."""
 
-    def __init__(self, cfg: ExperimentConfig, splits: Splits | None = None):
+    def __init__(self, cfg: ExperimentConfig, splits: Splits | None = None, imported: dict[str, dict] | None = None):
         self.cfg = cfg
         self.started = time.time()
         self.splits = splits or load_splits(cfg.data)
-        specs = cfg.teachers.resolved()
-        self.ids = [f"t{i}" for i in range(len(specs))]
-        check_resources(cfg, specs, self.ids)
+        self.ids = teacher_ids(cfg)
+        self.reused: dict[str, dict] = dict(imported if imported is not None else import_teachers(cfg, self.splits))
+        todo = [(tid, spec) for tid, spec in zip(self.ids, cfg.teachers.resolved()) if tid not in self.reused]
+        check_resources(cfg, [spec for _, spec in todo], [tid for tid, _ in todo])
         identity = self.splits.identity()
         out = teachers_dir(cfg)
         self.actors: dict[str, Any] = {}
         self.refs: dict[Any, str] = {}
-        self.reused: dict[str, dict] = {}
-        for tid, spec in zip(self.ids, specs):
+        for tid, spec in todo:
             key = spec_key(spec, identity)
             done = TeacherTrainer(tid, spec, key, storage.join(out, tid), self.splits.num_classes,
                                   self.splits.input_shape).completed()
@@ -274,6 +321,8 @@ class EnsembleRun:
             try:
                 r = ray.get(ready[0])
                 results[tid] = r
+                if r["epochs_run"]:  # trained (or finished) in this run
+                    track(self.cfg, "teachers", tid, r["key"], r["spec"], r["history"], {"val_accuracy": r["val_accuracy"]})
                 print(f"[kd_ray] teacher {tid} done ({len(results) + len(failures)}/{len(self.ids)}): "
                       f"val accuracy {r['val_accuracy']:.4f}, {r['epochs_run']} epochs run", flush=True)
             except Exception as e:  # RayTaskError wraps the teacher's own error
@@ -299,9 +348,11 @@ class EnsembleRun:
         return result
 
 
-def train_ensemble(cfg: ExperimentConfig, splits: Splits | None = None) -> EnsembleResult:
-    """Train (or resume, or reuse) the K teachers in parallel; print a summary table."""
-    result = EnsembleRun(cfg, splits).wait()
+def train_ensemble(cfg: ExperimentConfig, splits: Splits | None = None,
+                   imported: dict[str, dict] | None = None) -> EnsembleResult:
+    """Train (or resume, or reuse) the K teachers in parallel; print a summary table. ``imported``:
+    what :func:`import_teachers` returned (imported here when None)."""
+    result = EnsembleRun(cfg, splits, imported).wait()
     print(result.summary().to_string(index=False), flush=True)
     print(f"[kd_ray] ensemble of {len(result.teachers)}: val accuracy {result.val_accuracy:.4f} "
           f"({result.seconds:.1f} s)", flush=True)
