@@ -138,3 +138,36 @@ def test_mixed_labels_weight_the_cross_entropy_of_both_images():
     assert torch.allclose(loss, expected)
     # class indices still work, and equal one-hot probabilities
     assert torch.allclose(kd_loss(logits, None, y, 4.0, 0.0)[0], kd_loss(logits, None, mixed_labels(y, y, w, 3), 4.0, 0.0)[0])
+
+
+def test_top_k_keeps_the_largest_logits_and_the_tails_mass_at_t1():
+    from kd_ray.core.losses import dense_from_top_k, top_k_logits
+
+    z = torch.randn(6, 3, 50) * 4  # B, K, C
+    kept = top_k_logits(z, 5)
+    assert kept["values"].dtype == torch.float16 and kept["index"].dtype == torch.int16
+    rebuilt = dense_from_top_k(kept["values"], kept["index"], kept["tail"], 50)
+    p, q = torch.softmax(z, -1), torch.softmax(rebuilt, -1)
+    idx = kept["index"].long()
+    assert torch.allclose(q.gather(-1, idx), p.gather(-1, idx), rtol=5e-3, atol=1e-4)  # the kept classes
+    tail = lambda x: 1 - x.gather(-1, idx).sum(-1)  # noqa: E731
+    assert torch.allclose(tail(q), tail(p), atol=1e-3)  # the rest's total mass
+    # every other class gets the same share of it
+    rest = q.scatter(-1, idx, float("nan"))
+    assert torch.allclose(rest.nan_to_num(0).amax(-1), rest.nan_to_num(1).amin(-1))
+    with pytest.raises(ValueError, match="top_k must be in"):
+        top_k_logits(z, 50)
+
+
+def test_student_loss_reads_top_k_columns_as_logits():
+    from kd_ray.core.losses import dense_from_top_k, resoften, top_k_logits
+    from kd_ray.core.train import student_loss
+
+    z, student = torch.randn(4, 3, 20), torch.randn(4, 20)
+    kept = top_k_logits(z, 4)
+    batch = {"image": student, "label": torch.arange(4), "soft_targets": resoften(z, 4.0)}
+    batch.update({f"teacher_topk_{k}": v for k, v in kept.items()})
+    got = student_loss(2.0, 1.0, 20, targets_T=4.0)(lambda x: x, batch)[0]
+    want = kd_loss(student, resoften(dense_from_top_k(kept["values"], kept["index"], kept["tail"], 20), 2.0), None,
+                   2.0, 1.0)[0]
+    assert torch.allclose(got, want)

@@ -223,3 +223,27 @@ def test_bad_inputs(tiny_ensemble, tmp_path):
     ds = ray.data.from_items([{"id": 0, "pixels": np.zeros((1, 8, 8), np.float32), "label": 0}])
     with pytest.raises(Exception, match=r"no 'image' column; columns found: \['id', 'label', 'pixels'\]"):
         predict(ds, ensemble.model_paths, cfg.soft_targets, "train", [cfg.name]).materialize()
+
+
+def test_top_k_cache_keeps_k_logits_a_tail_and_fewer_bytes(tiny_ensemble):
+    from kd_ray.core.losses import dense_from_top_k, top_k_logits
+
+    base, ensemble = tiny_ensemble
+    dense = build_soft_targets(_cfg(base, "topk"), ensemble)
+    top3 = build_soft_targets(_cfg(base, "topk", "soft_targets.teacher_logits=topk", "soft_targets.top_k=3"), ensemble)
+    assert top3.path != dense.path  # another fingerprint
+    d, t = _rows(dense.datasets["train"]), _rows(top3.datasets["train"])
+    assert "teacher_logits" not in t and t["teacher_topk_values"].shape[1:] == (3, 3)  # [K, k]
+    assert t["teacher_topk_index"].dtype == np.int16 and t["teacher_topk_tail"].shape[1:] == (3,)
+    want = top_k_logits(torch.from_numpy(d["teacher_logits"]).float(), 3)
+    assert np.array_equal(t["teacher_topk_index"], want["index"].numpy())
+    assert np.allclose(t["teacher_topk_tail"], want["tail"].numpy(), atol=1e-2)  # from float32 vs float16 logits
+    assert top3.manifest["bytes_per_row"]["train"] < dense.manifest["bytes_per_row"]["train"]
+    # at the cache's T the soft targets themselves are the dense cache's; re-softened at T = 1
+    # the kept classes' probabilities and the tail's mass are kept
+    assert np.array_equal(t["soft_targets"], d["soft_targets"])
+    rebuilt = dense_from_top_k(*(torch.from_numpy(t[f"teacher_topk_{c}"]) for c in ("values", "index", "tail")), 10)
+    p_dense = torch.softmax(torch.from_numpy(d["teacher_logits"]).float(), -1)
+    p_top = torch.softmax(rebuilt, -1)
+    idx = torch.from_numpy(t["teacher_topk_index"]).long()
+    assert torch.allclose(p_top.gather(-1, idx), p_dense.gather(-1, idx), atol=2e-2)

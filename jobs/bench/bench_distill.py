@@ -62,7 +62,7 @@ def main() -> None:
                     help="student.max_in_memory_mb: 0 streams the shard from Ray Data every epoch")
     args = ap.parse_args()
     cfg, data_name = bench_config("bench_distill", [
-        "soft_targets.temperature=4", "soft_targets.keep_teacher_logits=false",
+        "soft_targets.temperature=4", "soft_targets.teacher_logits=none",
         "soft_targets.batch_size=2048", "student.model_args={hidden: [800, 800]}",
         f"student.epochs={args.epochs}", f"student.batch_size={args.batch_size}",
         "student.lr=0.05", "student.alpha=0.9", "student.schedule=constant", "student.grad_clip_norm=null",

@@ -157,7 +157,13 @@ class SoftTargetsConfig(_Section):
     # weight ~ Beta(mixup, mixup), and let the teachers label the mixed image (Beyer et al.
     # 2022's "function matching"); 0: no mixup. With jitter 0 the views are mixed, not shifted.
     mixup: float = Field(0.0, ge=0)
-    keep_teacher_logits: bool = True
+    # what the cache keeps of each teacher's logits (to re-soften at another T, or match logits):
+    #   none    nothing beyond the averaged soft targets
+    #   dense   all C logits per teacher, float16 (K x C x 2 bytes a row)
+    #   topk    the top_k largest logits and their classes, and one tail logit per teacher
+    #           (K x (4 x top_k + 4) bytes a row; losses.top_k_logits says how the tail is kept)
+    teacher_logits: Literal["none", "dense", "topk"] = "dense"
+    top_k: int = Field(32, ge=1)
     # the teachers' arithmetic in the predictor (bfloat16: faster on CPUs with AVX512-BF16, soft
     # targets within ~1e-4 of float32's; docs/notes.md); averaging and softmax stay in float32
     precision: Literal["float32", "bfloat16"] = "float32"
@@ -166,6 +172,10 @@ class SoftTargetsConfig(_Section):
     num_gpus: float = Field(0.0, ge=0)  # per predictor actor
     num_cpus: float = Field(1.0, gt=0)  # per predictor actor
     wait_for_actors_s: float = Field(60.0, gt=0)  # fail (not hang) if the pool cannot start
+
+    @property
+    def keeps_logits(self) -> bool:
+        return self.teacher_logits != "none"
 
     @property
     def augments(self) -> bool:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from kd_ray.core import storage
-from kd_ray.core.losses import ensemble_average
+from kd_ray.core.losses import ensemble_average, top_k_logits
 from kd_ray.core.models import InputAdapter, build_model, inner_model
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -164,15 +164,22 @@ def averaged_soft_targets(models: Sequence[torch.nn.Module], images: torch.Tenso
 
 @torch.no_grad()
 def ensemble_outputs(models: Sequence[torch.nn.Module], images: torch.Tensor, T: float, rule: str,
-                     keep_teacher_logits: bool) -> dict[str, np.ndarray]:
-    """The K teachers on one batch -> the columns a soft-target row gets."""
+                     keep: str = "dense", top_k: int = 32) -> dict[str, np.ndarray]:
+    """The K teachers on one batch -> the columns a soft-target row gets; ``keep`` is
+    ``soft_targets.teacher_logits`` (none, dense or topk)."""
     logits = teacher_logits(models, images)  # [K, B, C]
     out = {
         "soft_targets": ensemble_average(logits, T, rule).cpu().numpy().astype(np.float32),
         "ensemble_pred": ensemble_average(logits, 1.0, rule).argmax(1).cpu().numpy().astype(np.int64),
     }
-    if keep_teacher_logits:
-        out["teacher_logits"] = logits.transpose(0, 1).half().cpu().numpy()  # [B, K, C]
+    per_row = logits.transpose(0, 1)  # [B, K, C]
+    if keep == "dense":
+        out["teacher_logits"] = per_row.half().cpu().numpy()
+    elif keep == "topk" and top_k < per_row.shape[-1]:
+        kept = top_k_logits(per_row, top_k)
+        out.update({f"teacher_topk_{k}": v.cpu().numpy() for k, v in kept.items()})
+    elif keep == "topk":  # k >= C: every logit is kept, which is the dense column
+        out["teacher_logits"] = per_row.half().cpu().numpy()
     return out
 
 

@@ -6,6 +6,7 @@ accepted.
 """
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -50,6 +51,30 @@ def resoften(teacher_logits: torch.Tensor, T: float, rule: Rule = "probs") -> to
     if teacher_logits.dim() != 3:
         raise ValueError(f"resoften expects teacher logits of shape [B, K, C], got {tuple(teacher_logits.shape)}")
     return ensemble_average(teacher_logits.transpose(0, 1), T, rule)
+
+
+def top_k_logits(teacher_logits: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """What the cache keeps of per-row teacher logits [B, K, C] with ``teacher_logits: topk``: each
+    teacher's k largest logits (``values``, float16) and their classes (``index``, int16), and one
+    ``tail`` logit per teacher (float32): the value that C - k equal logits would need to carry the
+    left-out classes' softmax mass at T = 1, ``logsumexp(rest) - log(C - k)``."""
+    z = teacher_logits.float()
+    C = z.shape[-1]
+    if not 0 < k < C:
+        raise ValueError(f"top_k must be in (0, {C}) for {C} classes, got {k}")
+    values, index = z.topk(k, dim=-1)
+    rest = z.scatter(-1, index, float("-inf"))
+    tail = torch.logsumexp(rest, dim=-1) - math.log(C - k)
+    return {"values": values.half(), "index": index.to(torch.int16), "tail": tail}
+
+
+def dense_from_top_k(values: torch.Tensor, index: torch.Tensor, tail: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-row teacher logits [B, K, C] rebuilt from :func:`top_k_logits`: the k kept logits in
+    their classes, the tail logit in every other class. Softened at T = 1 this gives exactly the
+    kept classes' probabilities and the tail's total mass; at other T the tail mass is that of C - k
+    equal logits (docs/results.md measures the error against the dense logits)."""
+    dense = tail.float().unsqueeze(-1).expand(*tail.shape, num_classes).clone()
+    return dense.scatter(-1, index.long(), values.float())
 
 
 def soft_cross_term(student_logits: torch.Tensor, soft_targets: torch.Tensor, T: float) -> torch.Tensor:

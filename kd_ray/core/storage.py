@@ -47,6 +47,12 @@ def exists(path: str) -> bool:
     return fs.get_file_info(p).type != pafs.FileType.NotFound
 
 
+def size(path: str) -> int:
+    """Bytes of the file at ``path``."""
+    fs, p = resolve(path)
+    return int(fs.get_file_info(p).size)
+
+
 def write_bytes(path: str, data: bytes) -> None:
     fs, p = resolve(path)
     parent = p.rsplit("/", 1)[0]

@@ -21,7 +21,13 @@ import torch
 from torch import nn
 
 from kd_ray.core.augment import random_shift
-from kd_ray.core.losses import kd_loss, matching_loss, mixed_labels, resoften
+from kd_ray.core.losses import (
+    dense_from_top_k,
+    kd_loss,
+    matching_loss,
+    mixed_labels,
+    resoften,
+)
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
@@ -87,11 +93,14 @@ def student_loss(T: float, alpha: float, num_classes: int, targets_T: float | No
 
     def loss(model: nn.Module, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(b["image"])
+        if "teacher_topk_values" in b:  # soft_targets.teacher_logits: topk -> [B, K, C] with the tail
+            b = {**b, "teacher_logits": dense_from_top_k(b["teacher_topk_values"], b["teacher_topk_index"],
+                                                         b["teacher_topk_tail"], num_classes)}
         labels = mixed_labels(b["label"], b["mix_label"], b["mix_weight"], num_classes) if "mix_weight" in b else b["label"]
         if kind == "logit_matching" and alpha > 0:
             if "teacher_logits" not in b:
                 raise ValueError("student.loss=logit_matching needs the teachers' logits: set "
-                                 "soft_targets.keep_teacher_logits: true")
+                                 "soft_targets.teacher_logits: dense or topk")
             return matching_loss(logits, b["teacher_logits"], labels, alpha), logits
         soft = None
         if alpha > 0:
@@ -101,7 +110,7 @@ def student_loss(T: float, alpha: float, num_classes: int, targets_T: float | No
                 soft = resoften(b["teacher_logits"], T, rule)
             else:
                 raise ValueError(f"student.temperature={T} differs from the soft targets' T={targets_T} and the "
-                                 f"cache has no teacher_logits; set soft_targets.keep_teacher_logits: true")
+                                 f"cache has no teacher logits; set soft_targets.teacher_logits: dense or topk")
         return kd_loss(logits, soft, labels, T, alpha)[0], logits
 
     return loss

@@ -296,11 +296,11 @@ def _training_ids(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | No
         raise ValueError("the student's training subset is empty: no requested id is in the transfer set")
     if s.targets == "soft" and s.alpha > 0 and abs(T - soft.temperature) > 1e-12 and not soft.manifest["keep_teacher_logits"]:
         raise ValueError(f"student.temperature={T} differs from the soft targets' {soft.temperature}: "
-                         f"set soft_targets.keep_teacher_logits: true to re-soften")
-    keeps = cfg.soft_targets.keep_teacher_logits if teaching == "consistent" else soft.manifest["keep_teacher_logits"]
+                         f"set soft_targets.teacher_logits: dense or topk to re-soften")
+    keeps = cfg.soft_targets.keeps_logits if teaching == "consistent" else soft.manifest["keep_teacher_logits"]
     if s.targets == "soft" and s.alpha > 0 and s.loss == "logit_matching" and not keeps:
         raise ValueError("student.loss=logit_matching matches the teachers' logits, but the soft targets keep "
-                         "none: set soft_targets.keep_teacher_logits: true")
+                         "none: set soft_targets.teacher_logits: dense or topk")
     return ids
 
 

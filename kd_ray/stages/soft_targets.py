@@ -40,6 +40,7 @@ from kd_ray.core.ensemble import (
     ensemble_outputs,
     load_teacher_files,
 )
+from kd_ray.core.losses import top_k_logits
 from kd_ray.core.subsets import stable_hash
 from kd_ray.core.train import pick_device, to_tensor
 from kd_ray.stages.cluster import wait_for
@@ -53,20 +54,20 @@ SPLITS = ("train", "val", "test")
 class EnsemblePredictor:
     """Callable class for ``Dataset.map_batches`` on an actor pool: K teachers per batch."""
 
-    def __init__(self, model_paths: list[str], temperature: float, rule: str, keep_teacher_logits: bool,
+    def __init__(self, model_paths: list[str], temperature: float, rule: str, keep: str = "dense", top_k: int = 32,
                  split: str = "train", counter_names: Sequence[str] = (), precision: str = "float32"):
         self.device = pick_device()
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1) if ray.is_initialized() else 1
         torch.set_num_threads(max(1, int(cpus)))
         self.models = [build_teacher(f.blob, self.device, precision) for f in load_teacher_files(model_paths)]
-        self.T, self.rule, self.keep, self.split = temperature, rule, keep_teacher_logits, split
+        self.T, self.rule, self.keep, self.top_k, self.split = temperature, rule, keep, top_k, split
         self.counters = [ray.get_actor(f"kd_ray_passes:{name}") for name in counter_names]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if "image" not in batch:
             raise ValueError(f"the dataset has no 'image' column; columns found: {sorted(batch)}")
         images = to_tensor(np.asarray(batch["image"], dtype=np.float32)).to(self.device)
-        batch.update(ensemble_outputs(self.models, images, self.T, self.rule, self.keep))
+        batch.update(ensemble_outputs(self.models, images, self.T, self.rule, self.keep, self.top_k))
         if self.counters:  # per split: a ``split`` column (codes into SPLITS) wins
             codes = batch.get("split")
             counts = ({self.split: len(images)} if codes is None else
@@ -111,7 +112,7 @@ class ConsistentTeacher(EnsemblePredictor):
 
 
 def predict(ds, model_paths: list[str], st: SoftTargetsConfig, split: str, counters: Sequence[str],
-            keep_teacher_logits: bool | None = None, predictor: type = EnsemblePredictor, **predictor_kwargs):
+            keep: str | None = None, predictor: type = EnsemblePredictor, **predictor_kwargs):
     """The lazy map: ``ds`` through a ``predictor`` actor pool sized from ``soft_targets``. Teacher
     passes are counted under each name in ``counters`` (the experiment's name, a run's)."""
     for name in counters:
@@ -120,8 +121,8 @@ def predict(ds, model_paths: list[str], st: SoftTargetsConfig, split: str, count
     return ds.map_batches(
         predictor,
         fn_constructor_kwargs=dict(model_paths=list(model_paths), temperature=st.temperature, rule=st.rule,
-                                   keep_teacher_logits=st.keep_teacher_logits if keep_teacher_logits is None
-                                   else keep_teacher_logits, split=split, counter_names=list(counters),
+                                   keep=st.teacher_logits if keep is None else keep, top_k=st.top_k,
+                                   split=split, counter_names=list(counters),
                                    precision=st.precision, **predictor_kwargs),
         compute=ray.data.ActorPoolStrategy(size=st.actors),
         num_gpus=st.num_gpus, num_cpus=st.num_cpus, batch_size=st.batch_size, batch_format="numpy",
@@ -174,11 +175,13 @@ def fingerprint(teachers: list[TeacherFile], cfg: ExperimentConfig, identity: di
     st = cfg.soft_targets
     blob = {
         "schema": SCHEMA_VERSION, "teachers": [t.sha256 for t in teachers], "temperature": st.temperature,
-        "rule": st.rule, "keep_teacher_logits": st.keep_teacher_logits, "data": identity,
+        "rule": st.rule, "keep_teacher_logits": st.keeps_logits, "data": identity,
         "transfer": {"omit_classes": cfg.data.omit_classes, "keep_classes": cfg.data.keep_classes, "rows": len(transfer)},
     }
     if st.precision != "float32":  # named only when not the default, so float32 caches keep their names
         blob["precision"] = st.precision
+    if st.teacher_logits == "topk":  # likewise
+        blob["top_k"] = st.top_k
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -282,12 +285,13 @@ def _compute_cache(cfg: ExperimentConfig, paths: list[str], parts: dict[str, Spl
     """One pass of the actor pool over all splits (one pool start-up), then a write per split.
 
     The pass keeps every teacher's logits so that each single teacher's val/test accuracy goes
-    into the manifest (the report's single-model line); the train split drops them unless
-    ``soft_targets.keep_teacher_logits`` asks for them.
+    into the manifest (the report's single-model line); the train split keeps what
+    ``soft_targets.teacher_logits`` asks for (none, dense, or top-k with the tail).
     """
     codes = np.concatenate([np.full(len(parts[s]), i, np.int8) for i, s in enumerate(SPLITS)])
     source = to_dataset(Split.concat(parts[s] for s in SPLITS), extra={"split": codes})
-    done = predict(source, paths, cfg.soft_targets, "train", [cfg.name], keep_teacher_logits=True).materialize()
+    st = cfg.soft_targets
+    done = predict(source, paths, st, "train", [cfg.name], keep="dense").materialize()
     files, accuracy = {}, {}
     for i, split in enumerate(SPLITS):
         if not len(parts[split]):
@@ -300,10 +304,23 @@ def _compute_cache(cfg: ExperimentConfig, paths: list[str], parts: dict[str, Spl
             accuracy[f"{split}_accuracy"] = float((labels == df["ensemble_pred"].to_numpy()).mean())
             teacher_pred = np.stack([np.asarray(z).reshape(len(paths), -1) for z in df["teacher_logits"]]).argmax(-1)
             accuracy[f"teacher_{split}_accuracy"] = [float(a) for a in (teacher_pred == labels[:, None]).mean(0)]
-        if not cfg.soft_targets.keep_teacher_logits:
-            rows = rows.drop_columns(["teacher_logits"])
+        if split != "train" or st.teacher_logits == "none":
+            rows = rows.drop_columns(["teacher_logits"])  # val/test: the accuracies above are all they give
+        elif st.teacher_logits == "topk":
+            rows = rows.map_batches(_top_k_columns, fn_kwargs={"k": st.top_k}, batch_format="numpy")
         files[split] = _write_split(rows, work, split)
     return files, accuracy
+
+
+def _top_k_columns(batch: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
+    """The dense ``teacher_logits`` column -> ``teacher_topk_{values,index,tail}`` (losses.top_k_logits);
+    with k >= C every logit is kept: the dense column stays."""
+    dense = np.asarray(batch["teacher_logits"], dtype=np.float32)
+    if k >= dense.shape[-1]:
+        return batch
+    del batch["teacher_logits"]
+    kept = top_k_logits(torch.from_numpy(dense), k)
+    return {**batch, **{f"teacher_topk_{name}": v.numpy() for name, v in kept.items()}}
 
 
 def build_soft_targets(cfg: ExperimentConfig, ensemble, splits: Splits | None = None) -> SoftTargets:
@@ -339,14 +356,18 @@ def build_soft_targets(cfg: ExperimentConfig, ensemble, splits: Splits | None = 
                  "val": splits.val, "test": splits.test}
         files, accuracy = _compute_cache(cfg, paths, parts, work)
         rows = {s: len(p) for s, p in parts.items()}
+        # what a row costs in the cache (parquet, compressed): ids, labels, targets, kept logits
+        size = {s: sum(storage.size(storage.join(work, f)) for f in files[s]) for s in SPLITS}
+        bytes_per_row = {s: round(size[s] / rows[s], 1) for s in SPLITS if rows[s]}
         manifest = {
             "schema": SCHEMA_VERSION, "fingerprint": fp, "mode": mode, "temperature": cfg.soft_targets.temperature,
             "rule": cfg.soft_targets.rule, "averaging": "mean of softmax(z_k/T)" if cfg.soft_targets.rule == "probs"
-            else "softmax(mean_k z_k / T)", "keep_teacher_logits": cfg.soft_targets.keep_teacher_logits,
+            else "softmax(mean_k z_k / T)", "keep_teacher_logits": cfg.soft_targets.keeps_logits,
+            "teacher_logits": cfg.soft_targets.teacher_logits, "top_k": cfg.soft_targets.top_k,
             "precision": cfg.soft_targets.precision,
             "teachers": [{"path": t.path, "sha256": t.sha256} for t in teachers], "num_classes": num_classes,
             "input_shape": list(splits.input_shape), "normalization": splits.normalization, "data": splits.identity(), "files": files, "rows": rows,
-            "ensemble": accuracy, "seconds": round(time.time() - t0, 2),
+            "ensemble": accuracy, "bytes_per_row": bytes_per_row, "seconds": round(time.time() - t0, 2),
         }
         if local:
             storage.write_json(storage.join(work, "manifest.json"), manifest)
