@@ -60,3 +60,18 @@ def test_seeded_mixup_is_a_function_of_seed_and_epoch():
     w = np.array([0.25, 1.0], np.float32)
     assert np.allclose(mix(x, y, w)[:, 0, 0, 0], [0.25, 1.0])
     assert torch.allclose(mix(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(w)), torch.from_numpy(mix(x, y, w)))
+
+
+def test_cached_views_are_seeded_shifts_and_each_epoch_picks_one():
+    from kd_ray.core.augment import chosen_views, view_shift
+
+    x = np.random.default_rng(0).random((8, 1, 8, 8)).astype(np.float32)
+    ids, views = np.arange(100, 108), np.array([0, 3, 1, 3, 2, 0, 1, 2])
+    got = view_shift(x, ids, views, 1, 7)
+    for i in range(8):  # view v of id i is seeded_shift's "epoch v" of that id
+        assert np.array_equal(got[i:i + 1], seeded_shift(x[i:i + 1], ids[i:i + 1], 1, 7, int(views[i])))
+    as_torch = view_shift(torch.from_numpy(x), torch.from_numpy(ids), torch.from_numpy(views), 1, 7)
+    assert np.array_equal(as_torch.numpy(), got)
+    pick = chosen_views(np.arange(1000), 8, 0, 3)
+    assert pick.min() >= 0 and pick.max() == 7 and np.array_equal(pick, chosen_views(np.arange(1000), 8, 0, 3))
+    assert not np.array_equal(pick, chosen_views(np.arange(1000), 8, 0, 4))  # another epoch, other views

@@ -247,3 +247,51 @@ def test_top_k_cache_keeps_k_logits_a_tail_and_fewer_bytes(tiny_ensemble):
     p_top = torch.softmax(rebuilt, -1)
     idx = torch.from_numpy(t["teacher_topk_index"]).long()
     assert torch.allclose(p_top.gather(-1, idx), p_dense.gather(-1, idx), atol=2e-2)
+
+
+def test_the_cache_keeps_no_images_and_joins_them_by_id(tiny_ensemble):
+    import pyarrow.parquet as pq
+
+    from kd_ray.stages.soft_targets import SPLITS
+
+    base, ensemble = tiny_ensemble
+    st = build_soft_targets(_cfg(base, "noimages"), ensemble)
+    for split in SPLITS:
+        for rel in st.manifest["files"][split]:
+            fs, p = storage.resolve(storage.join(st.path, rel))
+            names = pq.read_schema(fs.open_input_file(p)).names
+            assert "image" not in names and {"id", "label", "soft_targets"} <= set(names), names
+    # a float32 copy of a digits image alone is 256 bytes; ids, label, targets and 3 x 10 logits are less
+    assert st.manifest["bytes_per_row"]["train"] < 256
+    rows = _rows(st.datasets["train"])  # ... and the dataset the students read has the source's images
+    assert np.array_equal(rows["image"], _images_by_id(st.transfer, rows["id"]))
+    val = _rows(st.datasets["val"])
+    assert np.array_equal(val["image"], _images_by_id(load_splits(base.data).val, val["id"]))
+
+
+def _images_by_id(split, ids):
+    order = np.argsort(split.ids)
+    return split.images[order[np.searchsorted(split.ids, ids, sorter=order)]]
+
+
+def test_views_cache_labels_each_view_once_and_rebuilds_it_exactly(tiny_ensemble):
+    from kd_ray.core.augment import view_shift
+
+    base, ensemble = tiny_ensemble
+    cfg = _cfg(base, "views", "soft_targets.views=4", "soft_targets.jitter=1", "soft_targets.mode=cached")
+    st = build_soft_targets(cfg, ensemble)
+    n, V = len(st.transfer), 4
+    assert st.manifest["rows"]["views"] == n * V and forward_passes(cfg.name)["views"] == n * V
+    rows = _rows(st.datasets["views"])  # ids sorted; each id's V views
+    assert sorted(zip(rows["id"], rows["view"])) == sorted((i, v) for i in st.transfer.ids for v in range(V))
+    # every stored view, rebuilt from its source image, gets the stored soft targets from the teachers
+    images = view_shift(_images_by_id(st.transfer, rows["id"]), rows["id"], rows["view"], 1, st.manifest["view_seed"])
+    want, _ = _direct(ensemble, images, st.temperature, "probs")
+    assert np.abs(want - rows["soft_targets"]).max() < 1e-6
+    assert not np.array_equal(images[rows["view"] == 0], images[rows["view"] == 1])  # the views differ
+    # the same settings reuse it; another V or another shift is another cache
+    assert not build_soft_targets(cfg, ensemble).built
+    for change in ("soft_targets.views=2", "soft_targets.jitter=2"):
+        other = build_soft_targets(_cfg(base, "views", "soft_targets.views=4", "soft_targets.jitter=1",
+                                        "soft_targets.mode=cached", change), ensemble)
+        assert other.built and other.path != st.path

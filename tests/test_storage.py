@@ -90,3 +90,15 @@ def test_pipeline_on_s3_then_everything_reused_then_an_interrupted_sweep_finishe
     done = run_sweep(cfg, st)
     assert done.complete and set(done.results["status"]) == {"done"} and len(done.results) == 2
     assert storage.exists(storage.join(root, "digits", "results.parquet"))
+
+    # a cached-views student, from a views cache in the bucket (no teacher passes while it trains)
+    from kd_ray.stages.distill import distill
+
+    vcfg = load_config(None, argv[2::2] + ["soft_targets.views=2", "soft_targets.jitter=1",
+                                           "student.teaching=cached_views", "student.fraction=0.3"])
+    vst = build_soft_targets(vcfg, train_ensemble(vcfg))
+    assert vst.path.startswith("s3://") and vst.manifest["rows"]["views"] == 2 * len(vst.transfer)
+    out = distill(vcfg, vst)
+    assert out.metrics["teaching"] == "cached_views" and out.metrics["teacher_passes"] == 0
+    assert 0 < out.metrics["test_accuracy"] <= 1
+    assert storage.exists(storage.join(root, "digits", "students", out.run_name, "result.json"))

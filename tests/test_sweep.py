@@ -48,6 +48,22 @@ def test_grid_sweeps_the_soft_loss_and_keeps_kd_trial_keys():
     assert trial_key(matching).endswith("-logit_matching") and trial_config(cfg, matching).student.loss == "logit_matching"
 
 
+def test_cached_views_get_a_matched_hard_baseline_and_need_views():
+    cfg = load_config(None, ["soft_targets.jitter=1", "soft_targets.views=8", "sweep.fractions=[0.1]",
+                             "sweep.teaching=[cached, cached_views]"])
+    assert cfg.soft_targets.resolved_mode == "cached"  # views are a cache: no streaming by default
+    trials = trial_grid(cfg)
+    assert sorted((t["targets"], t["teaching"]) for t in trials) == [
+        ("hard", "cached_views"), ("hard", "none"), ("soft", "cached"), ("soft", "cached_views")]
+    hard_views = next(t for t in trials if t["targets"] == "hard" and t["teaching"] == "cached_views")
+    assert trial_config(cfg, hard_views).teaching() == "cached_views"  # hard labels on the same views
+    with pytest.raises(ConfigError, match="soft_targets.views"):
+        load_config(None, ["soft_targets.jitter=1", "student.teaching=cached_views"])
+    with pytest.raises(ConfigError, match="shifts only"):
+        load_config(None, ["soft_targets.jitter=1", "soft_targets.views=4", "soft_targets.mixup=1.0",
+                           "soft_targets.mode=cached", "student.teaching=cached_views"])
+
+
 def test_grid_sweeps_teaching_modes_and_epoch_budgets():
     cfg = load_config(None, ["soft_targets.jitter=1", "soft_targets.mode=cached", "sweep.fractions=[0.03]",
                              "sweep.seeds=[0, 1]",
@@ -200,6 +216,48 @@ def test_small_sweep_results_report_and_teacher_passes(tiny_ensemble):
     assert all(s == small[0] for s in small) and all(s == large[0] for s in large)  # soft and hard: same rows
     assert small[0] < large[0]
     assert {label_of[i] for i in small[0]} == set(range(10))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_cached_views_trials_share_one_labelling_of_every_view(tiny_ensemble):
+    import torch
+
+    from kd_ray.core.augment import chosen_views, view_shift
+    from kd_ray.core.ensemble import build_teacher, load_teacher_files
+    from kd_ray.core.losses import ensemble_average
+    from kd_ray.stages.counters import forward_passes
+    from kd_ray.stages.soft_targets import build_soft_targets
+    from kd_ray.stages.sweep import run_sweep
+
+    base, ensemble = tiny_ensemble
+    V = 4
+    cfg = _cfg(base, "sweepviews", "soft_targets.jitter=1", f"soft_targets.views={V}", "sweep.fractions=[0.1, 0.3]",
+               "sweep.teaching=[cached_views]", "sweep.seeds=[0]", "sweep.epochs=[2]", "sweep.max_concurrent_trials=4")
+    st = build_soft_targets(cfg, ensemble)
+    N, K = len(st.transfer), len(ensemble.model_paths)
+    result = run_sweep(cfg, st)
+    df = result.results
+    # soft and matched hard trials on the views, and the plain hard baseline, per fraction
+    assert result.complete and set(df["status"]) == {"done"} and len(df) == 6
+    assert sorted(set(zip(df["targets"], df["teaching"]))) == [("hard", "cached_views"), ("hard", "none"),
+                                                               ("soft", "cached_views")]
+    # the whole sweep's teacher passes: V x N x K once, when the cache was built; none in training
+    assert (df["teacher_passes"] == 0).all()
+    assert forward_passes(cfg.name)["views"] * K == V * N * K
+    # the soft student's last epoch trained on the views chosen for that epoch, rebuilt bit for bit,
+    # against the teachers' soft targets of those very images
+    row = df[(df["targets"] == "soft") & (df["fraction"] == 0.1)].iloc[0]
+    b = dict(np.load(os.path.join(row["checkpoint_path"], "first_batch_rank0.npz")))
+    views = chosen_views(b["id"], V, 0, epoch=1)
+    order = np.argsort(st.transfer.ids)
+    source = st.transfer.images[order[np.searchsorted(st.transfer.ids, b["id"], sorter=order)]]
+    rebuilt = view_shift(source, b["id"], views, 1, st.manifest["view_seed"])
+    assert np.array_equal(b["image"], rebuilt)
+    teachers = [build_teacher(f.blob, torch.device("cpu")) for f in load_teacher_files(ensemble.model_paths)]
+    with torch.no_grad():
+        want = ensemble_average(torch.stack([m(torch.from_numpy(rebuilt)) for m in teachers]), st.temperature, "probs")
+    assert np.abs(b["soft_targets"] - want.numpy()).max() <= 1e-5
 
 
 @pytest.mark.ray

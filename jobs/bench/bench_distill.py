@@ -4,9 +4,11 @@ kd_ray's Ray Train run (TorchTrainer, 1 worker), in one script.
     python jobs/bench/bench_distill.py [--epochs 4] [--batch-size 256] [--max-in-memory-mb 0]
 
 Both train the paper's 800-800 MLP student with kd_loss (T = 4, alpha = 0.9) on the same
-cached soft targets and evaluate on the validation set every epoch. Per-epoch samples/s
-(training rows / epoch seconds, epoch 1 excluded as warm-up) are compared; kd_ray's fixed
-start-up = wall time - the sum of its epoch times. Teachers are untrained 1200-1200 MLPs:
+cached soft targets and evaluate on the validation set every epoch. The headline is end to
+end: the plain loop's total time against the wall time of kd_ray's ``distill`` call (Train's
+start-up included; the cluster itself is up). Beside it, per-epoch samples/s (training rows /
+epoch seconds, epoch 1 excluded as warm-up); kd_ray's fixed start-up = wall time - the sum of
+its epoch times. Teachers are untrained 1200-1200 MLPs:
 the student's cost does not depend on what the targets say.
 """
 from __future__ import annotations
@@ -96,12 +98,14 @@ def main() -> None:
          else "streamed from Ray Data every epoch"),
         ("plain PyTorch, per epoch", f"{plain_rate:,.0f} samples/s ({', '.join(f'{s:.2f}' for s in plain)} s)"),
         ("kd_ray Ray Train, per epoch", f"{kd_rate:,.0f} samples/s ({', '.join(f'{s:.2f}' for s in kd)} s)"),
-        ("ratio kd_ray / plain (steady)", f"{kd_rate / plain_rate:.2f} (target >= 0.90)"),
+        ("ratio kd_ray / plain, end to end", f"{sum(plain) / wall:.2f} ({sum(plain):.1f} s vs {wall:.1f} s; target >= 0.90)"),
+        ("ratio kd_ray / plain, steady epochs", f"{kd_rate / plain_rate:.2f}"),
         ("kd_ray fixed start-up", f"{startup:.1f} s (TorchTrainer, worker group, dataset setup, final test eval)"),
         ("student test accuracy", f"{result.metrics['test_accuracy']:.4f}"),
     ], {"dataset": data_name, "rows": n, "epochs": args.epochs, "max_in_memory_mb": args.max_in_memory_mb, "plain_samples_s": round(plain_rate),
-        "kd_ray_samples_s": round(kd_rate), "ratio": round(kd_rate / plain_rate, 3), "startup_s": round(startup, 1),
-        "target": 0.9, "met": bool(kd_rate / plain_rate >= 0.9)})
+        "kd_ray_samples_s": round(kd_rate), "ratio_steady": round(kd_rate / plain_rate, 3),
+        "ratio_e2e": round(sum(plain) / wall, 3), "plain_s": round(sum(plain), 2), "kd_ray_wall_s": round(wall, 2),
+        "startup_s": round(startup, 1), "target": 0.9, "met": bool(sum(plain) / wall >= 0.9)})
 
 
 if __name__ == "__main__":

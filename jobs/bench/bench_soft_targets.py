@@ -4,8 +4,9 @@ kd_ray's Ray Data pipeline (EnsemblePredictor actor pool), in one run.
     python jobs/bench/bench_soft_targets.py [--teachers 5] [--actors 2] [--batch-size 1024] [--precision bfloat16]
 
 Teachers are the paper's 2 x 1200 MLPs (untrained weights: inference costs the same).
-kd_ray is timed twice: on a 1-batch dataset (its fixed start-up: actor pool, model loading)
-and on the full set; steady state = rows / (full - start-up). Ray's own start-up is excluded.
+The headline is end to end, as a user waits for it: Ray's start-up plus kd_ray's pass over the
+full set (run first, on a fresh cluster). Beside it, steady state = rows / (full - start-up),
+with kd_ray's fixed start-up (actor pool, model loading) timed on a 1-batch dataset afterwards.
 With ``--precision bfloat16`` both run the teachers in bfloat16 (``soft_targets.precision``),
 and the plain loop is timed in float32 as well: the speed-up bfloat16 buys, and how far its
 soft targets move from float32's.
@@ -67,14 +68,14 @@ def main() -> None:
     t0 = time.perf_counter()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1")
     ray_start_s = time.perf_counter() - t0
-    tiny = to_dataset(rows.take(rows.ids[: args.batch_size]))
-    t0 = time.perf_counter()
-    predict(tiny, paths, cfg.soft_targets, "train", [cfg.name]).materialize()
-    startup_s = time.perf_counter() - t0
     full = to_dataset(rows, blocks=max(4, len(rows) // (4 * args.batch_size)))
     t0 = time.perf_counter()
     done = predict(full, paths, cfg.soft_targets, "train", [cfg.name]).materialize()
     full_s = time.perf_counter() - t0
+    tiny = to_dataset(rows.take(rows.ids[: args.batch_size]))
+    t0 = time.perf_counter()
+    predict(tiny, paths, cfg.soft_targets, "train", [cfg.name]).materialize()
+    startup_s = time.perf_counter() - t0
     df = done.select_columns(["id", "soft_targets"]).to_pandas()
     got = np.stack(df["soft_targets"].to_numpy())[np.argsort(df["id"].to_numpy())]
     want = plain_out[np.argsort(ids)]
@@ -85,25 +86,25 @@ def main() -> None:
     n = len(rows)
     plain_rate = n / plain_s
     steady_rate = n / max(full_s - startup_s, 1e-9)
-    e2e_rate = n / full_s
+    e2e_rate = n / (ray_start_s + full_s)
     emit("bench_soft_targets", [
         ("dataset", f"{data_name}: {n} rows, K = {args.teachers} MLP 1200-1200 teachers, batch {args.batch_size}"),
         ("teachers' precision", args.precision),
         ("plain PyTorch loop", f"{plain_rate:,.0f} samples/s ({plain_s:.1f} s, {os.cpu_count()} threads)"),
         ("plain loop, float32", f"{n / fp32_s:,.0f} samples/s (ratio {fp32_s / plain_s:.2f} for {args.precision})"),
-        ("kd_ray end to end", f"{e2e_rate:,.0f} samples/s ({full_s:.1f} s, {args.actors} actors x {args.cpus_per_actor:g} CPU)"),
+        ("kd_ray end to end", f"{e2e_rate:,.0f} samples/s ({ray_start_s:.1f} s Ray start-up + {full_s:.1f} s, "
+                              f"{args.actors} actors x {args.cpus_per_actor:g} CPU)"),
+        ("ratio end to end / plain", f"{e2e_rate / plain_rate:.2f} (target >= 0.90)"),
         ("kd_ray fixed start-up", f"{startup_s:.1f} s (1-batch run: actor pool + model loading)"),
-        ("kd_ray steady state", f"{steady_rate:,.0f} samples/s"),
-        ("ratio steady / plain", f"{steady_rate / plain_rate:.2f} (target >= 0.90)"),
-        ("ratio end-to-end / plain", f"{e2e_rate / plain_rate:.2f}"),
-        ("Ray start-up (excluded)", f"{ray_start_s:.1f} s"),
+        ("kd_ray steady state", f"{steady_rate:,.0f} samples/s, ratio to plain {steady_rate / plain_rate:.2f}"),
         ("max |kd_ray - plain|", f"{max_diff:.2e}"),
         ("max |kd_ray - float32 plain|", f"{vs_fp32:.2e}"),
     ], {"dataset": data_name, "rows": n, "teachers": args.teachers, "precision": args.precision,
         "plain_samples_s": round(plain_rate), "plain_fp32_samples_s": round(n / fp32_s), "max_abs_diff_fp32": vs_fp32,
         "kd_ray_steady_samples_s": round(steady_rate), "kd_ray_e2e_samples_s": round(e2e_rate),
-        "startup_s": round(startup_s, 2), "ratio_steady": round(steady_rate / plain_rate, 3),
-        "target": 0.9, "met": bool(steady_rate / plain_rate >= 0.9), "max_abs_diff": max_diff})
+        "startup_s": round(startup_s, 2), "ray_start_s": round(ray_start_s, 2),
+        "ratio_e2e": round(e2e_rate / plain_rate, 3), "ratio_steady": round(steady_rate / plain_rate, 3),
+        "target": 0.9, "met": bool(e2e_rate / plain_rate >= 0.9), "max_abs_diff": max_diff})
 
 
 if __name__ == "__main__":

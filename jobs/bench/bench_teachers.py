@@ -75,17 +75,19 @@ def main() -> None:
     kd_s = time.perf_counter() - t0
     busy = [t["end"] - t["start"] for t in result.teachers]
     ray.shutdown()
-    ratio = kd_s / plain_s
+    ratio = (ray_start_s + kd_s) / plain_s  # end to end: what a user waits for, Ray's start-up included
     emit("bench_teachers", [
         ("dataset", f"{data_name}: {len(splits.train)} train rows, {len(splits.val)} val rows"),
         ("teachers x epochs", f"{args.teachers} x {args.epochs} (MLP 1200-1200, batch {args.batch_size})"),
         ("plain PyTorch, sequential", f"{plain_s:.1f} s"),
         ("kd_ray parallel actors", f"{kd_s:.1f} s (incl. actor start-up; per-teacher busy {min(busy):.1f}-{max(busy):.1f} s)"),
-        ("Ray start-up (excluded)", f"{ray_start_s:.1f} s"),
-        ("ratio kd_ray / plain", f"{ratio:.2f} (target <= 0.70)"),
+        ("Ray start-up", f"{ray_start_s:.1f} s"),
+        ("ratio kd_ray / plain, end to end", f"{ratio:.2f} (Ray start-up included; target <= 0.70)"),
+        ("ratio kd_ray / plain, actors only", f"{kd_s / plain_s:.2f}"),
         ("ensemble val accuracy", f"{result.val_accuracy:.4f}"),
     ], {"dataset": data_name, "teachers": args.teachers, "epochs": args.epochs, "plain_s": round(plain_s, 2),
-        "kd_ray_s": round(kd_s, 2), "ray_start_s": round(ray_start_s, 2), "ratio": round(ratio, 3),
+        "kd_ray_s": round(kd_s, 2), "ray_start_s": round(ray_start_s, 2), "ratio_e2e": round(ratio, 3),
+        "ratio_actors_only": round(kd_s / plain_s, 3),
         "target": 0.7, "met": bool(ratio <= 0.7)})
 
 

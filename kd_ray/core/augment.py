@@ -58,6 +58,26 @@ def seeded_shift(images, ids, max_shift: int, seed: int, epoch: int):
     return shift_images(torch.from_numpy(np.array(images)), torch.from_numpy(dy), torch.from_numpy(dx)).numpy()
 
 
+def view_shift(images, ids, views, max_shift: int, seed: int):
+    """View ``views[i]`` of sample ``ids[i]``: the shift ``seeded_shift`` gives it at "epoch"
+    ``views[i]`` under ``seed``, so each of a sample's V cached views is a pure function of
+    (seed, view, id) and is rebuilt from the source image, never stored (numpy or torch)."""
+    views = views.cpu().numpy() if isinstance(views, torch.Tensor) else np.asarray(views)
+    out = images.clone() if isinstance(images, torch.Tensor) else np.array(images)
+    for v in np.unique(views):
+        m = np.flatnonzero(views == v)
+        idx = torch.from_numpy(m).to(images.device) if isinstance(images, torch.Tensor) else m
+        sel_ids = ids[idx] if isinstance(ids, torch.Tensor) else np.asarray(ids)[m]
+        out[idx] = seeded_shift(images[idx], sel_ids, max_shift, seed, int(v))
+    return out
+
+
+def chosen_views(ids: np.ndarray, num_views: int, seed: int, epoch: int) -> np.ndarray:
+    """Which of its ``num_views`` cached views sample ``id`` trains on in ``epoch`` (pure function
+    of (seed, epoch, id))."""
+    return (stable_hash(np.asarray(ids), seed * 1_000_003 + epoch + 0x76696577) % np.uint64(num_views)).astype(np.int64)
+
+
 def seeded_mixup(n: int, a: float, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
     """Mixup partners for a pool of ``n`` images (Beyer et al. 2022's "function matching"):
     image ``i`` of the pool becomes ``lam[i] * x[i] + (1 - lam[i]) * x[partner[i]]``, with

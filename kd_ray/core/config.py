@@ -151,7 +151,7 @@ def _spec_error(i: int, err: dict) -> str:
 class SoftTargetsConfig(_Section):
     temperature: float = Field(4.0, gt=0)
     rule: Literal["probs", "logits"] = "probs"  # losses.RULES
-    mode: Optional[Literal["cached", "streaming"]] = None  # None: streaming iff there is augmentation
+    mode: Optional[Literal["cached", "streaming"]] = None  # None: streaming iff augmentation without views
     jitter: int = Field(0, ge=0)  # streaming mode: shift up to k pixels, same view for both
     # consistent teaching only: mix each (shifted) image with another of the student's subset,
     # weight ~ Beta(mixup, mixup), and let the teachers label the mixed image (Beyer et al.
@@ -164,6 +164,10 @@ class SoftTargetsConfig(_Section):
     #           (K x (4 x top_k + 4) bytes a row; losses.top_k_logits says how the tail is kept)
     teacher_logits: Literal["none", "dense", "topk"] = "dense"
     top_k: int = Field(32, ge=1)
+    # cached mode: V shifted views of every transfer image (up to ``jitter`` pixels), each a pure
+    # function of (data seed, view, id), labelled once by the ensemble and cached without the image;
+    # student.teaching: cached_views trains on them (consistent teaching, no teacher passes). 0: none
+    views: int = Field(0, ge=0)
     # the teachers' arithmetic in the predictor (bfloat16: faster on CPUs with AVX512-BF16, soft
     # targets within ~1e-4 of float32's; docs/notes.md); averaging and softmax stay in float32
     precision: Literal["float32", "bfloat16"] = "float32"
@@ -184,7 +188,7 @@ class SoftTargetsConfig(_Section):
 
     @property
     def resolved_mode(self) -> str:
-        return self.mode or ("streaming" if self.augments else "cached")
+        return self.mode or ("streaming" if self.augments and not self.views else "cached")
 
 
 # StudentConfig fields added after runs were named: at these values they stay out of run names
@@ -228,7 +232,9 @@ class StudentConfig(TrainSpec):
     #   consistent    every epoch the teachers label the very shifted view the student trains on
     #                 (streaming through an EnsemblePredictor actor pool; Beyer et al. 2022)
     # None: consistent in streaming mode, cached otherwise.
-    teaching: Optional[Literal["cached", "inconsistent", "consistent"]] = None
+    #   cached_views  each epoch one of the V cached views of each row (soft_targets.views), rebuilt
+    #                 from the source image: consistent teaching with no teacher passes in training
+    teaching: Optional[Literal["cached", "inconsistent", "consistent", "cached_views"]] = None
     # Where the student's weights start:
     #   scratch  a fresh initialisation (torch.manual_seed(seed))
     #   teacher  a copy of ensemble member number ``seed % K`` (it needs the teachers' model and
@@ -260,7 +266,7 @@ class SweepConfig(_Section):
     # hard-label trials are the paper's baseline: early stopping on validation (best-val model)
     hard_early_stopping_patience: Optional[int] = Field(10, gt=0)
     # soft-target trials per teaching mode (student.teaching); empty: the student's mode
-    teaching: list[Literal["cached", "inconsistent", "consistent"]] = []
+    teaching: list[Literal["cached", "inconsistent", "consistent", "cached_views"]] = []
     # epoch budgets to sweep (patience); empty: student.epochs. Hard-label trials run once, with
     # the largest budget (they stop early on validation).
     epochs: list[int] = []
@@ -409,6 +415,12 @@ class ExperimentConfig(_Section):
             raise ValueError("consistent teaching augments the images teacher and student share: set "
                              "soft_targets.jitter to the largest shift in pixels (e.g. 1), soft_targets.mixup "
                              "to a Beta parameter (e.g. 1.0), or both")
+        if "cached_views" in modes and not (st.views > 0 and st.jitter > 0 and st.resolved_mode == "cached"):
+            raise ValueError("cached_views teaching trains on cached shifted views: set soft_targets.views to "
+                             "their number (e.g. 8), soft_targets.jitter to the largest shift (e.g. 1) and "
+                             "soft_targets.mode: cached")
+        if "cached_views" in modes and st.mixup > 0:
+            raise ValueError("cached views are shifts only: set soft_targets.mixup: 0 for cached_views teaching")
         if st.resolved_mode == "streaming" and modes & {"cached", "inconsistent"} and (
                 self.student.teaching or self.sweep.teaching):
             raise ValueError("cached and inconsistent teaching read cached soft targets of the transfer set: "

@@ -31,7 +31,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from kd_ray import layout
 from kd_ray.core import storage
-from kd_ray.core.augment import seeded_shift
+from kd_ray.core.augment import chosen_views, seeded_shift, view_shift
 from kd_ray.core.config import (
     METRICS,
     ExperimentConfig,
@@ -55,7 +55,12 @@ from kd_ray.core.train import (
 )
 from kd_ray.stages.cluster import student_uses_gpu
 from kd_ray.stages.counters import forward_passes, pass_counter
-from kd_ray.stages.soft_targets import SoftTargets, consistent_stream, worker_share
+from kd_ray.stages.soft_targets import (
+    SoftTargets,
+    consistent_stream,
+    take_ids,
+    worker_share,
+)
 from kd_ray.stages.tracking import track
 
 
@@ -99,6 +104,8 @@ class StudentJob:
     cpus_per_worker: int = 1
     fail_after_epoch: int | None = None  # fault injection (tests)
     mixed_precision: str = "auto"  # runtime.mixed_precision
+    views: int = 0  # cached_views teaching: the cache's V views per row ...
+    view_seed: int = 0  # ... and the seed their shifts are a function of
 
 
 # --------------------------------------------------------------------------- the Train loop
@@ -200,11 +207,25 @@ def _epoch_rows(job: StudentJob, rank: int, world: int, start_epoch: int, device
                                range(start_epoch, s.epochs), s.seed, st.counters)
         return EpochStream(ds.iter_batches(batch_size=None, batch_format="numpy"), s.batch_size, device).epoch
     shard = ray.train.get_dataset_shard("train")
+    if job.teaching == "cached_views":  # all V views of each row, read once; one of them per epoch
+        rows = _read_shard(shard, device)
+        return lambda e: shuffled_batches(_one_view_each(rows, job, e), s.batch_size, s.seed * 1000 + e)
     if job.in_memory:  # the shard, read once, reshuffled every epoch
         rows = _read_shard(shard, device)
         return lambda e: shuffled_batches(rows, s.batch_size, s.seed * 1000 + e)
     return lambda e: shard.iter_torch_batches(batch_size=s.batch_size, device=device, local_shuffle_buffer_size=4096,
                                               local_shuffle_seed=s.seed * 1000 + e)
+
+
+def _one_view_each(rows: dict[str, torch.Tensor], job: StudentJob, epoch: int) -> dict[str, torch.Tensor]:
+    """The rows of the view each id trains on in ``epoch``, with that view's image rebuilt from
+    the source image (the very image the teachers labelled)."""
+    ids = rows["id"].cpu().numpy()
+    want = torch.from_numpy(chosen_views(ids, job.views, job.student.seed, epoch)).to(rows["view"].device)
+    keep = rows["view"] == want
+    out = {k: v[keep] for k, v in rows.items()}
+    out["image"] = view_shift(out["image"], out["id"], out["view"], job.jitter, job.view_seed)
+    return out
 
 
 def _read_shard(shard, device) -> dict[str, torch.Tensor]:
@@ -290,6 +311,9 @@ def _training_ids(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | No
     if teaching != "consistent" and soft.mode == "streaming":
         raise ValueError(f"student.teaching={teaching} reads cached soft targets, but {soft.path} is a "
                          f"streaming-mode cache (no transfer rows): set soft_targets.mode: cached")
+    if teaching == "cached_views" and "views" not in soft.datasets:
+        raise ValueError(f"student.teaching=cached_views trains on cached views, but {soft.path} has none: "
+                         f"set soft_targets.views (e.g. 8)")
     ids = subset_ids(soft, s.fraction, cfg.data.seed) if ids is None else np.asarray(ids, dtype=np.int64)
     ids = ids[np.isin(ids, soft.transfer.ids)]
     if len(ids) == 0:
@@ -327,7 +351,8 @@ def distill(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None = N
                      num_classes=soft.num_classes, input_shape=soft.manifest["input_shape"], teaching=teaching,
                      jitter=cfg.soft_targets.jitter, init_path=init_teacher_path(s, soft),
                      eval={split: ray.put(soft.eval_arrays(split)) for split in ("val", "test")},
-                     fail_after_epoch=fail_after_epoch, mixed_precision=cfg.runtime.mixed_precision)
+                     fail_after_epoch=fail_after_epoch, mixed_precision=cfg.runtime.mixed_precision,
+                     views=int(soft.manifest.get("views", 0)), view_seed=int(soft.manifest.get("view_seed", 0)))
     datasets = {}
     counter = f"{cfg.name}/{name}"  # this run's teacher passes (consistent teaching)
     if teaching == "consistent":
@@ -336,6 +361,9 @@ def distill(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None = N
         job.stream = StreamJob(ray.put(soft.transfer_rows(ids)), ids, cfg.soft_targets, soft.model_paths,
                                [cfg.name, counter])
         pass_counter(counter)
+    elif teaching == "cached_views":  # every view of the subset's rows; the worker picks one per epoch
+        datasets["train"] = take_ids(soft.datasets["views"], ids).materialize()
+        datasets["train"].context.enable_progress_bars = False
     else:
         datasets["train"] = soft.epoch_dataset(0, ids=ids).materialize()
         # A dataset carries the DataContext it was made with into the workers: without progress

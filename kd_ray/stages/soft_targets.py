@@ -5,7 +5,8 @@
 
 * **cached** (default without augmentation): computed once, written as parquet under
   ``<storage>/<name>/soft_targets/<fingerprint>/{train,val,test}/`` with ``manifest.json``
-  written last. The fingerprint covers the teachers' checkpoint bytes, T, the rule, whether
+  written last. The cache keeps ids, labels and targets, not the images: reading it joins each
+  row to its source image by id. The fingerprint covers the teachers' checkpoint bytes, T, the rule, whether
   logits are kept and the data's identity; a cache is used only when its manifest matches
   and every file it lists reads back with the listed row count, else it is rebuilt.
 * **streaming** (default with augmentation): the transfer set is augmented and run through
@@ -28,10 +29,11 @@ import ray
 import ray.data
 import torch
 from ray.data.expressions import col
+from ray.data.extensions import ArrowTensorArray
 
 from kd_ray import layout
 from kd_ray.core import storage
-from kd_ray.core.augment import mix, seeded_mixup, seeded_shift
+from kd_ray.core.augment import mix, seeded_mixup, seeded_shift, view_shift
 from kd_ray.core.config import ExperimentConfig, SoftTargetsConfig
 from kd_ray.core.data import Split, Splits, load_splits
 from kd_ray.core.ensemble import (
@@ -47,7 +49,7 @@ from kd_ray.stages.cluster import wait_for
 from kd_ray.stages.counters import pass_counter
 from kd_ray.stages.datasets import from_dataset, to_dataset
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: no image column (joined from the source by id)
 SPLITS = ("train", "val", "test")
 
 
@@ -129,6 +131,20 @@ def predict(ds, model_paths: list[str], st: SoftTargetsConfig, split: str, count
     )
 
 
+def view_seed(cfg: ExperimentConfig) -> int:
+    """The seed of the cached views' shifts: the data seed, in a stream of its own."""
+    return 7_919 * 1_000_003 + cfg.data.seed
+
+
+def expand_views(batch: dict[str, np.ndarray], views: int, max_shift: int, seed: int) -> dict[str, np.ndarray]:
+    """Each row -> its ``views`` shifted views (a ``view`` column), for the predictor to label."""
+    n = len(batch["id"])
+    out = {k: np.repeat(np.asarray(v), views, axis=0) for k, v in batch.items()}
+    out["view"] = np.tile(np.arange(views, dtype=np.int64), n)
+    out["image"] = view_shift(out["image"], out["id"], out["view"], max_shift, seed)
+    return out
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """The order of ``n`` rows in ``epoch``: a permutation that is a pure function of (seed, epoch)."""
     return np.random.default_rng([seed, epoch]).permutation(n)
@@ -182,6 +198,8 @@ def fingerprint(teachers: list[TeacherFile], cfg: ExperimentConfig, identity: di
         blob["precision"] = st.precision
     if st.teacher_logits == "topk":  # likewise
         blob["top_k"] = st.top_k
+    if st.views:  # the views and their augmentation
+        blob["views"] = {"count": st.views, "jitter": st.jitter, "seed": view_seed(cfg)}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -194,7 +212,7 @@ def read_valid_cache(path: str, fp: str) -> dict | None:
         manifest = storage.read_json(manifest_path)
         if manifest.get("fingerprint") != fp or manifest.get("schema") != SCHEMA_VERSION:
             return None
-        for split in SPLITS:
+        for split in manifest["files"]:  # train, val, test (and views)
             rows = 0
             for rel in manifest["files"][split]:
                 fs, p = storage.resolve(storage.join(path, rel))
@@ -250,27 +268,35 @@ class SoftTargets:
         pass through the teachers (streaming mode). ``ids`` restricts to a subset."""
         if self.mode == "cached":
             ds = self.datasets["train"]
-            return ds if ids is None else _take_ids(ds, ids)
+            return ds if ids is None else take_ids(ds, ids)
         rows = self.transfer_rows(ids)
         return consistent_stream(ray.put(rows), np.arange(len(rows["id"])), self.cfg.soft_targets, self.model_paths,
                                  [epoch], seed, [self.cfg.name])
 
 
-def _take_ids(ds, ids: np.ndarray):
+def take_ids(ds, ids: np.ndarray):
+    """The rows of ``ds`` whose id is in ``ids`` (every view of each, in a views cache)."""
     keep = np.asarray(ids, dtype=np.int64)
     return ds.map_batches(lambda b: {k: v[np.isin(b["id"], keep)] for k, v in b.items()}, batch_format="numpy")
 
 
-def read_cache_split(path: str, files: list[str]):
-    """A cached split as a materialized Ray Dataset (one Arrow block per file).
+def read_cache_split(path: str, files: list[str], source: Split):
+    """A cached split joined by id to its source's images, as a materialized Ray Dataset (one
+    Arrow block per file): the cache keeps ids, labels and targets, never the images.
 
     Read with pyarrow on the driver: ``ray.data.read_parquet`` has a large fixed start-up per read
     on small machines (docs/notes.md).
     """
+    order = np.argsort(source.ids, kind="stable")
     tables = []
     for rel in files:
         fs, p = storage.resolve(storage.join(path, rel))
-        tables.append(pq.read_table(p, filesystem=fs))
+        table = pq.read_table(p, filesystem=fs)
+        ids = table.column("id").to_numpy()
+        at = order[np.minimum(np.searchsorted(source.ids, ids, sorter=order), max(len(order) - 1, 0))]
+        if len(ids) and not np.array_equal(source.ids[at], ids):
+            raise ValueError(f"soft-target cache {path}/{rel} has ids its source does not; delete the cache to rebuild it")
+        tables.append(table.append_column("image", ArrowTensorArray.from_numpy(source.images[at])))
     return ray.data.from_arrow(tables)
 
 
@@ -297,7 +323,7 @@ def _compute_cache(cfg: ExperimentConfig, paths: list[str], parts: dict[str, Spl
         if not len(parts[split]):
             files[split] = []
             continue
-        rows = done.filter(expr=col("split") == i).drop_columns(["split"])
+        rows = done.filter(expr=col("split") == i).drop_columns(["split", "image"])  # the source has them
         if split != "train":
             df = rows.select_columns(["label", "ensemble_pred", "teacher_logits"]).to_pandas()
             labels = df["label"].to_numpy()
@@ -309,6 +335,14 @@ def _compute_cache(cfg: ExperimentConfig, paths: list[str], parts: dict[str, Spl
         elif st.teacher_logits == "topk":
             rows = rows.map_batches(_top_k_columns, fn_kwargs={"k": st.top_k}, batch_format="numpy")
         files[split] = _write_split(rows, work, split)
+    if st.views and len(parts["train"]):  # V views of each transfer row, labelled once
+        views = to_dataset(parts["train"]).map_batches(
+            expand_views, fn_kwargs={"views": st.views, "max_shift": st.jitter, "seed": view_seed(cfg)},
+            batch_format="numpy", batch_size=max(1, st.batch_size // st.views))
+        rows = predict(views, paths, st, "views", [cfg.name]).drop_columns(["image"])
+        if st.teacher_logits == "topk":
+            rows = rows.map_batches(_top_k_columns, fn_kwargs={"k": st.top_k}, batch_format="numpy")
+        files["views"] = _write_split(rows, work, "views")
     return files, accuracy
 
 
@@ -356,9 +390,11 @@ def build_soft_targets(cfg: ExperimentConfig, ensemble, splits: Splits | None = 
                  "val": splits.val, "test": splits.test}
         files, accuracy = _compute_cache(cfg, paths, parts, work)
         rows = {s: len(p) for s, p in parts.items()}
+        if "views" in files:
+            rows["views"] = len(parts["train"]) * cfg.soft_targets.views
         # what a row costs in the cache (parquet, compressed): ids, labels, targets, kept logits
-        size = {s: sum(storage.size(storage.join(work, f)) for f in files[s]) for s in SPLITS}
-        bytes_per_row = {s: round(size[s] / rows[s], 1) for s in SPLITS if rows[s]}
+        size = {s: sum(storage.size(storage.join(work, f)) for f in files[s]) for s in files}
+        bytes_per_row = {s: round(size[s] / rows[s], 1) for s in files if rows[s]}
         manifest = {
             "schema": SCHEMA_VERSION, "fingerprint": fp, "mode": mode, "temperature": cfg.soft_targets.temperature,
             "rule": cfg.soft_targets.rule, "averaging": "mean of softmax(z_k/T)" if cfg.soft_targets.rule == "probs"
@@ -368,6 +404,7 @@ def build_soft_targets(cfg: ExperimentConfig, ensemble, splits: Splits | None = 
             "teachers": [{"path": t.path, "sha256": t.sha256} for t in teachers], "num_classes": num_classes,
             "input_shape": list(splits.input_shape), "normalization": splits.normalization, "data": splits.identity(), "files": files, "rows": rows,
             "ensemble": accuracy, "bytes_per_row": bytes_per_row, "seconds": round(time.time() - t0, 2),
+            "views": cfg.soft_targets.views, "view_jitter": cfg.soft_targets.jitter, "view_seed": view_seed(cfg),
         }
         if local:
             storage.write_json(storage.join(work, "manifest.json"), manifest)
@@ -375,5 +412,6 @@ def build_soft_targets(cfg: ExperimentConfig, ensemble, splits: Splits | None = 
             fs.move(src, storage.resolve(path)[1])
         else:
             storage.write_json(storage.join(path, "manifest.json"), manifest)  # last
-    datasets = {split: read_cache_split(path, manifest["files"][split]) for split in SPLITS if manifest["files"][split]}
+    sources = {"train": transfer, "val": splits.val, "test": splits.test, "views": transfer}
+    datasets = {split: read_cache_split(path, files, sources[split]) for split, files in manifest["files"].items() if files}
     return SoftTargets(cfg, mode, path, manifest, paths, transfer, built, datasets)

@@ -66,8 +66,9 @@ def trial_grid(cfg: ExperimentConfig) -> list[dict]:
     Hard-label trials need no teachers, T or alpha (alpha 0, the soft targets' T): the plain
     baseline (``teaching`` "none", early stopping on validation, the largest epoch budget) and, for
     every augmenting mode the soft trials use ("inconsistent": shifts; "consistent": the same
-    shifted and mixed views, with mixed labels), a matched baseline with that augmentation and
-    each epoch budget, so a gap never mixes augmentation gains with distillation gains.
+    shifted and mixed views, with mixed labels; "cached_views": the same V cached views), a matched
+    baseline with that augmentation and each epoch budget, so a gap never mixes augmentation gains
+    with distillation gains.
     """
     sw = cfg.sweep
     temps = sw.temperatures or [cfg.student_temperature()]
@@ -85,8 +86,8 @@ def trial_grid(cfg: ExperimentConfig) -> list[dict]:
             else:  # a hard trial has no soft term: its loss is kd's with alpha 0
                 T0 = cfg.soft_targets.temperature
                 grid = [("none", T0, 0.0, lr, max(budgets), "kd") for lr in lrs]
-                grid += [(m, T0, 0.0, lr, e, "kd") for m in teachings if m in ("inconsistent", "consistent")
-                         for lr in lrs for e in budgets]
+                grid += [(m, T0, 0.0, lr, e, "kd") for m in teachings
+                         if m in ("inconsistent", "consistent", "cached_views") for lr in lrs for e in budgets]
             for teaching, T, alpha, lr, epochs, loss in grid:
                 for seed in sw.seeds:
                     t = {"fraction": float(fraction), "targets": targets, "teaching": teaching,
