@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.fixtures.jobs import wait_job
+
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 GPU_TYPE = "gpu_worker"
@@ -61,7 +63,7 @@ def fake_cluster(no_ray, s3, head_process):
 
 
 def _job(address, env, *args, timeout=900):
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(address)
     # `local://`: the checkout in place. The fake nodes share this machine's disk, and Ray unpacks an
@@ -69,13 +71,7 @@ def _job(address, env, *args, timeout=900):
     # driver's own working directory under it; a real cluster's nodes each have their own disk.
     sid = client.submit_job(entrypoint=shlex.join([sys.executable, "jobs/pipeline.py", *args]),
                             runtime_env={"working_dir": f"local://{ROOT}"})
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        status = client.get_job_status(sid)
-        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-            return str(status), client.get_job_logs(sid)
-        time.sleep(3)
-    raise TimeoutError(f"job {sid} still {status}:\n{client.get_job_logs(sid)[-3000:]}")
+    return wait_job(client, sid, timeout), client.get_job_logs(sid)
 
 
 @pytest.mark.ray

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.fixtures.jobs import wait_job
+
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -101,18 +103,6 @@ def _submit(address: str, env: dict, *args: str) -> str:
     return sid
 
 
-def _wait_job(client, sid: str, timeout: float) -> str:
-    from ray.job_submission import JobStatus
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        status = client.get_job_status(sid)
-        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-            return str(status)
-        time.sleep(2)
-    raise TimeoutError(f"job {sid} still {status} after {timeout:.0f} s:\n{client.get_job_logs(sid)[-3000:]}")
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.isolated
@@ -129,11 +119,11 @@ def test_ray_job_submit_runs_the_pipeline_and_reports_a_bad_config(ray_head, tmp
     good = _submit(address, env, *smoke)
     bad = _submit(address, env, "--config", "kd_ray/configs/digits.yaml", "--set", "student.alpha=3")
 
-    assert _wait_job(client, bad, timeout=120) == "FAILED"
+    assert wait_job(client, bad, timeout=120) == "FAILED"
     bad_logs = client.get_job_logs(bad)
     assert "config error" in bad_logs and "student.alpha" in bad_logs
 
-    status = _wait_job(client, good, timeout=400)
+    status = wait_job(client, good, timeout=400)
     logs = client.get_job_logs(good)
     assert status == "SUCCEEDED", logs[-4000:]
     assert "kd-ray run finished in" in logs
