@@ -25,7 +25,9 @@ def files(splits, tmp_path_factory):
 
 def _import(spec, splits):
     xv = torch.from_numpy(splits.val.images)
-    return import_teacher(spec, "teachers.specs[0].checkpoint", splits.num_classes, splits.input_shape, xv)
+    blob, _, val_logits = import_teacher(spec, "teachers.specs[0].checkpoint", splits.num_classes,
+                                         splits.input_shape, xv)
+    return blob, val_logits
 
 
 @pytest.mark.parametrize("kind, spec", [

@@ -5,6 +5,7 @@ later stage receives this object; none re-reads the YAML or invents a default of
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Literal, Optional
 
 import yaml
@@ -141,11 +142,20 @@ class TeachersConfig(TeacherSpec):
         return out
 
 
+_NAMES_ITS_FIELD = re.compile(r"^[a-z_][a-z0-9_]*(\.[a-z0-9_]+)*: ")
+
+
+def field_line(where: str, msg: str) -> str:
+    """An error line under ``where`` (a section, a spec or a field): a message that starts with the
+    field it is about (``model: ...``, ``model_args.hidden: ...``, from a model validator) is
+    joined to it with a dot, any other after a colon."""
+    return f"{where}.{msg}" if _NAMES_ITS_FIELD.match(msg) else f"{where}: {msg}"
+
+
 def _spec_error(i: int, err: dict) -> str:
-    """One line per field: ``teachers.specs[0].lr: ...`` (a spec's own validator names its field)."""
-    msg = err["msg"].removeprefix("Value error, ")
+    """One line per field: ``teachers.specs[0].lr: ...``."""
     loc = ".".join(str(p) for p in err["loc"])
-    return f"teachers.specs[{i}].{loc}: {msg}" if loc else f"teachers.specs[{i}].{msg}"
+    return field_line(f"teachers.specs[{i}]" + (f".{loc}" if loc else ""), err["msg"].removeprefix("Value error, "))
 
 
 class SoftTargetsConfig(_Section):

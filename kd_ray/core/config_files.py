@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from kd_ray.core.config import ConfigError, ExperimentConfig
+from kd_ray.core.config import ConfigError, ExperimentConfig, field_line
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -48,10 +48,8 @@ def _format_errors(e: ValidationError, source: str) -> str:
         for i, line in enumerate(msg.splitlines()):  # a message may name several fields, one per line
             if line.startswith(f"{loc}.") or i:
                 lines.append(f"  {line}")
-            elif line.startswith(("model:", "model_args.", "model_args:", "tracking:", "mlflow_uri:")):  # a field named by its section's validator
-                lines.append(f"  {loc}.{line}")
             else:
-                lines.append(f"  {loc}: {line}")
+                lines.append(f"  {field_line(loc, line) if err['loc'] else f'{loc}: {line}'}")
     return "\n".join(lines)
 
 

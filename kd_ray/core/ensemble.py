@@ -60,9 +60,10 @@ def is_torchscript(raw: bytes) -> bool:
 
 
 def import_teacher(spec: TeacherSpec, field: str, num_classes: int, input_shape,
-                   val_images: torch.Tensor) -> tuple[dict, torch.Tensor]:
+                   val_images: torch.Tensor) -> tuple[dict, nn.Module, torch.Tensor]:
     """A teacher trained elsewhere (``spec.checkpoint``: a state dict of ``spec.model``, or a
-    TorchScript file) as a ``model.pt`` blob, with its validation logits. Every check names
+    TorchScript file) as a ``model.pt`` blob, the model built from it (CPU, eval mode) and its
+    validation logits. Every check names
     ``field`` and the file: it loads (``weights_only``), it accepts the data's input shape (behind
     ``input_adapt``), and it predicts ``num_classes`` classes."""
     path = spec.checkpoint
@@ -92,7 +93,7 @@ def import_teacher(spec: TeacherSpec, field: str, num_classes: int, input_shape,
     if logits.dim() != 2 or logits.shape[1] != num_classes:
         raise ValueError(f"{field}: {path} predicts {tuple(logits.shape[1:])} outputs per image but the data "
                          f"has {num_classes} classes")
-    return blob, predict_logits(model, val_images)
+    return blob, model, predict_logits(model, val_images)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -159,11 +160,23 @@ def _call(ref: str, input_shape: tuple[int, ...], num_classes: int, model_args: 
     return factory(num_classes=num_classes, **model_args)
 
 
+_CHECKED: set[str] = set()  # (ref, model_args) pairs that passed: every spec resolution re-checks
+
+
 def check_model(ref: str, model_args: dict[str, Any]) -> None:
     """Raise ValueError naming the argument when ``model_args`` does not fit the factory of ``ref``.
 
     Explicit signatures are read; factories that take ``**kwargs`` (timm, torchvision) are built
-    once on the meta device (no memory, no weights) on a 3 x 32 x 32 input with 10 classes."""
+    once on the meta device (no memory, no weights) on a 3 x 32 x 32 input with 10 classes. A pair
+    that passed is not checked again in this process."""
+    key = json.dumps([ref, model_args], sort_keys=True, default=str)
+    if key in _CHECKED:
+        return
+    _check_model(ref, model_args)
+    _CHECKED.add(key)
+
+
+def _check_model(ref: str, model_args: dict[str, Any]) -> None:
     factory, kind = _factory(ref)
     if kind in ("builtin", "import"):
         params = inspect.signature(factory).parameters

@@ -35,7 +35,6 @@ from kd_ray.core import storage
 from kd_ray.core.config import DataConfig, ExperimentConfig, TeacherSpec
 from kd_ray.core.data import Splits, load_splits
 from kd_ray.core.ensemble import (
-    build_teacher,
     import_teacher,
     predict_logits,
     save_teacher_model,
@@ -212,8 +211,8 @@ def _actor_class():
     return _REMOTE
 
 
-def teacher_ids(cfg: ExperimentConfig) -> list[str]:
-    return [f"t{i}" for i in range(len(cfg.teachers.resolved()))]
+def teacher_ids(specs: list[TeacherSpec]) -> list[str]:
+    return [f"t{i}" for i in range(len(specs))]
 
 
 def import_teachers(cfg: ExperimentConfig, splits: Splits) -> dict[str, dict]:
@@ -223,12 +222,12 @@ def import_teachers(cfg: ExperimentConfig, splits: Splits) -> dict[str, dict]:
     out: dict[str, dict] = {}
     specs = cfg.teachers.resolved()
     xv, yv = torch.from_numpy(splits.val.images), torch.from_numpy(splits.val.labels)
-    for i, (tid, spec) in enumerate(zip(teacher_ids(cfg), specs)):
+    for i, (tid, spec) in enumerate(zip(teacher_ids(specs), specs)):
         if not spec.checkpoint:
             continue
         field = f"teachers.specs[{i}].checkpoint" if cfg.teachers.specs else "teachers.checkpoint"
         started = time.time()
-        blob, val_logits = import_teacher(spec, field, splits.num_classes, splits.input_shape, xv)
+        blob, model, val_logits = import_teacher(spec, field, splits.num_classes, splits.input_shape, xv)
         key = spec_key(spec, {**splits.identity(), "sha256": blob["sha256"]})
         trainer = TeacherTrainer(tid, spec, key, storage.join(teachers_dir(cfg), tid), splits.num_classes,
                                  splits.input_shape)
@@ -238,7 +237,7 @@ def import_teachers(cfg: ExperimentConfig, splits: Splits) -> dict[str, dict]:
             acc = float((val_logits.argmax(1) == yv).float().mean()) if len(yv) else float("nan")
             meta = {"teacher_id": tid, "key": key, "spec": spec.model_dump(mode="json"), "complete": True,
                     "imported_from": spec.checkpoint, "epoch": 0, "history": [], "val_accuracy": acc,
-                    "params": count_parameters(build_teacher(blob, torch.device("cpu"))),
+                    "params": count_parameters(model),
                     "model_path": trainer.model_path, "train_size": 0, "device": "cpu",
                     "seconds": time.time() - started}
             storage.write_json(trainer.meta_path, meta)
@@ -282,9 +281,10 @@ class EnsembleRun:
         self.cfg = cfg
         self.started = time.time()
         self.splits = splits or load_splits(cfg.data)
-        self.ids = teacher_ids(cfg)
+        specs = cfg.teachers.resolved()
+        self.ids = teacher_ids(specs)
         self.reused: dict[str, dict] = dict(imported if imported is not None else import_teachers(cfg, self.splits))
-        todo = [(tid, spec) for tid, spec in zip(self.ids, cfg.teachers.resolved()) if tid not in self.reused]
+        todo = [(tid, spec) for tid, spec in zip(self.ids, specs) if tid not in self.reused]
         check_resources(cfg, [spec for _, spec in todo], [tid for tid, _ in todo])
         identity = self.splits.identity()
         out = teachers_dir(cfg)
