@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 DIGITS_TEST_FRACTION = 0.25
 DIGITS_SPLIT_SEED = 2015
-_VAL_SALT = 0x5EED_0F_7A1  # the validation split draws its ranking apart from the fractions
+VAL_SALT = 0x5EED_0F_7A1  # the validation split draws its ranking apart from the fractions
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -225,8 +225,48 @@ def _cifar_source(cfg: "DataConfig") -> tuple[Split, Split, int]:
     return read(train_files), read(test_files), n_classes
 
 
-def _images_to_chw(col: list, shape: list[int] | None, what: str) -> np.ndarray:
-    arr = np.stack([np.asarray(v) for v in col])
+def decode_images(column, shape: list[int] | None, what: str) -> np.ndarray:
+    """A parquet image column -> float32 [N, C, H, W] in [0, 1]. Accepts fixed-size or plain lists
+    of numbers (flat or nested; ``shape`` reshapes flat rows), tensor columns and encoded PNG/JPEG
+    bytes; integer pixels are divided by 255. Used by the in-memory and the streamed readers alike."""
+    import pyarrow as pa
+
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if isinstance(column, pa.Array) and (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+        column = np.asarray(column.to_pylist(), dtype=object)
+    if isinstance(column, pa.Array) and pa.types.is_fixed_size_list(column.type) and column.null_count == 0:
+        arr = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), -1)  # no per-row copy
+    elif isinstance(column, pa.Array):
+        arr = column.to_numpy(zero_copy_only=False)
+        if arr.dtype == object:
+            arr = np.stack([np.asarray(v) for v in arr]) if len(arr) else np.zeros((0, 1))
+    else:
+        arr = np.asarray(column)
+    if arr.dtype == object and len(arr) and isinstance(arr[0], (bytes, bytearray)):
+        arr = _decode_encoded(arr, what)
+    elif arr.dtype == object:
+        arr = np.stack([np.asarray(v) for v in arr])
+    arr = _images_to_chw(arr, shape, what)
+    return arr.astype(np.float32) / (255.0 if np.issubdtype(arr.dtype, np.integer) else 1.0)
+
+
+def _decode_encoded(values: np.ndarray, what: str) -> np.ndarray:
+    """PNG/JPEG bytes per row -> uint8 [N, H, W] (grey) or [N, C, H, W]."""
+    import io
+
+    from PIL import Image
+
+    out = []
+    for v in values:
+        a = np.asarray(Image.open(io.BytesIO(v)))
+        out.append(a if a.ndim == 2 else a.transpose(2, 0, 1))
+        if out[0].shape != out[-1].shape:
+            raise ValueError(f"{what}: encoded images of different shapes {out[0].shape} and {out[-1].shape}")
+    return np.stack(out)
+
+
+def _images_to_chw(arr: np.ndarray, shape: list[int] | None, what: str) -> np.ndarray:
     if shape:
         return arr.reshape(len(arr), *shape)
     if arr.ndim == 4:
@@ -264,10 +304,9 @@ def _parquet_source(cfg: "DataConfig") -> tuple[Split, Split, int]:
             if c not in cols:
                 raise ValueError(f"parquet {path}: column {c!r} not found; columns are {cols} "
                                  f"(set data.image_column / data.label_column)")
-        x = _images_to_chw(table.column(cfg.image_column).to_pylist(), cfg.image_shape, f"parquet {path}")
-        x = x.astype(np.float32) / (255.0 if np.issubdtype(x.dtype, np.integer) else 1.0)
-        y = np.asarray(table.column(cfg.label_column).to_pylist(), dtype=np.int64)
-        ids = np.asarray(table.column("id").to_pylist()) if "id" in cols else np.arange(len(y))
+        x = decode_images(table.column(cfg.image_column), cfg.image_shape, f"parquet {path}")
+        y = table.column(cfg.label_column).to_numpy().astype(np.int64)
+        ids = table.column("id").to_numpy() if "id" in cols else np.arange(len(y))
         return Split(ids, x, y)
 
     train, test = read("train"), read("test")
@@ -333,7 +372,7 @@ def load_splits(cfg: "DataConfig") -> Splits:
     std = train.images.std(axis=(0, 2, 3), keepdims=True) + 1e-6
     for s in (train, test):
         s.images = ((s.images - mean) / std).astype(np.float32)
-    val_ids = select_fraction(train.ids, train.labels, cfg.val_fraction, cfg.seed ^ _VAL_SALT)
+    val_ids = select_fraction(train.ids, train.labels, cfg.val_fraction, cfg.seed ^ VAL_SALT)
     val = train.take(val_ids)
     rest = ~np.isin(train.ids, val_ids)
     train = Split(train.ids[rest], train.images[rest], train.labels[rest])

@@ -44,3 +44,36 @@ def select_fraction(ids: np.ndarray, labels: np.ndarray, fraction: float, seed: 
     return np.sort(np.concatenate(keep)) if keep else ids[:0]
 
 
+
+
+# A fraction in streaming form: per class, the (hash, id) of the last id ``select_fraction`` keeps.
+# A row is in the subset when its (hash, id) is at or below its class's threshold, so the subset
+# of a stream is decided row by row with C numbers per fraction, never a list of ids.
+def fraction_thresholds(ids: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> dict[int, tuple[int, int]]:
+    """``{class: (hash, id)}``: the largest (hash, id) ``select_fraction`` keeps in each class."""
+    ids, labels = np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+    m = np.isin(ids, select_fraction(ids, labels, fraction, seed))
+    kept, cls = ids[m], labels[m]
+    h = stable_hash(kept, seed)
+    out = {}
+    for c in np.unique(cls):
+        m = cls == c
+        last = np.lexsort((kept[m], h[m]))[-1]
+        out[int(c)] = (int(h[m][last]), int(kept[m][last]))
+    return out
+
+
+def in_fraction(ids: np.ndarray, labels: np.ndarray, thresholds: dict[int, tuple[int, int]], seed: int) -> np.ndarray:
+    """Bool mask: which rows lie in the subset ``thresholds`` describes (classes it lacks: none)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    labels = np.asarray(labels, dtype=np.int64)
+    h = stable_hash(ids, seed)
+    keep = np.zeros(len(ids), dtype=bool)
+    for c in np.unique(labels):
+        if int(c) not in thresholds:
+            continue
+        th_h, th_id = thresholds[int(c)]
+        m = labels == c
+        th_h = np.uint64(th_h)
+        keep[m] = (h[m] < th_h) | ((h[m] == th_h) & (ids[m] <= th_id))
+    return keep

@@ -88,7 +88,8 @@ def student_loss(T: float, alpha: float, num_classes: int, targets_T: float | No
     """The distillation loss on a batch ``{image, label, soft_targets?, teacher_logits?, mix_label?,
     mix_weight?}``: ``kd_loss`` at the student's ``T`` (``kind="kd"``), or ``matching_loss`` on the
     teachers' logits (``kind="logit_matching"``). Soft targets stored at ``targets_T`` are
-    re-softened from the batch's teacher logits when the two differ; a mixed image's label is mixed too."""
+    re-softened from the batch's teacher logits when the two differ or the batch has none (a top-k
+    cache); a mixed image's label is mixed too."""
     targets_T = T if targets_T is None else targets_T
 
     def loss(model: nn.Module, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +105,7 @@ def student_loss(T: float, alpha: float, num_classes: int, targets_T: float | No
             return matching_loss(logits, b["teacher_logits"], labels, alpha), logits
         soft = None
         if alpha > 0:
-            if abs(T - targets_T) < 1e-12:
+            if abs(T - targets_T) < 1e-12 and "soft_targets" in b:
                 soft = b["soft_targets"]
             elif "teacher_logits" in b:
                 soft = resoften(b["teacher_logits"], T, rule)

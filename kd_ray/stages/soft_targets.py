@@ -187,17 +187,17 @@ def check_pool_resources(cfg: ExperimentConfig) -> None:
 
 
 # --------------------------------------------------------------------------- the stage
-def fingerprint(teachers: list[TeacherFile], cfg: ExperimentConfig, identity: dict, transfer: Split) -> str:
+def fingerprint(teachers: list[TeacherFile], cfg: ExperimentConfig, identity: dict, transfer_rows: int) -> str:
     st = cfg.soft_targets
     blob = {
         "schema": SCHEMA_VERSION, "teachers": [t.sha256 for t in teachers], "temperature": st.temperature,
         "rule": st.rule, "keep_teacher_logits": st.keeps_logits, "data": identity,
-        "transfer": {"omit_classes": cfg.data.omit_classes, "keep_classes": cfg.data.keep_classes, "rows": len(transfer)},
+        "transfer": {"omit_classes": cfg.data.omit_classes, "keep_classes": cfg.data.keep_classes, "rows": transfer_rows},
     }
     if st.precision != "float32":  # named only when not the default, so float32 caches keep their names
         blob["precision"] = st.precision
-    if st.teacher_logits == "topk":  # likewise
-        blob["top_k"] = st.top_k
+    if st.teacher_logits == "topk":  # likewise; such a cache keeps no dense soft targets (see top_k_columns)
+        blob["top_k"], blob["targets"] = st.top_k, "from top-k"
     if st.views:  # the views and their augmentation
         blob["views"] = {"count": st.views, "jitter": st.jitter, "seed": view_seed(cfg)}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
@@ -300,10 +300,11 @@ def read_cache_split(path: str, files: list[str], source: Split):
     return ray.data.from_arrow(tables)
 
 
-def _write_split(ds, root: str, split: str) -> list[str]:
-    """Write one split's parquet files under ``root/split``; their paths relative to ``root``."""
+def write_split(ds, root: str, split: str, partition_cols: list[str] | None = None) -> list[str]:
+    """Write one split's parquet files under ``root/split`` (in hive folders ``col=value/`` with
+    ``partition_cols``); their paths relative to ``root``."""
     out = storage.join(root, split)
-    ds.write_parquet(storage.absolute(out))
+    ds.write_parquet(storage.absolute(out), partition_cols=partition_cols)
     return [f[len(root):].lstrip("/") for f in storage.list_files(out, ".parquet")]
 
 
@@ -333,26 +334,28 @@ def _compute_cache(cfg: ExperimentConfig, paths: list[str], parts: dict[str, Spl
         if split != "train" or st.teacher_logits == "none":
             rows = rows.drop_columns(["teacher_logits"])  # val/test: the accuracies above are all they give
         elif st.teacher_logits == "topk":
-            rows = rows.map_batches(_top_k_columns, fn_kwargs={"k": st.top_k}, batch_format="numpy")
-        files[split] = _write_split(rows, work, split)
+            rows = rows.map_batches(top_k_columns, fn_kwargs={"k": st.top_k}, batch_format="numpy")
+        files[split] = write_split(rows, work, split)
     if st.views and len(parts["train"]):  # V views of each transfer row, labelled once
         views = to_dataset(parts["train"]).map_batches(
             expand_views, fn_kwargs={"views": st.views, "max_shift": st.jitter, "seed": view_seed(cfg)},
             batch_format="numpy", batch_size=max(1, st.batch_size // st.views))
         rows = predict(views, paths, st, "views", [cfg.name]).drop_columns(["image"])
         if st.teacher_logits == "topk":
-            rows = rows.map_batches(_top_k_columns, fn_kwargs={"k": st.top_k}, batch_format="numpy")
-        files["views"] = _write_split(rows, work, "views")
+            rows = rows.map_batches(top_k_columns, fn_kwargs={"k": st.top_k}, batch_format="numpy")
+        files["views"] = write_split(rows, work, "views")
     return files, accuracy
 
 
-def _top_k_columns(batch: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
-    """The dense ``teacher_logits`` column -> ``teacher_topk_{values,index,tail}`` (losses.top_k_logits);
-    with k >= C every logit is kept: the dense column stays."""
+def top_k_columns(batch: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
+    """The dense ``teacher_logits`` column -> ``teacher_topk_{values,index,tail}`` (losses.top_k_logits),
+    and no dense ``soft_targets`` either (at C = 1,000 they alone are 4 KB a row): students re-soften
+    the top-k logits. With k >= C every logit is kept: the dense columns stay."""
     dense = np.asarray(batch["teacher_logits"], dtype=np.float32)
     if k >= dense.shape[-1]:
         return batch
     del batch["teacher_logits"]
+    batch.pop("soft_targets", None)
     kept = top_k_logits(torch.from_numpy(dense), k)
     return {**batch, **{f"teacher_topk_{name}": v.numpy() for name, v in kept.items()}}
 
@@ -376,7 +379,7 @@ def build_soft_targets(cfg: ExperimentConfig, ensemble, splits: Splits | None = 
     check_pool_resources(cfg)
     pass_counter(cfg.name)
     mode = cfg.soft_targets.resolved_mode
-    fp = fingerprint(teachers, cfg, splits.identity(), transfer)
+    fp = fingerprint(teachers, cfg, splits.identity(), len(transfer))
     root = layout.soft_targets_dir(cfg)
     path = storage.join(root, fp)
     manifest = read_valid_cache(path, fp)

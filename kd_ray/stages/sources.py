@@ -1,0 +1,188 @@
+"""Streamed sources: a sharded parquet source as lazy Ray Datasets ``{id, image, label}``.
+
+The driver holds the file list, the per-channel statistics and, per subset, one (hash, id)
+threshold per class -- never the rows. Rows flow from the files through ``map_batches``
+(filter, decode, normalise) to whoever iterates them (the predictor pool, a Train worker).
+
+Subsets equal the in-memory ones exactly: the validation split and every nested fraction are
+``select_fraction`` applied per class inside one ``groupby(label).map_groups`` pass over the
+``id`` and ``label`` columns, which returns each class's threshold
+(:func:`kd_ray.core.subsets.fraction_thresholds`); a row is then in a subset when its (hash, id)
+lies at or below its class's threshold (:func:`kd_ray.core.subsets.in_fraction`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import ray.data
+
+from kd_ray.core import storage
+from kd_ray.core.config import DataConfig
+from kd_ray.core.data import VAL_SALT, DatasetNotFoundError, decode_images
+from kd_ray.core.subsets import fraction_thresholds, in_fraction
+
+Thresholds = dict  # {class: (hash, id)}
+
+
+def source_files(cfg: DataConfig, split: str) -> list[str]:
+    """The split's parquet files under ``data.root`` (``<split>.parquet`` or ``<split>/*.parquet``)."""
+    single = storage.join(cfg.root, f"{split}.parquet")
+    if storage.exists(single):
+        return [single]
+    files = storage.list_files(storage.join(cfg.root, split), ".parquet")
+    if not files:
+        raise DatasetNotFoundError(f"parquet: no {split}.parquet file or {split}/*.parquet under {cfg.root}; write the "
+                                   f"{split} split there with columns 'id', {cfg.image_column!r} and {cfg.label_column!r}")
+    return sorted(files)
+
+
+def _class_subsets(batch: dict[str, np.ndarray], val_fraction: float, val_seed: int,
+                   subsets: list[tuple[float, int]]) -> dict[str, np.ndarray]:
+    """One class's rows -> its row counts and its thresholds: the validation split first, then
+    each (fraction, seed) of the remaining rows (the transfer set)."""
+    ids, labels = batch["id"].astype(np.int64), batch["label"].astype(np.int64)
+    val = fraction_thresholds(ids, labels, val_fraction, val_seed)
+    rest = ~in_fraction(ids, labels, val, val_seed)
+    out = {"label": labels[:1], "rows": np.array([len(ids)]), "val_rows": np.array([int((~rest).sum())]),
+           "val": np.array([json.dumps(val)])}
+    for i, (fraction, seed) in enumerate(subsets):
+        th = fraction_thresholds(ids[rest], labels[rest], fraction, seed) if rest.any() else {}
+        out[f"subset{i}"] = np.array([json.dumps(th)])
+    return out
+
+
+def _partial_sums(batch: dict[str, np.ndarray], column: str, shape, what: str) -> dict[str, np.ndarray]:
+    """Per-channel sum and sum of squares of one batch of raw images (float64), for the mean and std."""
+    x = decode_images(batch[column], shape, what).astype(np.float64)
+    return {"n": np.array([x.shape[0] * x.shape[2] * x.shape[3]]), "sum": x.sum(axis=(0, 2, 3))[None],
+            "sumsq": (x * x).sum(axis=(0, 2, 3))[None], "shape": np.array([list(x.shape[1:])])}
+
+
+def prepare_rows(table: pa.Table, image_column: str, label_column: str, shape, mean: list[float], std: list[float],
+                 keep: dict, paths: bool = False) -> dict[str, np.ndarray]:
+    """A block of source rows -> the rows of one split/subset ``{id, image, label}``: filtered
+    (``keep``: the validation thresholds, in or out, a subset's thresholds, classes), decoded and
+    normalised with the training set's statistics."""
+    ids = table.column("id").to_numpy().astype(np.int64)
+    labels = table.column(label_column).to_numpy().astype(np.int64)
+    mask = np.ones(len(ids), dtype=bool)
+    if keep.get("val") is not None:
+        in_val = in_fraction(ids, labels, keep["val"], keep["val_seed"])
+        mask &= in_val if keep["in_val"] else ~in_val
+    if keep.get("subset") is not None:
+        mask &= in_fraction(ids, labels, keep["subset"], keep["subset_seed"])
+    if keep.get("omit"):
+        mask &= ~np.isin(labels, keep["omit"])
+    if keep.get("only") is not None:
+        mask &= np.isin(labels, keep["only"])
+    rows = np.flatnonzero(mask)
+    image = decode_images(table.column(image_column).take(pa.array(rows)), shape, "parquet source")
+    m = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    s = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
+    out = {"id": ids[rows], "image": ((image - m) / s).astype(np.float32), "label": labels[rows]}
+    if paths:
+        out["path"] = table.column("path").to_numpy(zero_copy_only=False)[rows]
+    return out
+
+
+def _thresholds(text: np.ndarray) -> Thresholds:
+    th = {}
+    for t in text:
+        th.update({int(k): tuple(v) for k, v in json.loads(t).items()})
+    return th
+
+
+@dataclass
+class StreamedSource:
+    """A parquet source read lazily; the stages ask it for a split (and a subset of it)."""
+
+    cfg: DataConfig
+    files: dict[str, list[str]]
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    normalization: dict  # {"mean": [...], "std": [...]} per channel, over the raw training images
+    rows: dict[str, int]  # train (after the validation split), val, test
+    val: Thresholds
+    subsets: dict[tuple[float, int], Thresholds] = field(default_factory=dict)
+
+    @property
+    def val_seed(self) -> int:
+        return self.cfg.seed ^ VAL_SALT
+
+    def identity(self) -> dict:
+        """What a cache must match: the files (path and size), the split sizes and the classes."""
+        h = hashlib.sha256(json.dumps({s: [(f, storage.size(f)) for f in fs] for s, fs in self.files.items()},
+                                      sort_keys=True).encode())
+        return {"dataset": "parquet", "sizes": dict(self.rows), "num_classes": self.num_classes,
+                "input_shape": list(self.input_shape), "digest": h.hexdigest()[:16]}
+
+    def split(self, name: str, fraction: float | None = None, seed: int | None = None, paths: bool = False,
+              transfer: bool = False) -> "ray.data.Dataset":
+        """The lazy rows of ``train`` / ``val`` / ``test``; ``fraction`` (with its ``seed``) narrows the
+        training split to a nested stratified subset computed at :func:`open_source`; ``transfer``
+        applies ``data.omit_classes`` / ``data.keep_classes``; ``paths`` adds each row's source file."""
+        keep: dict = {}
+        if name in ("train", "val"):
+            keep.update(val=self.val, val_seed=self.val_seed, in_val=name == "val")
+        if fraction is not None and fraction < 1:
+            if name != "train" or (fraction, seed) not in self.subsets:
+                raise ValueError(f"subset (fraction={fraction}, seed={seed}) of {name} was not prepared; "
+                                 f"prepared: {sorted(self.subsets)}")
+            keep.update(subset=self.subsets[(fraction, seed)], subset_seed=seed)
+        if transfer:
+            keep.update(omit=list(self.cfg.omit_classes), only=self.cfg.keep_classes)
+        c = self.cfg
+        ds = ray.data.read_parquet(self.files["test" if name == "test" else "train"], include_paths=paths)
+        ds = ds.select_columns(["id", c.label_column, c.image_column] + (["path"] if paths else []))
+        return ds.map_batches(prepare_rows, batch_format="pyarrow", fn_kwargs=dict(
+            image_column=c.image_column, label_column=c.label_column, shape=c.image_shape,
+            mean=self.normalization["mean"], std=self.normalization["std"], keep=keep, paths=paths))
+
+
+def open_source(cfg: DataConfig, subsets: Sequence[tuple[float, int]] = ()) -> StreamedSource:
+    """List the files, take the per-channel statistics (one streamed pass over the training
+    images) and every subset's thresholds (one pass over ids and labels); read nothing else."""
+    if cfg.name != "parquet":
+        raise ValueError(f"data.stream reads parquet sources; data.name is {cfg.name!r}")
+    files = {s: source_files(cfg, s) for s in ("train", "test")}
+    for split, fs in files.items():
+        names = ray.data.read_parquet(fs[:1]).schema().names
+        missing = [c for c in ("id", cfg.label_column, cfg.image_column) if c not in names]
+        if missing:
+            raise ValueError(f"parquet {fs[0]}: column(s) {missing} not found; columns are {names} (a streamed source "
+                             f"needs an 'id' column; set data.image_column / data.label_column)")
+    subsets = sorted({(float(f), int(s)) for f, s in subsets if f < 1})
+    per_class = ray.data.read_parquet(files["train"]).select_columns(["id", cfg.label_column])
+    if cfg.label_column != "label":
+        per_class = per_class.rename_columns({cfg.label_column: "label"})
+    counted = per_class.groupby("label").map_groups(
+        _class_subsets, batch_format="numpy",
+        fn_kwargs=dict(val_fraction=cfg.val_fraction, val_seed=cfg.seed ^ VAL_SALT, subsets=subsets)).take_all()
+    test_rows, test_max = 0, -1
+    for b in ray.data.read_parquet(files["test"]).select_columns([cfg.label_column]).iter_batches(batch_size=None):
+        test_rows, test_max = test_rows + len(b[cfg.label_column]), max(test_max, int(b[cfg.label_column].max(initial=-1)))
+    labels = [int(r["label"]) for r in counted]
+    num_classes = max(max(labels), test_max) + 1
+    if min(labels) < 0:
+        raise ValueError(f"parquet {cfg.root}: labels must be >= 0")
+    stats = ray.data.read_parquet(files["train"]).select_columns([cfg.image_column]).map_batches(
+        _partial_sums, batch_format="pyarrow",
+        fn_kwargs=dict(column=cfg.image_column, shape=cfg.image_shape, what=f"parquet {cfg.root}"))
+    n, total, sq, shape = 0, 0.0, 0.0, None
+    for b in stats.iter_batches(batch_size=None, batch_format="numpy"):
+        n, total, sq = n + b["n"].sum(), total + b["sum"].sum(0), sq + b["sumsq"].sum(0)
+        shape = tuple(int(d) for d in b["shape"][0])
+    mean = total / n
+    std = np.sqrt(np.maximum(sq / n - mean * mean, 0.0)) + 1e-6
+    rows = {"val": sum(int(r["val_rows"]) for r in counted)}
+    rows["train"] = sum(int(r["rows"]) for r in counted) - rows["val"]
+    rows["test"] = test_rows
+    return StreamedSource(
+        cfg, files, num_classes, shape, {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}, rows,
+        _thresholds([r["val"] for r in counted]),
+        {sub: _thresholds([r[f"subset{i}"] for r in counted]) for i, sub in enumerate(subsets)})

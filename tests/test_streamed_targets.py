@@ -1,0 +1,88 @@
+"""The streamed path at 1,000 classes: a sharded synthetic parquet source -> the ensemble's
+top-k cache (no images, one folder per source shard) -> a student's rows joined by id -> training."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kd_ray.core import storage
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs" / "bench"))
+
+
+def _teachers(cfg, source, k: int) -> list[str]:
+    """K untrained small CNN teachers as checkpoints (what the cache holds does not need skill)."""
+    from kd_ray.core.ensemble import save_teacher_model
+    from kd_ray.core.models import build_model
+
+    spec = cfg.teachers.resolved()[0].model_copy(update={"model": "cnn", "model_args": {"channels": [8, 16]}})
+    paths = []
+    for i in range(k):
+        torch.manual_seed(i)
+        m = build_model(spec.model, source.input_shape, source.num_classes, **spec.model_args)
+        paths.append(str(Path(cfg.runtime.storage_path) / f"t{i}.pt"))
+        save_teacher_model(paths[-1], f"t{i}", "test", spec, m, source.num_classes, source.input_shape, torch.zeros(0))
+    return paths
+
+
+def test_thousand_classes_streamed_top_k_cache_and_student(tmp_path):
+    import make_synthetic
+
+    from kd_ray.core.config_files import load_config
+    from kd_ray.core.losses import dense_from_top_k
+    from kd_ray.core.train import Engine, student_loss
+    from kd_ray.stages.datasets import from_dataset
+    from kd_ray.stages.sources import open_source
+    from kd_ray.stages.streamed_targets import build_streamed_targets, student_rows
+
+    data = str(tmp_path / "syn")
+    make_synthetic.write(data, rows=3000, test_rows=300, classes=1000, shard_rows=1000, seed=0)
+    base = [f"runtime.storage_path={tmp_path / 'runs'}", "data.name=parquet", f"data.root={data}",
+            "data.image_shape=[3, 32, 32]", "soft_targets.temperature=4", "soft_targets.batch_size=512"]
+    (tmp_path / "runs").mkdir()
+    cfg = load_config(None, base + ["soft_targets.teacher_logits=topk", "soft_targets.top_k=32"])
+    source = open_source(cfg.data, subsets=[(0.5, 0)])
+    import pyarrow.parquet as pq
+
+    labels = pq.read_table(data, columns=["label"]).column("label").to_numpy()  # train and test
+    assert source.num_classes == labels.max() + 1 > 990 and source.input_shape == (3, 32, 32)
+    C = source.num_classes
+    paths = _teachers(cfg, source, 3)
+
+    path, manifest = build_streamed_targets(cfg, paths, source)
+    files = manifest["files"]["train"]
+    assert {f.split("/")[1] for f in files} == {"shard=part-00000", "shard=part-00001", "shard=part-00002"}
+    assert manifest["rows"]["train"] == source.rows["train"]
+    cached = from_dataset(__import__("ray").data.read_parquet(storage.join(path, "train")),
+                          ("id", "teacher_topk_values", "teacher_topk_index", "teacher_topk_tail"))
+    assert cached["teacher_topk_values"].shape[1:] == (3, 32)
+    assert "image" not in __import__("pyarrow.parquet").parquet.read_schema(storage.join(path, files[0])).names
+    assert 0 <= manifest["ensemble"]["val_accuracy"] <= 1 and len(manifest["ensemble"]["teacher_test_accuracy"]) == 3
+    again = build_streamed_targets(cfg, paths, source)  # same teachers, same source: reused
+    assert again[0] == path and again[1]["seconds"] == manifest["seconds"]
+
+    dense_cfg = load_config(None, base + ["soft_targets.teacher_logits=dense"])
+    dense = build_streamed_targets(dense_cfg, paths, source)[1]
+    assert manifest["bytes_per_row"]["train"] <= 0.10 * dense["bytes_per_row"]["train"]  # top-32 vs dense
+
+    rows = student_rows(source, path, fraction=0.5, seed=0)
+    got = from_dataset(rows, ("id", "image", "label", "teacher_topk_values", "teacher_topk_index", "teacher_topk_tail"))
+    want = from_dataset(source.split("train", 0.5, 0), ("id",))["id"]
+    assert np.array_equal(np.sort(got["id"]), np.sort(want))
+    at = np.searchsorted(cached["id"], got["id"], sorter=np.argsort(cached["id"]))
+    at = np.argsort(cached["id"])[at]
+    assert np.array_equal(got["teacher_topk_index"], cached["teacher_topk_index"][at])  # joined by id
+
+    # a student trains on the streamed rows: soft targets re-softened from the top-k logits
+    model = cfg.student.build(list(source.input_shape), C)
+    engine = Engine(model, cfg.student, student_loss(4.0, 0.9, C, 4.0, "probs"))
+    batch = {k: torch.from_numpy(np.asarray(v[:64])) for k, v in got.items()}
+    before = student_loss(4.0, 0.9, C, 4.0)(model, batch)[0].item()
+    engine.fit(2, lambda e: rows.iter_torch_batches(batch_size=64), lambda m: {"val_accuracy": 0.0})
+    after = student_loss(4.0, 0.9, C, 4.0)(engine.plain, batch)[0].item()
+    assert np.isfinite(after) and after < before
+    full = dense_from_top_k(batch["teacher_topk_values"], batch["teacher_topk_index"], batch["teacher_topk_tail"], C)
+    assert full.shape == (64, 3, C)
