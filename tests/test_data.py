@@ -12,8 +12,13 @@ import pytest
 from PIL import Image
 
 from kd_ray.core.config import DataConfig
-from kd_ray.core.data import DatasetNotFoundError, load_splits
-from kd_ray.core.subsets import select_fraction, stable_hash
+from kd_ray.core.data import DatasetNotFoundError, decode_images, load_splits
+from kd_ray.core.subsets import (
+    fraction_thresholds,
+    in_fraction,
+    select_fraction,
+    stable_hash,
+)
 
 
 # ------------------------------------------------------------------ fractions
@@ -52,6 +57,19 @@ def test_fractions_independent_of_order_and_block_layout():
     h = np.concatenate([stable_hash(ids[b], 3) for b in blocks])
     assert np.array_equal(h, stable_hash(ids, 3))
     assert not np.array_equal(select_fraction(ids, y, 0.2, 3), select_fraction(ids, y, 0.2, 4))
+
+
+def test_thresholds_select_exactly_the_fractions_ids_row_by_row():
+    """The streaming form of a fraction (per class, the last kept (hash, id)) keeps select_fraction's
+    ids, decided one block at a time: on a Fashion-MNIST-sized label set, and nested."""
+    ids = np.random.default_rng(1).permutation(10**6)[:60000]
+    y = _labels(60000, 10, seed=2)
+    for f in (0.03, 0.1, 0.3, 1.0):
+        th = fraction_thresholds(ids, y, f, seed=9)
+        assert len(th) == 10
+        mask = np.concatenate([in_fraction(ids[b], y[b], th, 9) for b in np.array_split(np.arange(60000), 13)])
+        assert np.array_equal(np.sort(ids[mask]), select_fraction(ids, y, f, 9))
+    assert not in_fraction(ids[:5], np.full(5, 10), th, 9).any()  # a class it has no threshold for: none
 
 
 def test_same_ids_in_another_process():
@@ -180,3 +198,29 @@ def test_image_folder_source(tmp_path):
     assert len(s.train) + len(s.val) == 12 and len(s.test) == 6
     with pytest.raises(DatasetNotFoundError, match="train/<class>"):
         load_splits(DataConfig(name="image_folder", root=str(tmp_path / "nothing")))
+
+
+def test_image_encodings_decode_to_the_same_images():
+    """PNG bytes, uint8 rows (fixed-size or plain lists) and float rows decode alike; shape inferred or given."""
+    import io
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (5, 3, 8, 8), dtype=np.uint8)
+
+    def png(a):
+        buf = io.BytesIO()
+        Image.fromarray(a.transpose(1, 2, 0)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    want = pixels.astype(np.float32) / 255
+    flat = pixels.reshape(5, -1)
+    got = {
+        "png": decode_images(pa.chunked_array([pa.array([png(a) for a in pixels], type=pa.binary())]), None, "t"),
+        "fixed": decode_images(pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), 192), [3, 8, 8], "t"),
+        "list": decode_images(pa.array(list(flat)), None, "t"),  # 192 = 3 x 8 x 8, inferred
+        "float": decode_images(np.asarray(want.reshape(5, -1)), [3, 8, 8], "t"),
+    }
+    for name, x in got.items():
+        assert x.dtype == np.float32 and np.allclose(x, want, atol=1e-6), name
+    with pytest.raises(ValueError, match="cannot infer the image shape"):
+        decode_images(pa.array([[1, 2, 3, 4, 5]] * 2), None, "parquet x")

@@ -54,9 +54,9 @@ def test_thousand_classes_streamed_top_k_cache_and_student(tmp_path):
 
     path, manifest = build_streamed_targets(cfg, paths, source)
     files = manifest["files"]["train"]
-    assert {f.split("/")[1] for f in files} == {"shard=part-00000", "shard=part-00001", "shard=part-00002"}
-    assert manifest["rows"]["train"] == source.rows["train"]
-    cached = from_dataset(__import__("ray").data.read_parquet(storage.join(path, "train")),
+    assert {f.split("/")[2] for f in files} == {"shard=part-00000", "shard=part-00001", "shard=part-00002"}
+    assert manifest["rows"] == source.rows  # train, val, test: every row labelled once
+    cached = from_dataset(__import__("ray").data.read_parquet(storage.join(path, "rows", "split=train")),
                           ("id", "teacher_topk_values", "teacher_topk_index", "teacher_topk_tail"))
     assert cached["teacher_topk_values"].shape[1:] == (3, 32)
     assert "image" not in __import__("pyarrow.parquet").parquet.read_schema(storage.join(path, files[0])).names

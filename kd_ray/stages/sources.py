@@ -19,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray.data
 
 from kd_ray.core import storage
@@ -27,6 +28,8 @@ from kd_ray.core.data import VAL_SALT, DatasetNotFoundError, decode_images
 from kd_ray.core.subsets import fraction_thresholds, in_fraction
 
 Thresholds = dict  # {class: (hash, id)}
+ROWS_PER_CALL = 2048  # decoding works on this many rows at a time: a worker's memory stays that of one call
+SPLITS = ("train", "val", "test")  # the codes of a ``split`` column
 
 
 def source_files(cfg: DataConfig, split: str) -> list[str]:
@@ -70,21 +73,26 @@ def prepare_rows(table: pa.Table, image_column: str, label_column: str, shape, m
     normalised with the training set's statistics."""
     ids = table.column("id").to_numpy().astype(np.int64)
     labels = table.column(label_column).to_numpy().astype(np.int64)
-    mask = np.ones(len(ids), dtype=bool)
+    mask, split = np.ones(len(ids), dtype=bool), np.full(len(ids), SPLITS.index(keep.get("split", "test")), np.int8)
     if keep.get("val") is not None:
         in_val = in_fraction(ids, labels, keep["val"], keep["val_seed"])
-        mask &= in_val if keep["in_val"] else ~in_val
+        split[in_val] = SPLITS.index("val")
+        if "in_val" in keep:
+            mask &= in_val if keep["in_val"] else ~in_val
     if keep.get("subset") is not None:
         mask &= in_fraction(ids, labels, keep["subset"], keep["subset_seed"])
+    transfer = split == SPLITS.index("train")  # the class filters narrow the transfer set only
     if keep.get("omit"):
-        mask &= ~np.isin(labels, keep["omit"])
+        mask &= ~(transfer & np.isin(labels, keep["omit"]))
     if keep.get("only") is not None:
-        mask &= np.isin(labels, keep["only"])
+        mask &= ~transfer | np.isin(labels, keep["only"])
     rows = np.flatnonzero(mask)
     image = decode_images(table.column(image_column).take(pa.array(rows)), shape, "parquet source")
     m = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
     s = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
     out = {"id": ids[rows], "image": ((image - m) / s).astype(np.float32), "label": labels[rows]}
+    if keep.get("tag"):
+        out["split"] = split[rows]
     if paths:
         out["path"] = table.column("path").to_numpy(zero_copy_only=False)[rows]
     return out
@@ -123,10 +131,14 @@ class StreamedSource:
 
     def split(self, name: str, fraction: float | None = None, seed: int | None = None, paths: bool = False,
               transfer: bool = False) -> "ray.data.Dataset":
-        """The lazy rows of ``train`` / ``val`` / ``test``; ``fraction`` (with its ``seed``) narrows the
+        """The lazy rows of ``train`` / ``val`` / ``test`` (or ``all``, tagged); ``fraction`` (with its ``seed``) narrows the
         training split to a nested stratified subset computed at :func:`open_source`; ``transfer``
         applies ``data.omit_classes`` / ``data.keep_classes``; ``paths`` adds each row's source file."""
-        keep: dict = {}
+        if name == "all":  # every row once, tagged with its split (a ``split`` column of codes into SPLITS)
+            tagged = dict(val=self.val, val_seed=self.val_seed, tag=True, split="train", omit=list(self.cfg.omit_classes),
+                          only=self.cfg.keep_classes)
+            return self._read("train", paths, tagged).union(self._read("test", paths, {"tag": True}))
+        keep: dict = {"split": "test" if name == "test" else "train"}
         if name in ("train", "val"):
             keep.update(val=self.val, val_seed=self.val_seed, in_val=name == "val")
         if fraction is not None and fraction < 1:
@@ -136,10 +148,13 @@ class StreamedSource:
             keep.update(subset=self.subsets[(fraction, seed)], subset_seed=seed)
         if transfer:
             keep.update(omit=list(self.cfg.omit_classes), only=self.cfg.keep_classes)
+        return self._read("test" if name == "test" else "train", paths, keep)
+
+    def _read(self, files: str, paths: bool, keep: dict) -> "ray.data.Dataset":
         c = self.cfg
-        ds = ray.data.read_parquet(self.files["test" if name == "test" else "train"], include_paths=paths)
+        ds = ray.data.read_parquet(self.files[files], include_paths=paths)
         ds = ds.select_columns(["id", c.label_column, c.image_column] + (["path"] if paths else []))
-        return ds.map_batches(prepare_rows, batch_format="pyarrow", fn_kwargs=dict(
+        return ds.map_batches(prepare_rows, batch_format="pyarrow", batch_size=ROWS_PER_CALL, fn_kwargs=dict(
             image_column=c.image_column, label_column=c.label_column, shape=c.image_shape,
             mean=self.normalization["mean"], std=self.normalization["std"], keep=keep, paths=paths))
 
@@ -151,7 +166,8 @@ def open_source(cfg: DataConfig, subsets: Sequence[tuple[float, int]] = ()) -> S
         raise ValueError(f"data.stream reads parquet sources; data.name is {cfg.name!r}")
     files = {s: source_files(cfg, s) for s in ("train", "test")}
     for split, fs in files.items():
-        names = ray.data.read_parquet(fs[:1]).schema().names
+        fsys, path = storage.resolve(fs[0])
+        names = pq.read_schema(fsys.open_input_file(path)).names
         missing = [c for c in ("id", cfg.label_column, cfg.image_column) if c not in names]
         if missing:
             raise ValueError(f"parquet {fs[0]}: column(s) {missing} not found; columns are {names} (a streamed source "
@@ -160,7 +176,9 @@ def open_source(cfg: DataConfig, subsets: Sequence[tuple[float, int]] = ()) -> S
     per_class = ray.data.read_parquet(files["train"]).select_columns(["id", cfg.label_column])
     if cfg.label_column != "label":
         per_class = per_class.rename_columns({cfg.label_column: "label"})
-    counted = per_class.groupby("label").map_groups(
+    # one partition per file, up to the cluster's CPUs: each costs an aggregation task
+    partitions = max(1, min(len(files["train"]), int(ray.cluster_resources().get("CPU", 1))))
+    counted = per_class.groupby("label", num_partitions=partitions).map_groups(
         _class_subsets, batch_format="numpy",
         fn_kwargs=dict(val_fraction=cfg.val_fraction, val_seed=cfg.seed ^ VAL_SALT, subsets=subsets)).take_all()
     test_rows, test_max = 0, -1
@@ -171,7 +189,7 @@ def open_source(cfg: DataConfig, subsets: Sequence[tuple[float, int]] = ()) -> S
     if min(labels) < 0:
         raise ValueError(f"parquet {cfg.root}: labels must be >= 0")
     stats = ray.data.read_parquet(files["train"]).select_columns([cfg.image_column]).map_batches(
-        _partial_sums, batch_format="pyarrow",
+        _partial_sums, batch_format="pyarrow", batch_size=ROWS_PER_CALL,
         fn_kwargs=dict(column=cfg.image_column, shape=cfg.image_shape, what=f"parquet {cfg.root}"))
     n, total, sq, shape = 0, 0.0, 0.0, None
     for b in stats.iter_batches(batch_size=None, batch_format="numpy"):

@@ -1,9 +1,10 @@
 """Soft targets of a streamed source, and a student's rows joined to them shard by shard.
 
-``StreamedSource -> predictor pool -> <soft_targets>/<fingerprint>/train/shard=<source file>/``:
-the cache keeps ids, labels and targets (dense soft targets and logits, or per-teacher top-k
-logits), grouped in one hive folder per source file; the validation and test splits only give
-the ensemble's accuracies (manifest). Nothing passes through the driver but counts.
+``StreamedSource -> predictor pool -> <soft_targets>/<fingerprint>/rows/split=<s>/shard=<source file>/``:
+one pass over every row; the cache keeps ids, labels and targets (dense soft targets and logits,
+or per-teacher top-k logits) and each teacher's prediction, in one hive folder per split and
+source file, never an image. The manifest has the ensemble's val/test accuracies and the bytes
+per row. Nothing passes through the driver but counts.
 
 A student's rows (:func:`student_rows`) are the source's rows of its subset, streamed, with
 their targets attached by :func:`attach_targets`: for each source file in a batch it reads
@@ -12,6 +13,7 @@ targets at a time.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 import uuid
@@ -27,14 +29,14 @@ from kd_ray.core.ensemble import load_teacher_files
 from kd_ray.stages.counters import pass_counter
 from kd_ray.stages.soft_targets import (
     SCHEMA_VERSION,
+    EnsemblePredictor,
     check_pool_resources,
     fingerprint,
     predict,
     read_valid_cache,
-    top_k_columns,
     write_split,
 )
-from kd_ray.stages.sources import StreamedSource
+from kd_ray.stages.sources import SPLITS, StreamedSource
 
 TARGET_COLUMNS = ("soft_targets", "teacher_logits", "teacher_topk_values", "teacher_topk_index", "teacher_topk_tail")
 
@@ -44,28 +46,50 @@ def shard_name(path: str) -> str:
     return os.path.basename(str(path)).rsplit(".", 1)[0]
 
 
-def _to_cache_row(batch: dict[str, np.ndarray], k: int | None) -> dict[str, np.ndarray]:
-    """A labelled batch -> what the cache keeps: no image, the source file as ``shard``."""
-    batch["shard"] = np.array([shard_name(p) for p in batch.pop("path")], dtype=object)
-    for c in ("image", "ensemble_pred"):
-        batch.pop(c, None)
-    return top_k_columns(batch, k) if k is not None and "teacher_logits" in batch else batch
+class StreamedPredictor(EnsemblePredictor):
+    """The predictor pool's actor for a streamed source: it labels rows and shapes them into cache
+    rows itself (no image, the split's name, the source file as ``shard``, each teacher's
+    prediction; top-k caches keep no dense soft targets), so only those bytes leave the actor."""
+
+    def __init__(self, drop_logits: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.drop_logits = drop_logits  # teacher_logits: none
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = super().__call__(batch)
+        del out["image"]
+        out["split"] = np.asarray(SPLITS, dtype=object)[out["split"]]
+        out["shard"] = np.array([shard_name(p) for p in out.pop("path")], dtype=object)
+        if "teacher_topk_index" in out:  # top-k: sorted, so each teacher's prediction comes first
+            out["teacher_pred"] = out["teacher_topk_index"][:, :, 0].astype(np.int16)
+            out.pop("soft_targets")
+        else:
+            out["teacher_pred"] = np.asarray(out["teacher_logits"], np.float32).argmax(-1).astype(np.int16)
+        if self.drop_logits:
+            out = {k: v for k, v in out.items() if not k.startswith("teacher_topk")}
+        return out
 
 
-def _accuracies(ds, teachers: int) -> dict[str, float | list[float]]:
-    """The ensemble's and each teacher's accuracy over a labelled split, streamed."""
-    n, right, each = 0, 0, np.zeros(teachers)
-    for b in ds.select_columns(["label", "ensemble_pred", "teacher_logits"]).iter_batches(batch_size=None,
-                                                                                          batch_format="numpy"):
-        labels = b["label"]
-        n, right = n + len(labels), right + int((b["ensemble_pred"] == labels).sum())
-        each += (np.asarray(b["teacher_logits"], dtype=np.float32).argmax(-1) == labels[:, None]).sum(0)
-    return {"accuracy": right / max(n, 1), "teacher_accuracy": [float(a) for a in each / max(n, 1)]}
+def _accuracies(path: str, files: dict[str, list[str]]) -> dict[str, float | list[float]]:
+    """The ensemble's and each teacher's accuracy on the val and test rows, from the cache."""
+    out = {}
+    for split in ("val", "test"):
+        n, right, each = 0, 0, 0
+        for rel in files[split]:
+            fs, p = storage.resolve(storage.join(path, rel))
+            t = pq.read_table(p, filesystem=fs, columns=["label", "ensemble_pred", "teacher_pred"])
+            labels = t.column("label").to_numpy()
+            n, right = n + len(labels), right + int((t.column("ensemble_pred").to_numpy() == labels).sum())
+            each = each + (rows_numpy(t.column("teacher_pred")) == labels[:, None]).sum(0)
+        out[f"{split}_accuracy"] = right / max(n, 1)
+        out[f"teacher_{split}_accuracy"] = [float(a) for a in np.atleast_1d(each) / max(n, 1)]
+    return out
 
 
 def build_streamed_targets(cfg: ExperimentConfig, model_paths: list[str], source: StreamedSource) -> tuple[str, dict]:
-    """The cache of ``source``'s transfer set (built, or reused when its manifest matches):
-    ``(path, manifest)``."""
+    """The cache of ``source`` (built, or reused when its manifest matches): ``(path, manifest)``.
+    One pass of the predictor pool over every row: the transfer set's targets for students, the
+    val/test rows for the ensemble's accuracies."""
     t0 = time.time()
     teachers = load_teacher_files(model_paths)
     num_classes = int(teachers[0].blob["num_classes"])
@@ -84,17 +108,15 @@ def build_streamed_targets(cfg: ExperimentConfig, model_paths: list[str], source
     storage.delete_dir(path)
     local = storage.is_local(path)
     work = storage.join(root, f".{fp}.partial-{uuid.uuid4().hex[:8]}") if local else path
-    k = st.top_k if st.teacher_logits == "topk" else None
-    labelled = predict(source.split("train", paths=True, transfer=True), model_paths, st, "train", [cfg.name],
-                       keep="dense" if k else st.teacher_logits)
-    rows = labelled.map_batches(_to_cache_row, fn_kwargs={"k": k}, batch_format="numpy")
-    files = {"train": write_split(rows, work, "train", partition_cols=["shard"]), "val": [], "test": []}
-    ensemble = {}
-    for split in ("val", "test"):
-        acc = _accuracies(predict(source.split(split), model_paths, st, split, [cfg.name], keep="dense"), len(teachers))
-        ensemble.update({f"{split}_accuracy": acc["accuracy"], f"teacher_{split}_accuracy": acc["teacher_accuracy"]})
-    counted = sum(pq.read_metadata(storage.resolve(storage.join(work, f))[1],
-                                   filesystem=storage.resolve(work)[0]).num_rows for f in files["train"])
+    # teacher_logits: none still takes each teacher's top-1 (their accuracies), then drops it
+    keep, k = ("topk", 1) if st.teacher_logits == "none" else (st.teacher_logits, st.top_k)
+    labelled = predict(source.split("all", paths=True), model_paths, st.model_copy(update={"top_k": k}), "train",
+                       [cfg.name], keep=keep, predictor=StreamedPredictor, drop_logits=st.teacher_logits == "none")
+    written = write_split(labelled, work, "rows", partition_cols=["split", "shard"])
+    files = {split: [f for f in written if f"/split={split}/" in f] for split in SPLITS}
+    rows = {split: sum(pq.read_metadata(storage.resolve(storage.join(work, f))[1],
+                                        filesystem=storage.resolve(work)[0]).num_rows for f in files[split])
+            for split in SPLITS}
     size = sum(storage.size(storage.join(work, f)) for f in files["train"])
     manifest = {
         "schema": SCHEMA_VERSION, "fingerprint": fp, "mode": "cached", "streamed": True,
@@ -102,8 +124,8 @@ def build_streamed_targets(cfg: ExperimentConfig, model_paths: list[str], source
         "teacher_logits": st.teacher_logits, "top_k": st.top_k, "precision": st.precision,
         "teachers": [{"path": t.path, "sha256": t.sha256} for t in teachers], "num_classes": num_classes,
         "input_shape": list(source.input_shape), "normalization": source.normalization, "data": source.identity(),
-        "files": files, "rows": {"train": counted, "val": 0, "test": 0}, "ensemble": ensemble,
-        "bytes_per_row": {"train": round(size / max(counted, 1), 1)}, "seconds": round(time.time() - t0, 2),
+        "files": files, "rows": rows, "ensemble": _accuracies(work, files),
+        "bytes_per_row": {"train": round(size / max(rows["train"], 1), 1)}, "seconds": round(time.time() - t0, 2),
     }
     if local:
         storage.write_json(storage.join(work, "manifest.json"), manifest)
@@ -114,27 +136,34 @@ def build_streamed_targets(cfg: ExperimentConfig, model_paths: list[str], source
     return path, manifest
 
 
-def attach_targets(batch: dict[str, np.ndarray], cache: str) -> dict[str, np.ndarray]:
+@functools.lru_cache(maxsize=2)
+def _shard_targets(folder: str) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+    """One shard's cached targets, its ids and their sort order; a worker keeps the last two it read
+    (decoding hands it a shard in several calls)."""
+    fs, path = storage.resolve(folder)
+    table = pq.read_table(path, filesystem=fs)
+    table = table.select([c for c in table.column_names if c == "id" or c in TARGET_COLUMNS])
+    ids = table.column("id").to_numpy()
+    return table, ids, np.argsort(ids)
+
+
+def attach_targets(batch: dict[str, np.ndarray], cache: str, split: str = "train") -> dict[str, np.ndarray]:
     """Source rows (with ``path``) -> the same rows with their cached targets, read per source file
-    from ``cache``'s ``train/shard=<file>/`` folder. A row missing from the cache is an error."""
+    from ``cache``'s ``rows/split=<split>/shard=<file>/`` folder. A row missing from the cache is an error."""
     paths = batch.pop("path")
     names = np.array([shard_name(p) for p in paths], dtype=object)
     parts: dict[str, list] = {}
     order = []
     for name in dict.fromkeys(names):
         rows = np.flatnonzero(names == name)
-        fs, folder = storage.resolve(storage.join(cache, "train", f"shard={name}"))
-        table = pq.read_table(folder, filesystem=fs)
-        table = table.select([c for c in table.column_names if c == "id" or c in TARGET_COLUMNS])
-        ids = table.column("id").to_numpy()
-        sorter = np.argsort(ids)
+        table, ids, sorter = _shard_targets(storage.join(cache, "rows", f"split={split}", f"shard={name}"))
         at = sorter[np.minimum(np.searchsorted(ids, batch["id"][rows], sorter=sorter), len(ids) - 1)]
         if not np.array_equal(ids[at], batch["id"][rows]):
             raise ValueError(f"soft-target cache {cache}: shard {name} lacks rows of its source; delete the cache to rebuild it")
         taken = table.take(pa.array(at))
         for c in taken.column_names:
             if c != "id":
-                parts.setdefault(c, []).append(_numpy(taken.column(c)))
+                parts.setdefault(c, []).append(rows_numpy(taken.column(c)))
         order.append(rows)
     order = np.concatenate(order)
     out = {k: v[order] for k, v in batch.items()}
@@ -143,7 +172,7 @@ def attach_targets(batch: dict[str, np.ndarray], cache: str) -> dict[str, np.nda
     return out
 
 
-def _numpy(column: pa.ChunkedArray) -> np.ndarray:
+def rows_numpy(column: pa.ChunkedArray) -> np.ndarray:
     """A tensor or fixed-size-list column as one numpy array (rows first)."""
     column = column.combine_chunks()
     if hasattr(column, "to_numpy_ndarray"):  # Ray's tensor extension type
@@ -151,7 +180,11 @@ def _numpy(column: pa.ChunkedArray) -> np.ndarray:
     return np.stack(column.to_numpy(zero_copy_only=False))
 
 
-def student_rows(source: StreamedSource, cache: str, fraction: float = 1.0, seed: int = 0):
-    """A student's training rows, streamed: ``{id, image, label, <targets>}`` of its subset."""
-    rows = source.split("train", fraction if fraction < 1 else None, seed, paths=True, transfer=True)
-    return rows.map_batches(attach_targets, fn_kwargs={"cache": cache}, batch_format="numpy")
+def student_rows(source: StreamedSource, cache: str, fraction: float = 1.0, seed: int = 0, split: str = "train"):
+    """A student's rows, streamed: ``{id, image, label, <targets>}`` of its subset of the transfer
+    set (``split="train"``), or of the validation or test split."""
+    if split == "train":
+        rows = source.split("train", fraction if fraction < 1 else None, seed, paths=True, transfer=True)
+    else:
+        rows = source.split(split, paths=True)
+    return rows.map_batches(attach_targets, fn_kwargs={"cache": cache, "split": split}, batch_format="numpy")

@@ -1,0 +1,299 @@
+"""Scale: kd_ray's streamed path against the plain PyTorch loop over the same sharded parquet.
+
+    python jobs/bench/bench_scale.py [--sizes 60000 600000] [--classes 1000] [--teachers 3]
+        [--student-rows 60000] [--data /tmp/kd_ray_scale]
+
+Per size N (each in a fresh process, so each has its own Ray and its own driver), on a
+synthetic set of N training rows, C classes, 3 x 32 x 32 uint8 images (make_synthetic.py):
+
+* soft-target pass, end to end (start-up included): kd_ray = ``ray.init`` + ``open_source``
+  (statistics pass, validation/fraction thresholds) + ``build_streamed_targets`` (top-k cache,
+  val/test accuracies); plain = the loop a user writes: one statistics pass, then every file
+  read, decoded, normalised, run through the K teachers and its top-k written beside it.
+  Both label every train, val and test row once; rows/s = those rows / seconds.
+* cache bytes per row: top-k (k = 32) at every size, dense at the smallest (bytes per row do
+  not depend on N).
+* student epoch on ``--student-rows`` rows (a nested fraction): kd_ray streams
+  ``student_rows`` (source rows joined to the cache by id) into the training step; plain reads
+  each file and its cache shard, joins by id, shuffles and trains. Same model, batch, loss.
+* peak RSS of the driver and of the largest Ray worker process, less shared object-store pages
+  (sampled every 0.2 s while kd_ray runs, before the plain loops; Ray's raylet/GCS not counted).
+  The student epoch runs in the driver here, so the driver's peak is given without it and with it.
+
+The K teachers are untrained small CNNs (channels 8, 16): what they cost per row does not
+depend on their weights. One JSON line per size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+TEACHER = {"model": "cnn", "model_args": {"channels": [8, 16]}}
+BATCH, TOP_K, T = 256, 32, 4.0
+
+
+def rss_kb(pid: int | str) -> int:
+    """Resident memory of a process less its shared-memory pages (Ray's object store is mapped into
+    every process that reads from it; those pages are the store's, not the process's)."""
+    fields = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "RssShmem:")):
+                    fields[line.split(":")[0]] = int(line.split()[1])
+    except OSError:
+        return 0
+    return fields.get("VmRSS", 0) - fields.get("RssShmem", 0)
+
+
+class PeakRSS(threading.Thread):
+    """Samples this process's RSS and every Ray worker's (``ray::`` processes) until stopped."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.driver = self.worker = 0
+        self.worker_name = ""
+        self.running = True
+
+    def run(self) -> None:
+        while self.running:
+            self.driver = max(self.driver, rss_kb("self"))
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        name = f.read(80)
+                    if not name.startswith(b"ray::"):
+                        continue
+                except OSError:
+                    continue
+                rss = rss_kb(pid)
+                if rss > self.worker:
+                    self.worker, self.worker_name = rss, name.split(b"\0")[0].decode(errors="replace")
+            time.sleep(0.2)
+
+
+def teachers(folder: str, k: int, shape, classes: int) -> list[str]:
+    import torch
+
+    from kd_ray.core.config import TeacherSpec
+    from kd_ray.core.ensemble import save_teacher_model
+    from kd_ray.core.models import build_model
+
+    spec = TeacherSpec(**TEACHER)
+    paths = []
+    for i in range(k):
+        torch.manual_seed(i)
+        m = build_model(spec.model, shape, classes, **spec.model_args)
+        paths.append(os.path.join(folder, f"t{i}.pt"))
+        save_teacher_model(paths[-1], f"t{i}", "bench", spec, m, classes, shape, torch.zeros(0))
+    return paths
+
+
+# --------------------------------------------------------------------------- the plain loop
+def plain_soft_targets(files: dict[str, list[str]], paths: list[str], out: str) -> tuple[float, int, dict]:
+    """Statistics pass, then every file through the teachers, top-k written per file; val/test accuracy skipped
+    only in the sense that test rows are labelled like the rest (the same rows as kd_ray)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from kd_ray.core.data import decode_images
+    from kd_ray.core.ensemble import ensemble_outputs, load_ensemble
+
+    t0 = time.perf_counter()
+    torch.set_num_threads(os.cpu_count())
+    models = load_ensemble(paths)
+    n, s, sq = 0, 0.0, 0.0
+    for f in files["train"]:
+        x = decode_images(pq.read_table(f, columns=["image"]).column("image"), [3, 32, 32], f).astype(np.float64)
+        n, s, sq = n + x.shape[0] * 1024, s + x.sum((0, 2, 3)), sq + (x * x).sum((0, 2, 3))
+    mean = (s / n).astype(np.float32).reshape(1, -1, 1, 1)
+    std = (np.sqrt(sq / n - (s / n) ** 2) + 1e-6).astype(np.float32).reshape(1, -1, 1, 1)
+    rows = 0
+    os.makedirs(out, exist_ok=True)
+    for i, f in enumerate(files["train"] + files["test"]):
+        table = pq.read_table(f)
+        x = (decode_images(table.column("image"), [3, 32, 32], f) - mean) / std
+        cols = {}
+        for j in range(0, len(x), 1024):
+            o = ensemble_outputs(models, torch.from_numpy(x[j: j + 1024]), T, "probs", "topk", TOP_K)
+            for k, v in o.items():
+                cols.setdefault(k, []).append(v)
+        cols = {k: np.concatenate(v) for k, v in cols.items() if k.startswith("teacher_topk")}
+        pq.write_table(pa.table({"id": table.column("id"), **{k: pa.FixedSizeListArray.from_arrays(
+            pa.array(v.reshape(-1)), int(np.prod(v.shape[1:]))) for k, v in cols.items()}}), f"{out}/{i}.parquet")
+        rows += len(x)
+    return time.perf_counter() - t0, rows, {"mean": mean, "std": std}
+
+
+def train_step(model, opt, loss_fn, batch) -> None:
+    opt.zero_grad()
+    loss_fn(model, batch)[0].backward()
+    opt.step()
+
+
+def student(classes: int):
+    import torch
+
+    from kd_ray.core.models import build_model
+    from kd_ray.core.train import student_loss
+
+    torch.manual_seed(0)
+    model = build_model("cnn", (3, 32, 32), classes, channels=[8, 16])
+    return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), student_loss(T, 0.9, classes, T)
+
+
+def plain_student_epoch(source, fraction: float, cache_dir: str, classes: int) -> tuple[float, int]:
+    """Each source file and its cache shard: filter to the subset, join by id, shuffle, train."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from kd_ray.core.data import decode_images
+    from kd_ray.core.subsets import in_fraction
+    from kd_ray.stages.streamed_targets import rows_numpy, shard_name
+
+    torch.set_num_threads(os.cpu_count())
+    model, opt, loss_fn = student(classes)
+    mean = np.asarray(source.normalization["mean"], np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(source.normalization["std"], np.float32).reshape(1, -1, 1, 1)
+    sub = source.subsets.get((fraction, 0))
+    t0, rows = time.perf_counter(), 0
+    for f in source.files["train"]:
+        table = pq.read_table(f)
+        ids, labels = table.column("id").to_numpy(), table.column("label").to_numpy()
+        keep = ~in_fraction(ids, labels, source.val, source.val_seed)
+        if sub is not None:
+            keep &= in_fraction(ids, labels, sub, 0)
+        at = np.flatnonzero(keep)
+        x = (decode_images(table.column("image").take(at), [3, 32, 32], f) - mean) / std
+        cache = pq.read_table(os.path.join(cache_dir, "rows", "split=train", f"shard={shard_name(f)}"))
+        order = np.argsort(cache.column("id").to_numpy())
+        pos = order[np.searchsorted(cache.column("id").to_numpy(), ids[at], sorter=order)]
+        cols = {c: torch.from_numpy(rows_numpy(cache.column(c))[pos]) for c in cache.column_names if c.startswith("teacher")}
+        perm = torch.from_numpy(np.random.default_rng(0).permutation(len(at)))
+        batch_all = {"image": torch.from_numpy(x), "label": torch.from_numpy(labels[at]), **cols}
+        for j in range(0, len(at), BATCH):
+            idx = perm[j: j + BATCH]
+            train_step(model, opt, loss_fn, {k: v[idx] for k, v in batch_all.items()})
+        rows += len(at)
+    return time.perf_counter() - t0, rows
+
+
+# --------------------------------------------------------------------------- one size
+def one(n: int, args) -> dict:
+    import make_synthetic
+
+    data = os.path.join(args.data, f"n{n}_c{args.classes}")
+    if not os.path.exists(os.path.join(data, "test")):
+        make_synthetic.write(data, n, args.test_rows, args.classes, 20_000, 0)
+    work = tempfile.mkdtemp(prefix="kd_ray_scale_")
+    from kd_ray.core.config_files import load_config
+
+    fraction = min(1.0, round(args.student_rows / (n * 0.9), 4))
+    sets = [f"runtime.storage_path={work}/runs", "name=scale", "data.name=parquet", f"data.root={data}",
+            "data.image_shape=[3, 32, 32]", f"soft_targets.temperature={T}", "soft_targets.batch_size=1024",
+            f"soft_targets.actors={args.actors}", "soft_targets.teacher_logits=topk", f"soft_targets.top_k={TOP_K}"]
+    cfg = load_config(None, sets)
+    from kd_ray.stages.sources import source_files
+
+    files = {s: source_files(cfg.data, s) for s in ("train", "test")}
+    paths = teachers(work, args.teachers, (3, 32, 32), args.classes)
+
+    import ray
+    import ray.data
+
+    peak = PeakRSS()
+    peak.start()
+    t0 = time.perf_counter()
+    # one logical CPU more than the cores: the predictor actors hold one each, and the read tasks
+    # need one beside them (with none left they wait forever); the plain loop decodes and infers
+    # on the same cores in turn
+    ray.init(num_cpus=os.cpu_count() + 1, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    from kd_ray.stages.sources import open_source
+    from kd_ray.stages.streamed_targets import build_streamed_targets, student_rows
+
+    source = open_source(cfg.data, subsets=[(fraction, 0)])
+    opened_s = time.perf_counter() - t0
+    path, manifest = build_streamed_targets(cfg, paths, source)
+    kd_s = time.perf_counter() - t0
+    kd_rows = source.rows["train"] + source.rows["val"] + source.rows["test"]
+    driver_targets, worker_targets, worker_name = peak.driver, peak.worker, peak.worker_name
+
+    model, opt, loss_fn = student(source.num_classes)
+    t1, trained = time.perf_counter(), 0
+    for batch in student_rows(source, path, fraction, 0).iter_torch_batches(
+            batch_size=BATCH, local_shuffle_buffer_size=4 * BATCH, local_shuffle_seed=0):
+        batch.pop("id")
+        train_step(model, opt, loss_fn, batch)
+        trained += len(batch["label"])
+    kd_student_s = time.perf_counter() - t1
+    peak.running = False
+    peak.join()
+
+    dense_bpr = None
+    if n == min(args.sizes):
+        dense_cfg = load_config(None, [*sets, "soft_targets.teacher_logits=dense"])
+        dense_bpr = build_streamed_targets(dense_cfg, paths, source)[1]["bytes_per_row"]["train"]
+    ray.shutdown()
+    plain_s, plain_rows, _ = plain_soft_targets(files, paths, os.path.join(work, "plain_cache"))
+    plain_student_s, plain_trained = plain_student_epoch(source, fraction, path, source.num_classes)
+    return {
+        "rows": n, "classes": args.classes, "teachers": args.teachers, "labelled_rows": kd_rows,
+        "soft_targets_rows_per_s": {"kd_ray": round(kd_rows / kd_s, 1), "plain": round(plain_rows / plain_s, 1),
+                                    "ratio_end_to_end": round((kd_rows / kd_s) / (plain_rows / plain_s), 3)},
+        "kd_ray_seconds": {"start_and_open": round(opened_s, 1), "soft_targets_total": round(kd_s, 1)},
+        "plain_seconds": round(plain_s, 1),
+        "cache_bytes_per_row": {"top32": manifest["bytes_per_row"]["train"], "dense": dense_bpr},
+        "student_rows": trained,
+        "student_rows_per_s": {"kd_ray": round(trained / kd_student_s, 1),
+                               "plain": round(plain_trained / plain_student_s, 1),
+                               "ratio": round((trained / kd_student_s) / (plain_trained / plain_student_s), 3)},
+        "peak_rss_mb": {"driver_soft_targets": round(driver_targets / 1024, 1),
+                        "largest_worker_soft_targets": round(worker_targets / 1024, 1),
+                        "largest_worker_soft_targets_is": worker_name,
+                        "driver_with_student_epoch": round(peak.driver / 1024, 1),
+                        "largest_worker": round(peak.worker / 1024, 1)},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[60_000, 600_000])
+    ap.add_argument("--classes", type=int, default=1000)
+    ap.add_argument("--teachers", type=int, default=3)
+    ap.add_argument("--actors", type=int, default=2)
+    ap.add_argument("--test-rows", type=int, default=10_000)
+    ap.add_argument("--student-rows", type=int, default=60_000)
+    ap.add_argument("--data", default=os.path.join(tempfile.gettempdir(), "kd_ray_scale"))
+    ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one, args)))
+        return
+    results = []
+    for n in args.sizes:  # a fresh process (and Ray) per size
+        argv = [sys.executable, __file__, "--one", str(n), *sys.argv[1:]]
+        out = subprocess.run(argv, check=True, stdout=subprocess.PIPE, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(json.dumps({"benchmark": "scale", **results[-1]}), flush=True)
+    if len(results) > 1:
+        a, b = results[0], results[-1]
+        print(json.dumps({"benchmark": "scale", "driver_rss_ratio": round(
+            b["peak_rss_mb"]["driver_soft_targets"] / a["peak_rss_mb"]["driver_soft_targets"], 3), "sizes": [a["rows"], b["rows"]]}))
+
+
+if __name__ == "__main__":
+    main()
