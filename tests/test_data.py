@@ -12,7 +12,12 @@ import pytest
 from PIL import Image
 
 from kd_ray.core.config import DataConfig
-from kd_ray.core.data import DatasetNotFoundError, decode_images, load_splits
+from kd_ray.core.data import (
+    DatasetNotFoundError,
+    channel_sums,
+    decode_images,
+    load_splits,
+)
 from kd_ray.core.subsets import (
     fraction_thresholds,
     in_fraction,
@@ -224,3 +229,9 @@ def test_image_encodings_decode_to_the_same_images():
         assert x.dtype == np.float32 and np.allclose(x, want, atol=1e-6), name
     with pytest.raises(ValueError, match="cannot infer the image shape"):
         decode_images(pa.array([[1, 2, 3, 4, 5]] * 2), None, "parquet x")
+    # a streamed mean and std add up per-channel sums: a histogram for uint8, floats otherwise
+    for raw in (pixels, want):
+        n, total, sq = channel_sums(raw)
+        assert n == 5 * 64
+        np.testing.assert_allclose(total / n, want.astype(np.float64).mean((0, 2, 3)), rtol=1e-6)
+        np.testing.assert_allclose(sq / n, (want.astype(np.float64) ** 2).mean((0, 2, 3)), rtol=1e-6)

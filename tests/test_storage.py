@@ -1,10 +1,15 @@
 """Storage on local folders and on a real S3 protocol server (moto's server mode on 127.0.0.1)."""
 import os
 import socket
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from kd_ray.core import storage
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs" / "bench"))  # make_synthetic
 
 
 def _free_port() -> int:
@@ -53,7 +58,7 @@ def test_unwritable_or_unreachable_storage_fails_before_ray_starts(tmp_path, mon
 @pytest.mark.slow
 @pytest.mark.isolated
 def test_pipeline_on_s3_then_everything_reused_then_an_interrupted_sweep_finished(s3, no_ray, capsys, interrupt,
-                                                                                 monkeypatch):
+                                                                                 monkeypatch, tmp_path):
     from kd_ray.cli import main
 
     # the endpoint from runtime.storage_options, not the environment: Ray's workers get it too
@@ -102,3 +107,22 @@ def test_pipeline_on_s3_then_everything_reused_then_an_interrupted_sweep_finishe
     assert out.metrics["teaching"] == "cached_views" and out.metrics["teacher_passes"] == 0
     assert 0 < out.metrics["test_accuracy"] <= 1
     assert storage.exists(storage.join(root, "digits", "students", out.run_name, "result.json"))
+
+    # a streamed parquet source in the bucket -> its top-k cache in the bucket -> a student's rows
+    import make_synthetic
+
+    from kd_ray.stages.datasets import from_dataset
+    from kd_ray.stages.sources import open_source
+    from kd_ray.stages.streamed_targets import build_streamed_targets, student_rows
+    from tests.fixtures.factories import untrained_teachers
+
+    data = storage.join(s3, "synthetic")
+    make_synthetic.write(data, rows=600, test_rows=100, classes=20, shard_rows=300, seed=0)
+    scfg = load_config(None, argv[2::2] + ["data.name=parquet", f"data.root={data}", "data.image_shape=[3, 32, 32]",
+                                           "soft_targets.teacher_logits=topk", "soft_targets.top_k=4"])
+    source = open_source(scfg.data, subsets=[(0.5, 0)])
+    path, manifest = build_streamed_targets(scfg, untrained_teachers(tmp_path, source.input_shape, 20), source)
+    assert path.startswith("s3://") and manifest["rows"] == source.rows and source.rows["test"] == 100
+    got = from_dataset(student_rows(source, path, 0.5, 0), ("id", "teacher_topk_values"))
+    want = from_dataset(source.split("train", 0.5, 0), ("id",))["id"]
+    assert np.array_equal(np.sort(got["id"]), np.sort(want)) and got["teacher_topk_values"].shape[1:] == (3, 4)

@@ -8,24 +8,10 @@ import pytest
 import torch
 
 from kd_ray.core import storage
+from tests.fixtures.factories import untrained_teachers
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs" / "bench"))
-
-
-def _teachers(cfg, source, k: int) -> list[str]:
-    """K untrained small CNN teachers as checkpoints (what the cache holds does not need skill)."""
-    from kd_ray.core.ensemble import save_teacher_model
-    from kd_ray.core.models import build_model
-
-    spec = cfg.teachers.resolved()[0].model_copy(update={"model": "cnn", "model_args": {"channels": [8, 16]}})
-    paths = []
-    for i in range(k):
-        torch.manual_seed(i)
-        m = build_model(spec.model, source.input_shape, source.num_classes, **spec.model_args)
-        paths.append(str(Path(cfg.runtime.storage_path) / f"t{i}.pt"))
-        save_teacher_model(paths[-1], f"t{i}", "test", spec, m, source.num_classes, source.input_shape, torch.zeros(0))
-    return paths
 
 
 def test_thousand_classes_streamed_top_k_cache_and_student(tmp_path):
@@ -50,7 +36,7 @@ def test_thousand_classes_streamed_top_k_cache_and_student(tmp_path):
     labels = pq.read_table(data, columns=["label"]).column("label").to_numpy()  # train and test
     assert source.num_classes == labels.max() + 1 > 990 and source.input_shape == (3, 32, 32)
     C = source.num_classes
-    paths = _teachers(cfg, source, 3)
+    paths = untrained_teachers(tmp_path, source.input_shape, C)
 
     path, manifest = build_streamed_targets(cfg, paths, source)
     files = manifest["files"]["train"]

@@ -229,6 +229,25 @@ def decode_images(column, shape: list[int] | None, what: str) -> np.ndarray:
     """A parquet image column -> float32 [N, C, H, W] in [0, 1]. Accepts fixed-size or plain lists
     of numbers (flat or nested; ``shape`` reshapes flat rows), tensor columns and encoded PNG/JPEG
     bytes; integer pixels are divided by 255. Used by the in-memory and the streamed readers alike."""
+    arr = raw_images(column, shape, what)
+    return arr.astype(np.float32) / (255.0 if np.issubdtype(arr.dtype, np.integer) else 1.0)
+
+
+def channel_sums(raw: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """(values per channel, per-channel sum, per-channel sum of squares) of [N, C, H, W] images on
+    decode_images' [0, 1] scale, in float64: what a streamed mean and std add up. Integer pixels
+    count through a histogram per channel (exact, and no float copy of the batch)."""
+    n = raw.shape[0] * raw.shape[2] * raw.shape[3]
+    if raw.dtype == np.uint8:
+        levels = np.arange(256, dtype=np.float64) / 255.0
+        hist = np.stack([np.bincount(raw[:, c].ravel(), minlength=256) for c in range(raw.shape[1])])
+        return n, hist @ levels, hist @ (levels * levels)
+    x = raw.astype(np.float64) / (255.0 if np.issubdtype(raw.dtype, np.integer) else 1.0)
+    return n, x.sum(axis=(0, 2, 3)), (x * x).sum(axis=(0, 2, 3))
+
+
+def raw_images(column, shape: list[int] | None, what: str) -> np.ndarray:
+    """A parquet image column -> [N, C, H, W] in its stored dtype (PNG/JPEG decoded to uint8)."""
     import pyarrow as pa
 
     if isinstance(column, pa.ChunkedArray):
@@ -247,8 +266,7 @@ def decode_images(column, shape: list[int] | None, what: str) -> np.ndarray:
         arr = _decode_encoded(arr, what)
     elif arr.dtype == object:
         arr = np.stack([np.asarray(v) for v in arr])
-    arr = _images_to_chw(arr, shape, what)
-    return arr.astype(np.float32) / (255.0 if np.issubdtype(arr.dtype, np.integer) else 1.0)
+    return _images_to_chw(arr, shape, what)
 
 
 def _decode_encoded(values: np.ndarray, what: str) -> np.ndarray:

@@ -24,7 +24,13 @@ import ray.data
 
 from kd_ray.core import storage
 from kd_ray.core.config import DataConfig
-from kd_ray.core.data import VAL_SALT, DatasetNotFoundError, decode_images
+from kd_ray.core.data import (
+    VAL_SALT,
+    DatasetNotFoundError,
+    channel_sums,
+    decode_images,
+    raw_images,
+)
 from kd_ray.core.subsets import fraction_thresholds, in_fraction
 
 Thresholds = dict  # {class: (hash, id)}
@@ -61,9 +67,9 @@ def _class_subsets(batch: dict[str, np.ndarray], val_fraction: float, val_seed: 
 
 def _partial_sums(batch: dict[str, np.ndarray], column: str, shape, what: str) -> dict[str, np.ndarray]:
     """Per-channel sum and sum of squares of one batch of raw images (float64), for the mean and std."""
-    x = decode_images(batch[column], shape, what).astype(np.float64)
-    return {"n": np.array([x.shape[0] * x.shape[2] * x.shape[3]]), "sum": x.sum(axis=(0, 2, 3))[None],
-            "sumsq": (x * x).sum(axis=(0, 2, 3))[None], "shape": np.array([list(x.shape[1:])])}
+    raw = raw_images(batch[column], shape, what)
+    n, total, sq = channel_sums(raw)
+    return {"n": np.array([n]), "sum": total[None], "sumsq": sq[None], "shape": np.array([list(raw.shape[1:])])}
 
 
 def prepare_rows(table: pa.Table, image_column: str, label_column: str, shape, mean: list[float], std: list[float],
