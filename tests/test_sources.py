@@ -52,6 +52,13 @@ def test_streamed_digits_equal_in_memory(tmp_path):
     with pytest.raises(ValueError, match="fraction=0.3"):
         src.split("train", 0.3, 0)
 
+    # a block none of whose rows is in the split gives an empty batch of the right shape
+    from kd_ray.stages.sources import prepare_rows
+
+    block = pq.read_table(src.files["train"][0]).slice(0, 5)
+    empty = prepare_rows(block, "image", "label", [1, 8, 8], (1, 8, 8), [0.0], [1.0], {"only": [], "split": "train"})
+    assert empty["image"].shape == (0, 1, 8, 8) and len(empty["id"]) == 0
+
     (tmp_path / "noid" / "train").mkdir(parents=True)
     for path in (tmp_path / "noid" / "train" / "a.parquet", tmp_path / "noid" / "test.parquet"):
         pq.write_table(pa.table({"label": [0, 1], "image": [[0.0] * 4] * 2}), path)

@@ -255,7 +255,7 @@ def raw_images(column, shape: list[int] | None, what: str) -> np.ndarray:
     if isinstance(column, pa.Array) and (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
         column = np.asarray(column.to_pylist(), dtype=object)
     if isinstance(column, pa.Array) and pa.types.is_fixed_size_list(column.type) and column.null_count == 0:
-        arr = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), -1)  # no per-row copy
+        arr = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)  # no per-row copy
     elif isinstance(column, pa.Array):
         arr = column.to_numpy(zero_copy_only=False)
         if arr.dtype == object:

@@ -72,8 +72,8 @@ def _partial_sums(batch: dict[str, np.ndarray], column: str, shape, what: str) -
     return {"n": np.array([n]), "sum": total[None], "sumsq": sq[None], "shape": np.array([list(raw.shape[1:])])}
 
 
-def prepare_rows(table: pa.Table, image_column: str, label_column: str, shape, mean: list[float], std: list[float],
-                 keep: dict, paths: bool = False) -> dict[str, np.ndarray]:
+def prepare_rows(table: pa.Table, image_column: str, label_column: str, shape, input_shape, mean: list[float],
+                 std: list[float], keep: dict, paths: bool = False) -> dict[str, np.ndarray]:
     """A block of source rows -> the rows of one split/subset ``{id, image, label}``: filtered
     (``keep``: the validation thresholds, in or out, a subset's thresholds, classes), decoded and
     normalised with the training set's statistics."""
@@ -93,7 +93,8 @@ def prepare_rows(table: pa.Table, image_column: str, label_column: str, shape, m
     if keep.get("only") is not None:
         mask &= ~transfer | np.isin(labels, keep["only"])
     rows = np.flatnonzero(mask)
-    image = decode_images(table.column(image_column).take(pa.array(rows)), shape, "parquet source")
+    image = (decode_images(table.column(image_column).take(pa.array(rows)), shape, "parquet source") if len(rows)
+             else np.zeros((0, *input_shape), np.float32))  # nothing of this block in the split
     m = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
     s = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
     out = {"id": ids[rows], "image": ((image - m) / s).astype(np.float32), "label": labels[rows]}
@@ -161,7 +162,7 @@ class StreamedSource:
         ds = ray.data.read_parquet(self.files[files], include_paths=paths)
         ds = ds.select_columns(["id", c.label_column, c.image_column] + (["path"] if paths else []))
         return ds.map_batches(prepare_rows, batch_format="pyarrow", batch_size=ROWS_PER_CALL, fn_kwargs=dict(
-            image_column=c.image_column, label_column=c.label_column, shape=c.image_shape,
+            image_column=c.image_column, label_column=c.label_column, shape=c.image_shape, input_shape=self.input_shape,
             mean=self.normalization["mean"], std=self.normalization["std"], keep=keep, paths=paths))
 
 
