@@ -196,11 +196,28 @@ def fingerprint(teachers: list[TeacherFile], cfg: ExperimentConfig, identity: di
     }
     if st.precision != "float32":  # named only when not the default, so float32 caches keep their names
         blob["precision"] = st.precision
-    if st.teacher_logits == "topk":  # likewise; such a cache keeps no dense soft targets (see top_k_columns)
+    if st.teacher_logits == "topk":  # likewise; such a cache keeps no dense soft targets (see _top_k_columns)
         blob["top_k"], blob["targets"] = st.top_k, "from top-k"
     if st.views:  # the views and their augmentation
         blob["views"] = {"count": st.views, "jitter": st.jitter, "seed": view_seed(cfg)}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def work_dir(path: str) -> str:
+    """Where a cache for ``path`` is written: locally a hidden folder beside it, renamed into place
+    by :func:`publish`; on an object store ``path`` itself, its manifest written last."""
+    if not storage.is_local(path):
+        return path
+    root, name = path.rstrip("/").rsplit("/", 1)
+    return storage.join(root, f".{name}.partial-{uuid.uuid4().hex[:8]}")
+
+
+def publish(work: str, path: str, manifest: dict) -> None:
+    """Make the cache written at ``work`` complete at ``path``: its manifest last."""
+    storage.write_json(storage.join(work, "manifest.json"), manifest)
+    if work != path:
+        fs, src = storage.resolve(work)
+        fs.move(src, storage.resolve(path)[1])
 
 
 def read_valid_cache(path: str, fp: str) -> dict | None:
@@ -334,7 +351,7 @@ def _compute_cache(cfg: ExperimentConfig, paths: list[str], parts: dict[str, Spl
         if split != "train" or st.teacher_logits == "none":
             rows = rows.drop_columns(["teacher_logits"])  # val/test: the accuracies above are all they give
         elif st.teacher_logits == "topk":
-            rows = rows.map_batches(top_k_columns, fn_kwargs={"k": st.top_k}, batch_format="numpy")
+            rows = rows.map_batches(_top_k_columns, fn_kwargs={"k": st.top_k}, batch_format="numpy")
         files[split] = write_split(rows, work, split)
     if st.views and len(parts["train"]):  # V views of each transfer row, labelled once
         views = to_dataset(parts["train"]).map_batches(
@@ -342,12 +359,12 @@ def _compute_cache(cfg: ExperimentConfig, paths: list[str], parts: dict[str, Spl
             batch_format="numpy", batch_size=max(1, st.batch_size // st.views))
         rows = predict(views, paths, st, "views", [cfg.name]).drop_columns(["image"])
         if st.teacher_logits == "topk":
-            rows = rows.map_batches(top_k_columns, fn_kwargs={"k": st.top_k}, batch_format="numpy")
+            rows = rows.map_batches(_top_k_columns, fn_kwargs={"k": st.top_k}, batch_format="numpy")
         files["views"] = write_split(rows, work, "views")
     return files, accuracy
 
 
-def top_k_columns(batch: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
+def _top_k_columns(batch: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
     """The dense ``teacher_logits`` column -> ``teacher_topk_{values,index,tail}`` (losses.top_k_logits),
     and no dense ``soft_targets`` either (at C = 1,000 they alone are 4 KB a row): students re-soften
     the top-k logits. With k >= C every logit is kept: the dense columns stay."""
@@ -386,8 +403,7 @@ def build_soft_targets(cfg: ExperimentConfig, ensemble, splits: Splits | None = 
     built = manifest is None
     if built:
         storage.delete_dir(path)  # stale, partial or corrupt: rebuild from scratch
-        local = storage.is_local(path)
-        work = storage.join(root, f".{fp}.partial-{uuid.uuid4().hex[:8]}") if local else path
+        work = work_dir(path)
         # streaming mode recomputes the transfer set per epoch, so only val/test go to the cache
         parts = {"train": transfer if mode == "cached" else transfer.take(transfer.ids[:0]),
                  "val": splits.val, "test": splits.test}
@@ -409,12 +425,7 @@ def build_soft_targets(cfg: ExperimentConfig, ensemble, splits: Splits | None = 
             "ensemble": accuracy, "bytes_per_row": bytes_per_row, "seconds": round(time.time() - t0, 2),
             "views": cfg.soft_targets.views, "view_jitter": cfg.soft_targets.jitter, "view_seed": view_seed(cfg),
         }
-        if local:
-            storage.write_json(storage.join(work, "manifest.json"), manifest)
-            fs, src = storage.resolve(work)
-            fs.move(src, storage.resolve(path)[1])
-        else:
-            storage.write_json(storage.join(path, "manifest.json"), manifest)  # last
+        publish(work, path, manifest)
     sources = {"train": transfer, "val": splits.val, "test": splits.test, "views": transfer}
     datasets = {split: read_cache_split(path, files, sources[split]) for split, files in manifest["files"].items() if files}
     return SoftTargets(cfg, mode, path, manifest, paths, transfer, built, datasets)

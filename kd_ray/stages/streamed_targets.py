@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import os
 import time
-import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -33,7 +32,9 @@ from kd_ray.stages.soft_targets import (
     check_pool_resources,
     fingerprint,
     predict,
+    publish,
     read_valid_cache,
+    work_dir,
     write_split,
 )
 from kd_ray.stages.sources import SPLITS, StreamedSource
@@ -100,14 +101,12 @@ def build_streamed_targets(cfg: ExperimentConfig, model_paths: list[str], source
     check_pool_resources(cfg)
     pass_counter(cfg.name)
     fp = fingerprint(teachers, cfg, source.identity(), source.rows["train"])
-    root = layout.soft_targets_dir(cfg)
-    path = storage.join(root, fp)
+    path = storage.join(layout.soft_targets_dir(cfg), fp)
     manifest = read_valid_cache(path, fp)
     if manifest is not None:
         return path, manifest
     storage.delete_dir(path)
-    local = storage.is_local(path)
-    work = storage.join(root, f".{fp}.partial-{uuid.uuid4().hex[:8]}") if local else path
+    work = work_dir(path)
     # teacher_logits: none still takes each teacher's top-1 (their accuracies), then drops it
     keep, k = ("topk", 1) if st.teacher_logits == "none" else (st.teacher_logits, st.top_k)
     labelled = predict(source.split("all", paths=True), model_paths, st.model_copy(update={"top_k": k}), "train",
@@ -127,12 +126,7 @@ def build_streamed_targets(cfg: ExperimentConfig, model_paths: list[str], source
         "files": files, "rows": rows, "ensemble": _accuracies(work, files),
         "bytes_per_row": {"train": round(size / max(rows["train"], 1), 1)}, "seconds": round(time.time() - t0, 2),
     }
-    if local:
-        storage.write_json(storage.join(work, "manifest.json"), manifest)
-        fs, src = storage.resolve(work)
-        fs.move(src, storage.resolve(path)[1])
-    else:
-        storage.write_json(storage.join(path, "manifest.json"), manifest)  # last
+    publish(work, path, manifest)
     return path, manifest
 
 
