@@ -61,6 +61,7 @@ def test_defaults_and_overrides():
     ("soft_targets.rule=median", "soft_targets.rule"),
     ("soft_targets.precision=float16", "soft_targets.precision"),
     ("data.val_fraction=1.0", "data.val_fraction"),
+    ("soft_targets.views_fraction=0", "soft_targets.views_fraction"),
 ])
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError) as e:
@@ -88,6 +89,14 @@ def test_heterogeneous_teachers(tmp_path):
         load_config(p, ["teachers.specs=[{model: vit}]"])
     with pytest.raises(ConfigError, match="teachers.count"):
         load_config(p, ["teachers.count=5"])
+
+
+def test_cached_views_fractions_must_fit_the_views_cache():
+    views = ["soft_targets.views=8", "soft_targets.jitter=1", "sweep.teaching=[cached_views]",
+             "soft_targets.views_fraction=0.1"]
+    assert load_config(None, [*views, "sweep.fractions=[0.03, 0.1]"]).soft_targets.views_fraction == 0.1
+    with pytest.raises(ConfigError, match=r"fractions up to 0.3 .* soft_targets.views_fraction=0.1"):
+        load_config(None, [*views, "sweep.fractions=[0.03, 0.3]"])
 
 
 def test_bad_set_syntax():

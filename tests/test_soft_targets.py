@@ -295,3 +295,14 @@ def test_views_cache_labels_each_view_once_and_rebuilds_it_exactly(tiny_ensemble
         other = build_soft_targets(_cfg(base, "views", "soft_targets.views=4", "soft_targets.jitter=1",
                                         "soft_targets.mode=cached", change), ensemble)
         assert other.built and other.path != st.path
+    # views of a nested fraction only: V x its rows labelled, the same views of those rows
+    part = build_soft_targets(_cfg(base, "views_part", "soft_targets.views=4", "soft_targets.jitter=1",
+                                   "soft_targets.mode=cached", "soft_targets.views_fraction=0.3"), ensemble)
+    kept = st.transfer.fraction(0.3, base.data.seed).ids
+    assert part.path != st.path and part.manifest["rows"]["views"] == len(kept) * V
+    assert forward_passes("views_part")["views"] == len(kept) * V
+    sub = _rows(part.datasets["views"])
+    assert np.array_equal(np.unique(sub["id"]), np.sort(kept))
+    same = np.isin(rows["id"], kept)
+    a, b = np.lexsort((sub["view"], sub["id"])), np.lexsort((rows["view"][same], rows["id"][same]))
+    assert np.abs(sub["soft_targets"][a] - rows["soft_targets"][same][b]).max() < 1e-6

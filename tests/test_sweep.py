@@ -233,16 +233,23 @@ def test_cached_views_trials_share_one_labelling_of_every_view(tiny_ensemble):
     base, ensemble = tiny_ensemble
     V = 4
     cfg = _cfg(base, "sweepviews", "soft_targets.jitter=1", f"soft_targets.views={V}", "sweep.fractions=[0.1, 0.3]",
-               "sweep.teaching=[cached_views]", "sweep.seeds=[0]", "sweep.epochs=[2]", "sweep.max_concurrent_trials=4")
+               "sweep.teaching=[cached_views]", "sweep.seeds=[0]", "sweep.epochs=[2]", "sweep.max_concurrent_trials=4",
+               "soft_targets.views_fraction=0.3")  # views of the sweep's largest fraction only
     st = build_soft_targets(cfg, ensemble)
-    N, K = len(st.transfer), len(ensemble.model_paths)
+    N, K = len(st.transfer.fraction(0.3, base.data.seed)), len(ensemble.model_paths)
+    from kd_ray.stages.distill import distill
+
+    with pytest.raises(ValueError, match="views cache does not hold"):  # rows beyond its fraction
+        distill(_cfg(base, "sweepviews", "soft_targets.jitter=1", f"soft_targets.views={V}",
+                     "soft_targets.views_fraction=0.3", "student.teaching=cached_views", "student.fraction=0.3"),
+                st, ids=st.transfer.ids)
     result = run_sweep(cfg, st)
     df = result.results
     # soft and matched hard trials on the views, and the plain hard baseline, per fraction
     assert result.complete and set(df["status"]) == {"done"} and len(df) == 6
     assert sorted(set(zip(df["targets"], df["teaching"]))) == [("hard", "cached_views"), ("hard", "none"),
                                                                ("soft", "cached_views")]
-    # the whole sweep's teacher passes: V x N x K once, when the cache was built; none in training
+    # the whole sweep's teacher passes: V x N x K once (N: the rows of its largest fraction), none in training
     assert (df["teacher_passes"] == 0).all()
     assert forward_passes(cfg.name)["views"] * K == V * N * K
     # the soft student's last epoch trained on the views chosen for that epoch, rebuilt bit for bit,

@@ -178,6 +178,9 @@ class SoftTargetsConfig(_Section):
     # function of (data seed, view, id), labelled once by the ensemble and cached without the image;
     # student.teaching: cached_views trains on them (consistent teaching, no teacher passes). 0: none
     views: int = Field(0, ge=0)
+    # label views of this nested fraction of the transfer set only (the data seed's, as students
+    # pick theirs): a sweep of small fractions pays V x its largest fraction, not V x every row
+    views_fraction: float = Field(1.0, gt=0, le=1)
     # the teachers' arithmetic in the predictor (bfloat16: faster on CPUs with AVX512-BF16, soft
     # targets within ~1e-4 of float32's; docs/notes.md); averaging and softmax stay in float32
     precision: Literal["float32", "bfloat16"] = "float32"
@@ -431,6 +434,11 @@ class ExperimentConfig(_Section):
                              "soft_targets.mode: cached")
         if "cached_views" in modes and st.mixup > 0:
             raise ValueError("cached views are shifts only: set soft_targets.mixup: 0 for cached_views teaching")
+        fractions = (self.sweep.fractions if "cached_views" in self.sweep.teaching else []) + (
+            [self.student.fraction] if self.student.teaching == "cached_views" else [])
+        if fractions and max(fractions) > st.views_fraction:
+            raise ValueError(f"cached_views students train on fractions up to {max(fractions):g} but the views "
+                             f"cache holds soft_targets.views_fraction={st.views_fraction:g} of the rows: raise it")
         if st.resolved_mode == "streaming" and modes & {"cached", "inconsistent"} and (
                 self.student.teaching or self.sweep.teaching):
             raise ValueError("cached and inconsistent teaching read cached soft targets of the transfer set: "

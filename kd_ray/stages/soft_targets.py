@@ -200,6 +200,8 @@ def fingerprint(teachers: list[TeacherFile], cfg: ExperimentConfig, identity: di
         blob["top_k"], blob["targets"] = st.top_k, "from top-k"
     if st.views:  # the views and their augmentation
         blob["views"] = {"count": st.views, "jitter": st.jitter, "seed": view_seed(cfg)}
+        if st.views_fraction < 1:  # named only when not all rows, so existing caches keep their names
+            blob["views"]["fraction"] = st.views_fraction
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -353,8 +355,8 @@ def _compute_cache(cfg: ExperimentConfig, paths: list[str], parts: dict[str, Spl
         elif st.teacher_logits == "topk":
             rows = rows.map_batches(_top_k_columns, fn_kwargs={"k": st.top_k}, batch_format="numpy")
         files[split] = write_split(rows, work, split)
-    if st.views and len(parts["train"]):  # V views of each transfer row, labelled once
-        views = to_dataset(parts["train"]).map_batches(
+    if st.views and len(parts["views"]):  # V views of each row of the views fraction, labelled once
+        views = to_dataset(parts["views"]).map_batches(
             expand_views, fn_kwargs={"views": st.views, "max_shift": st.jitter, "seed": view_seed(cfg)},
             batch_format="numpy", batch_size=max(1, st.batch_size // st.views))
         rows = predict(views, paths, st, "views", [cfg.name]).drop_columns(["image"])
@@ -406,11 +408,15 @@ def build_soft_targets(cfg: ExperimentConfig, ensemble, splits: Splits | None = 
         work = work_dir(path)
         # streaming mode recomputes the transfer set per epoch, so only val/test go to the cache
         parts = {"train": transfer if mode == "cached" else transfer.take(transfer.ids[:0]),
-                 "val": splits.val, "test": splits.test}
+                 "val": splits.val, "test": splits.test,
+                 # the views cache labels a nested fraction (all rows by default) under the data seed,
+                 # so every student subset up to that fraction lies inside it
+                 "views": transfer.fraction(cfg.soft_targets.views_fraction, cfg.data.seed) if
+                 cfg.soft_targets.views and mode == "cached" else transfer.take(transfer.ids[:0])}
         files, accuracy = _compute_cache(cfg, paths, parts, work)
-        rows = {s: len(p) for s, p in parts.items()}
+        rows = {s: len(p) for s, p in parts.items() if s != "views"}
         if "views" in files:
-            rows["views"] = len(parts["train"]) * cfg.soft_targets.views
+            rows["views"] = len(parts["views"]) * cfg.soft_targets.views
         # what a row costs in the cache (parquet, compressed): ids, labels, targets, kept logits
         size = {s: sum(storage.size(storage.join(work, f)) for f in files[s]) for s in files}
         bytes_per_row = {s: round(size[s] / rows[s], 1) for s in files if rows[s]}
@@ -424,6 +430,7 @@ def build_soft_targets(cfg: ExperimentConfig, ensemble, splits: Splits | None = 
             "input_shape": list(splits.input_shape), "normalization": splits.normalization, "data": splits.identity(), "files": files, "rows": rows,
             "ensemble": accuracy, "bytes_per_row": bytes_per_row, "seconds": round(time.time() - t0, 2),
             "views": cfg.soft_targets.views, "view_jitter": cfg.soft_targets.jitter, "view_seed": view_seed(cfg),
+            "views_fraction": cfg.soft_targets.views_fraction,
         }
         publish(work, path, manifest)
     sources = {"train": transfer, "val": splits.val, "test": splits.test, "views": transfer}
