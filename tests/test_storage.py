@@ -110,18 +110,19 @@ def test_pipeline_on_s3_then_everything_reused_then_an_interrupted_sweep_finishe
 
     # a streamed parquet source in the bucket -> its top-k cache in the bucket -> a student's rows
     import make_synthetic
+    from common import untrained_teachers
 
     from kd_ray.stages.datasets import from_dataset
     from kd_ray.stages.sources import open_source
     from kd_ray.stages.streamed_targets import build_streamed_targets, student_rows
-    from tests.fixtures.factories import untrained_teachers
 
     data = storage.join(s3, "synthetic")
     make_synthetic.write(data, rows=600, test_rows=100, classes=20, shard_rows=300, seed=0)
     scfg = load_config(None, argv[2::2] + ["data.name=parquet", f"data.root={data}", "data.image_shape=[3, 32, 32]",
                                            "soft_targets.teacher_logits=topk", "soft_targets.top_k=4"])
     source = open_source(scfg.data, subsets=[(0.5, 0)])
-    path, manifest = build_streamed_targets(scfg, untrained_teachers(tmp_path, source.input_shape, 20), source)
+    path, manifest = build_streamed_targets(
+        scfg, untrained_teachers(tmp_path, source.input_shape, 20, 3, "cnn", {"channels": [8, 16]})[1], source)
     assert path.startswith("s3://") and manifest["rows"] == source.rows and source.rows["test"] == 100
     got = from_dataset(student_rows(source, path, 0.5, 0), ("id", "teacher_topk_values"))
     want = from_dataset(source.split("train", 0.5, 0), ("id",))["id"]

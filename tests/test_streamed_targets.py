@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from kd_ray.core import storage
-from tests.fixtures.factories import untrained_teachers
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs" / "bench"))
@@ -16,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs" / "bench"))
 
 def test_thousand_classes_streamed_top_k_cache_and_student(tmp_path):
     import make_synthetic
+    from common import untrained_teachers
 
     from kd_ray.core.config_files import load_config
     from kd_ray.core.losses import dense_from_top_k
@@ -36,7 +36,7 @@ def test_thousand_classes_streamed_top_k_cache_and_student(tmp_path):
     labels = pq.read_table(data, columns=["label"]).column("label").to_numpy()  # train and test
     assert source.num_classes == labels.max() + 1 > 990 and source.input_shape == (3, 32, 32)
     C = source.num_classes
-    paths = untrained_teachers(tmp_path, source.input_shape, C)
+    paths = untrained_teachers(tmp_path, source.input_shape, C, 3, "cnn", {"channels": [8, 16]})[1]
 
     path, manifest = build_streamed_targets(cfg, paths, source)
     files = manifest["files"]["train"]

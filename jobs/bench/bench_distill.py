@@ -77,7 +77,7 @@ def main() -> None:
     from kd_ray.stages.soft_targets import build_soft_targets
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1")
-    _, paths = untrained_teachers(cfg, splits, 3)
+    _, paths = untrained_teachers(cfg.runtime.storage_path, splits.input_shape, splits.num_classes, 3)
     st = build_soft_targets(cfg, paths, splits)
     rows = from_dataset(st.datasets["train"], ("image", "label", "soft_targets"))
     val = from_dataset(st.datasets["val"], ("image", "label"))

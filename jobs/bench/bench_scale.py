@@ -40,6 +40,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import untrained_teachers  # noqa: E402
+
 TEACHER = {"model": "cnn", "model_args": {"channels": [8, 16]}}
 BATCH, TOP_K, T = 256, 32, 4.0
 
@@ -84,27 +86,10 @@ class PeakRSS(threading.Thread):
             time.sleep(0.2)
 
 
-def teachers(folder: str, k: int, shape, classes: int) -> list[str]:
-    import torch
-
-    from kd_ray.core.config import TeacherSpec
-    from kd_ray.core.ensemble import save_teacher_model
-    from kd_ray.core.models import build_model
-
-    spec = TeacherSpec(**TEACHER)
-    paths = []
-    for i in range(k):
-        torch.manual_seed(i)
-        m = build_model(spec.model, shape, classes, **spec.model_args)
-        paths.append(os.path.join(folder, f"t{i}.pt"))
-        save_teacher_model(paths[-1], f"t{i}", "bench", spec, m, classes, shape, torch.zeros(0))
-    return paths
-
-
 # --------------------------------------------------------------------------- the plain loop
 def plain_soft_targets(files: dict[str, list[str]], paths: list[str], out: str) -> tuple[float, int, dict]:
-    """Statistics pass, then every file through the teachers, top-k written per file; val/test accuracy skipped
-    only in the sense that test rows are labelled like the rest (the same rows as kd_ray)."""
+    """Statistics pass, then every train and test file through the teachers, top-k written per
+    file: the same rows kd_ray labels."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
@@ -209,7 +194,7 @@ def one(n: int, args) -> dict:
     from kd_ray.stages.sources import source_files
 
     files = {s: source_files(cfg.data, s) for s in ("train", "test")}
-    paths = teachers(work, args.teachers, (3, 32, 32), args.classes)
+    _, paths = untrained_teachers(work, (3, 32, 32), args.classes, args.teachers, **TEACHER)
 
     import ray
     import ray.data

@@ -53,7 +53,7 @@ def main() -> None:
     images = np.concatenate([splits.train.images, splits.val.images])
     ids = np.concatenate([splits.train.ids, splits.val.ids])
     rows = Split(ids, images, np.concatenate([splits.train.labels, splits.val.labels]))
-    models, paths = untrained_teachers(cfg, splits, args.teachers)
+    models, paths = untrained_teachers(cfg.runtime.storage_path, splits.input_shape, splits.num_classes, args.teachers)
 
     fp32_s, fp32_out = plain_pytorch(models, images, 4.0, args.batch_size)
     plain_s, plain_out = fp32_s, fp32_out

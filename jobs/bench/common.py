@@ -40,21 +40,24 @@ def bench_config(name: str, overrides: list[str]):
     return load_config(None, [*data_sets, f"runtime.storage_path={root}", f"name={name}", *overrides]), data_name
 
 
-def untrained_teachers(cfg, splits, k: int) -> tuple[list, list[str]]:
-    """K untrained MLP 1200-1200 teachers saved as teacher checkpoints under the config's
-    storage (inference cost does not depend on the weights): (models, checkpoint paths)."""
+def untrained_teachers(folder, input_shape, num_classes: int, k: int, model: str = "mlp",
+                       model_args: dict | None = None) -> tuple[list, list[str]]:
+    """K untrained teachers (default: MLP 1200-1200) saved as teacher checkpoints in ``folder``
+    (what they cost per row, and what a cache holds, does not need their skill): (models, paths).
+    The benchmarks and the streamed-path tests share it."""
     import torch
 
+    from kd_ray.core.config import TeacherSpec
     from kd_ray.core.ensemble import save_teacher_model
     from kd_ray.core.models import build_model
 
-    spec = cfg.teachers.resolved()[0].model_copy(update={"model": "mlp", "model_args": {"hidden": [1200, 1200]}})
+    spec = TeacherSpec(model=model, model_args={"hidden": [1200, 1200]} if model_args is None else model_args)
     models, paths = [], []
     for i in range(k):
         torch.manual_seed(i)
-        m = build_model(spec.model, splits.input_shape, splits.num_classes, **spec.model_args).eval()
-        paths.append(os.path.join(cfg.runtime.storage_path, f"t{i}.pt"))
-        save_teacher_model(paths[-1], f"t{i}", "bench", spec, m, splits.num_classes, splits.input_shape, torch.zeros(0))
+        m = build_model(spec.model, input_shape, num_classes, **spec.model_args).eval()
+        paths.append(os.path.join(str(folder), f"t{i}.pt"))
+        save_teacher_model(paths[-1], f"t{i}", "bench", spec, m, num_classes, input_shape, torch.zeros(0))
         models.append(m)
     return models, paths
 

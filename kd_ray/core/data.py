@@ -258,14 +258,12 @@ def raw_images(column, shape: list[int] | None, what: str) -> np.ndarray:
         arr = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)  # no per-row copy
     elif isinstance(column, pa.Array):
         arr = column.to_numpy(zero_copy_only=False)
-        if arr.dtype == object:
-            arr = np.stack([np.asarray(v) for v in arr]) if len(arr) else np.zeros((0, 1))
     else:
         arr = np.asarray(column)
     if arr.dtype == object and len(arr) and isinstance(arr[0], (bytes, bytearray)):
         arr = _decode_encoded(arr, what)
     elif arr.dtype == object:
-        arr = np.stack([np.asarray(v) for v in arr])
+        arr = np.stack([np.asarray(v) for v in arr]) if len(arr) else np.zeros((0, 1))
     return _images_to_chw(arr, shape, what)
 
 

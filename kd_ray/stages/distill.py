@@ -319,7 +319,7 @@ def _training_ids(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | No
     if len(ids) == 0:
         raise ValueError("the student's training subset is empty: no requested id is in the transfer set")
     covered = float(soft.manifest.get("views_fraction", 1.0))
-    if teaching == "cached_views" and not np.isin(ids, soft.transfer.fraction(covered, cfg.data.seed).ids).all():
+    if teaching == "cached_views" and not np.isin(ids, subset_ids(soft, covered, cfg.data.seed)).all():
         raise ValueError(f"the student trains on rows the views cache does not hold ({soft.path} labels "
                          f"soft_targets.views_fraction={covered:g} of the transfer set): raise views_fraction")
     if s.targets == "soft" and s.alpha > 0 and abs(T - soft.temperature) > 1e-12 and not soft.manifest["keep_teacher_logits"]:

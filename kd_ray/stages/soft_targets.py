@@ -222,6 +222,16 @@ def publish(work: str, path: str, manifest: dict) -> None:
         fs.move(src, storage.resolve(path)[1])
 
 
+def parquet_rows(root: str, files: list[str]) -> int:
+    """Rows in the parquet ``files`` (paths relative to ``root``), from their footers."""
+    rows = 0
+    for rel in files:
+        fs, p = storage.resolve(storage.join(root, rel))
+        with fs.open_input_file(p) as f:
+            rows += pq.read_metadata(f).num_rows
+    return rows
+
+
 def read_valid_cache(path: str, fp: str) -> dict | None:
     """The manifest of a complete, matching cache at ``path``, or None (never a half-read)."""
     manifest_path = storage.join(path, "manifest.json")
@@ -232,12 +242,7 @@ def read_valid_cache(path: str, fp: str) -> dict | None:
         if manifest.get("fingerprint") != fp or manifest.get("schema") != SCHEMA_VERSION:
             return None
         for split in manifest["files"]:  # train, val, test (and views)
-            rows = 0
-            for rel in manifest["files"][split]:
-                fs, p = storage.resolve(storage.join(path, rel))
-                with fs.open_input_file(p) as f:
-                    rows += pq.read_metadata(f).num_rows
-            if rows != manifest["rows"][split]:
+            if parquet_rows(path, manifest["files"][split]) != manifest["rows"][split]:
                 return None
     except Exception:  # unreadable manifest or parquet: treat as absent and rebuild
         return None

@@ -170,7 +170,7 @@ def open_source(cfg: DataConfig, subsets: Sequence[tuple[float, int]] = ()) -> S
     """List the files, take the per-channel statistics (one streamed pass over the training
     images) and every subset's thresholds (one pass over ids and labels); read nothing else."""
     if cfg.name != "parquet":
-        raise ValueError(f"data.stream reads parquet sources; data.name is {cfg.name!r}")
+        raise ValueError(f"a streamed source reads parquet; data.name is {cfg.name!r}")
     files = {s: source_files(cfg, s) for s in ("train", "test")}
     for split, fs in files.items():
         fsys, path = storage.resolve(fs[0])

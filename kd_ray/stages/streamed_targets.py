@@ -31,6 +31,7 @@ from kd_ray.stages.soft_targets import (
     EnsemblePredictor,
     check_pool_resources,
     fingerprint,
+    parquet_rows,
     predict,
     publish,
     read_valid_cache,
@@ -100,7 +101,8 @@ def build_streamed_targets(cfg: ExperimentConfig, model_paths: list[str], source
     st = cfg.soft_targets
     check_pool_resources(cfg)
     pass_counter(cfg.name)
-    fp = fingerprint(teachers, cfg, source.identity(), source.rows["train"])
+    identity = source.identity()  # a size lookup per source file: once
+    fp = fingerprint(teachers, cfg, identity, source.rows["train"])
     path = storage.join(layout.soft_targets_dir(cfg), fp)
     manifest = read_valid_cache(path, fp)
     if manifest is not None:
@@ -113,16 +115,14 @@ def build_streamed_targets(cfg: ExperimentConfig, model_paths: list[str], source
                        [cfg.name], keep=keep, predictor=StreamedPredictor, drop_logits=st.teacher_logits == "none")
     written = write_split(labelled, work, "rows", partition_cols=["split", "shard"])
     files = {split: [f for f in written if f"/split={split}/" in f] for split in SPLITS}
-    rows = {split: sum(pq.read_metadata(storage.resolve(storage.join(work, f))[1],
-                                        filesystem=storage.resolve(work)[0]).num_rows for f in files[split])
-            for split in SPLITS}
+    rows = {split: parquet_rows(work, files[split]) for split in SPLITS}
     size = sum(storage.size(storage.join(work, f)) for f in files["train"])
     manifest = {
         "schema": SCHEMA_VERSION, "fingerprint": fp, "mode": "cached", "streamed": True,
         "temperature": st.temperature, "rule": st.rule, "keep_teacher_logits": st.keeps_logits,
         "teacher_logits": st.teacher_logits, "top_k": st.top_k, "precision": st.precision,
         "teachers": [{"path": t.path, "sha256": t.sha256} for t in teachers], "num_classes": num_classes,
-        "input_shape": list(source.input_shape), "normalization": source.normalization, "data": source.identity(),
+        "input_shape": list(source.input_shape), "normalization": source.normalization, "data": identity,
         "files": files, "rows": rows, "ensemble": _accuracies(work, files),
         "bytes_per_row": {"train": round(size / max(rows["train"], 1), 1)}, "seconds": round(time.time() - t0, 2),
     }
