@@ -70,6 +70,11 @@ def cmd_teachers(cfg: ExperimentConfig):
     from kd_ray.stages.teachers import import_teachers, train_ensemble
 
     check_writable(cfg.runtime.storage_path)
+    if cfg.data.stream:  # the source is read by the actors; the driver opens it (counts and statistics)
+        from kd_ray.stages.sources import experiment_source
+
+        init_ray(cfg)
+        return train_ensemble(cfg, experiment_source(cfg))
     splits = load_splits(cfg.data)
     imported = import_teachers(cfg, splits)  # before Ray starts: a teacher file that does not fit fails here
     init_ray(cfg)
@@ -102,7 +107,7 @@ def cmd_distill(cfg: ExperimentConfig, soft=None):
           f"test accuracy {m['test_accuracy']:.4f}, fidelity {m['test_fidelity']:.4f} "
           f"(ensemble {soft.manifest['ensemble']['test_accuracy']:.4f}); checkpoint {result.checkpoint_path}"
           f"{' (reused)' if result.reused else ''}")
-    if len(cfg.data.omit_classes) == 1:
+    if len(cfg.data.omit_classes) == 1 and soft.source is None:  # (the bias adjustment reads the splits in memory)
         print(f"[kd_ray] omitted class: {omitted_class_report(cfg, soft, result)}")
     return result
 

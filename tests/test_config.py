@@ -62,6 +62,8 @@ def test_defaults_and_overrides():
     ("soft_targets.precision=float16", "soft_targets.precision"),
     ("data.val_fraction=1.0", "data.val_fraction"),
     ("soft_targets.views_fraction=0", "soft_targets.views_fraction"),
+    ("data.normalization={mean: [0.5], std: [0.2, 0.3]}", "data.normalization"),
+    ("data.normalization={mean: [0.5], std: [0]}", "data.normalization"),
 ])
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError) as e:
@@ -102,3 +104,16 @@ def test_cached_views_fractions_must_fit_the_views_cache():
 def test_bad_set_syntax():
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(None, ["student.alpha"])
+
+
+def test_a_streamed_source_is_parquet_with_cached_teaching_and_teachers_trained_here():
+    stream = ["data.name=parquet", "data.root=s3://bucket/data", "data.stream=true"]
+    assert load_config(None, stream).data.stream
+    with pytest.raises(ConfigError, match=r"data.stream: streamed sources are parquet; data.name is 'digits'"):
+        load_config(None, ["data.stream=true"])
+    with pytest.raises(ConfigError, match=r"data.stream: a streamed source serves cached teaching only"):
+        load_config(None, [*stream, "sweep.teaching=[cached, consistent]", "soft_targets.jitter=1", "soft_targets.mode=cached"])
+    with pytest.raises(ConfigError, match=r"data.stream: teachers.bootstrap needs the source in memory"):
+        load_config(None, [*stream, "teachers.bootstrap=true"])
+    with pytest.raises(ConfigError, match=r"data.stream: teachers.specs\[1\].checkpoint"):
+        load_config(None, [*stream, "teachers.specs=[{}, {checkpoint: t.pt}]"])

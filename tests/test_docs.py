@@ -57,3 +57,11 @@ def test_documented_command_has_a_valid_config(doc, command, capsys):
     argv = ["config", "show", *([config] if config else []), *[a for s in sets for a in ("--set", s)]]
     rc = main(argv)
     assert rc == 0, f"{doc}: `{command}` does not load: {capsys.readouterr().err.strip()}"
+
+
+def test_every_results_folder_backs_a_documented_figure():
+    """A folder under docs/results/ stays only while some doc cites it (git keeps the others)."""
+    text = "\n".join(p.read_text() for p in DOCS)
+    unused = [d.name for d in sorted((ROOT / "docs" / "results").iterdir())
+              if d.is_dir() and not re.search(rf"\b{re.escape(d.name)}\b", text)]
+    assert not unused, f"results folders no doc cites: {unused}"

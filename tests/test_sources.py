@@ -64,3 +64,39 @@ def test_streamed_digits_equal_in_memory(tmp_path):
         pq.write_table(pa.table({"label": [0, 1], "image": [[0.0] * 4] * 2}), path)
     with pytest.raises(ValueError, match=r"column\(s\) \['id'\] not found"):
         open_source(DataConfig(name="parquet", root=str(tmp_path / "noid")))
+
+
+
+def test_rows_read_in_process_and_given_statistics(tmp_path):
+    """What a teacher's actor reads (``iter_rows``: pyarrow, no Ray tasks) is the in-memory split,
+    the counting pass's numbers are their sizes, the source crosses to an actor as plain data, and
+    statistics given in the config replace the statistics pass."""
+    import dataclasses
+
+    from kd_ray.stages.sources import StreamedSource, open_source
+
+    root = digits_parquet(tmp_path / "digits", shards=4)
+    memory = load_splits(DataConfig(name="digits", seed=3, normalization={"mean": [0.5], "std": [0.25]}))
+    src = open_source(DataConfig(name="parquet", root=root, seed=3, omit_classes=[3], image_shape=[1, 8, 8],
+                                 normalization={"mean": [0.5], "std": [0.25]}), subsets=[(0.1, 5)])
+    assert src.normalization == {"mean": [0.5], "std": [0.25]} and src.input_shape == (1, 8, 8)
+    transfer = memory.train.filter_classes(omit=[3])
+    cases = {("val", None, None, False): memory.val, ("test", None, None, False): memory.test,
+             ("train", None, None, False): memory.train,
+             ("train", 0.1, 5, True): transfer.take(select_fraction(transfer.ids, transfer.labels, 0.1, 5))}
+    for (name, fraction, seed, keep), want in cases.items():
+        blocks = list(src.iter_rows(name, fraction, seed, keep))
+        got = {k: np.concatenate([b[k] for b in blocks]) for k in ("id", "image", "label")}
+        order, mine = np.argsort(got["id"]), np.argsort(want.ids)
+        assert np.array_equal(got["id"][order], want.ids[mine]) and np.array_equal(got["label"][order], want.labels[mine])
+        np.testing.assert_allclose(got["image"][order], want.images[mine], atol=1e-5)
+        if name == "train":
+            assert src.count(fraction, seed, keep) == len(want)
+    firsts = {int(next(src.iter_rows("train", order_seed=s))["id"][0]) for s in range(6)}
+    assert len(firsts) > 1  # the file order follows the seed
+    assert StreamedSource.from_plain(src.plain()) == src
+    other = dataclasses.replace(src, normalization={"mean": [0.4], "std": [0.25]})
+    assert other.identity() != src.identity()  # teachers and caches follow the statistics
+    with pytest.raises(ValueError, match=r"data.normalization: 3 channel\(s\) given, the images have 1"):
+        open_source(DataConfig(name="parquet", root=root, image_shape=[1, 8, 8],
+                               normalization={"mean": [0.5] * 3, "std": [0.25] * 3}))

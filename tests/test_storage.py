@@ -121,8 +121,9 @@ def test_pipeline_on_s3_then_everything_reused_then_an_interrupted_sweep_finishe
     scfg = load_config(None, argv[2::2] + ["data.name=parquet", f"data.root={data}", "data.image_shape=[3, 32, 32]",
                                            "soft_targets.teacher_logits=topk", "soft_targets.top_k=4"])
     source = open_source(scfg.data, subsets=[(0.5, 0)])
-    path, manifest = build_streamed_targets(
+    soft = build_streamed_targets(
         scfg, untrained_teachers(tmp_path, source.input_shape, 20, 3, "cnn", {"channels": [8, 16]})[1], source)
+    path, manifest = soft.path, soft.manifest
     assert path.startswith("s3://") and manifest["rows"] == source.rows and source.rows["test"] == 100
     got = from_dataset(student_rows(source, path, 0.5, 0), ("id", "teacher_topk_values"))
     want = from_dataset(source.split("train", 0.5, 0), ("id",))["id"]

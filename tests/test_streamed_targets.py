@@ -38,7 +38,9 @@ def test_thousand_classes_streamed_top_k_cache_and_student(tmp_path):
     C = source.num_classes
     paths = untrained_teachers(tmp_path, source.input_shape, C, 3, "cnn", {"channels": [8, 16]})[1]
 
-    path, manifest = build_streamed_targets(cfg, paths, source)
+    soft = build_streamed_targets(cfg, paths, source)
+    path, manifest = soft.path, soft.manifest
+    assert soft.built and soft.source is source and soft.transfer is None
     files = manifest["files"]["train"]
     assert {f.split("/")[2] for f in files} == {"shard=part-00000", "shard=part-00001", "shard=part-00002"}
     assert manifest["rows"] == source.rows  # train, val, test: every row labelled once
@@ -48,10 +50,10 @@ def test_thousand_classes_streamed_top_k_cache_and_student(tmp_path):
     assert "image" not in __import__("pyarrow.parquet").parquet.read_schema(storage.join(path, files[0])).names
     assert 0 <= manifest["ensemble"]["val_accuracy"] <= 1 and len(manifest["ensemble"]["teacher_test_accuracy"]) == 3
     again = build_streamed_targets(cfg, paths, source)  # same teachers, same source: reused
-    assert again[0] == path and again[1]["seconds"] == manifest["seconds"]
+    assert again.path == path and not again.built and again.manifest["seconds"] == manifest["seconds"]
 
     dense_cfg = load_config(None, base + ["soft_targets.teacher_logits=dense"])
-    dense = build_streamed_targets(dense_cfg, paths, source)[1]
+    dense = build_streamed_targets(dense_cfg, paths, source).manifest
     assert manifest["bytes_per_row"]["train"] <= 0.10 * dense["bytes_per_row"]["train"]  # top-32 vs dense
 
     rows = student_rows(source, path, fraction=0.5, seed=0)
@@ -72,3 +74,44 @@ def test_thousand_classes_streamed_top_k_cache_and_student(tmp_path):
     assert np.isfinite(after) and after < before
     full = dense_from_top_k(batch["teacher_topk_values"], batch["teacher_topk_index"], batch["teacher_topk_tail"], C)
     assert full.shape == (64, 3, C)
+
+
+def test_streamed_pipeline_teachers_cache_sweep_and_report(digits_cfg, tmp_path):
+    """``data.stream: true`` on a parquet source, every stage: the teachers read their rows in their
+    actors, the cache is built from the stream, the sweep's students stream their rows joined to it
+    (and their validation and test rows) through Ray Train; the figures equal the in-memory path's
+    where they must (row counts, the ensemble's accuracies)."""
+    import pandas as pd
+
+    from kd_ray.cli import run_stages
+    from kd_ray.core.config import DataConfig
+    from kd_ray.core.data import load_splits
+    from kd_ray.core.subsets import select_fraction
+    from kd_ray.stages.soft_targets import build_soft_targets
+    from kd_ray.stages.sources import experiment_source
+    from kd_ray.stages.teachers import train_ensemble
+    from tests.fixtures.factories import digits_parquet
+
+    root = digits_parquet(tmp_path / "digits")
+    data = ["data.name=parquet", f"data.root={root}", "data.image_shape=[1, 8, 8]"]
+    # one soft trial whose rows (and val/test rows) stream from the files at every epoch
+    cfg = digits_cfg(*data, "data.stream=true", "name=streamed", "sweep.fractions=[0.5]", "sweep.seeds=[0]",
+                     "sweep.targets=[soft]", "student.max_in_memory_mb=0", "student.epochs=3", "student.lr=0.1")
+    memory = load_splits(DataConfig(**{**cfg.data.model_dump(), "stream": False}))
+    ensemble = train_ensemble(cfg, experiment_source(cfg))
+    assert all(t["train_size"] == len(memory.train) and t["val_accuracy"] > 0.5 for t in ensemble.teachers)
+    assert np.isnan(ensemble.val_accuracy)  # measured by the soft-target pass
+
+    assert run_stages(cfg)  # teachers reused, the cache built, the trial, the report
+    soft = build_soft_targets(cfg, ensemble)
+    assert soft.source is not None and not soft.built and soft.transfer is None
+    in_memory = build_soft_targets(digits_cfg(*data, "name=streamed"), ensemble)  # the same teachers, in memory
+    for split in ("val", "test"):  # normalisation agrees to ~1e-5: at most one borderline row may differ
+        diff = abs(soft.manifest["ensemble"][f"{split}_accuracy"] - in_memory.manifest["ensemble"][f"{split}_accuracy"])
+        assert diff <= 1 / len(getattr(memory, split)) + 1e-12, split
+    results = pd.read_parquet(storage.join(str(tmp_path / "runs"), "streamed", "results.parquet"))
+    trial = results.iloc[0]
+    assert len(results) == 1 and trial["status"] == "done" and trial["epoch"] == 3
+    assert trial["train_rows_total"] == len(select_fraction(memory.train.ids, memory.train.labels, 0.5, 0))
+    assert trial["test_accuracy"] > 0.3 and trial["test_fidelity"] > 0.3  # 10 classes; 3 short epochs
+    assert (tmp_path / "runs" / "streamed" / "summary.md").exists()

@@ -113,6 +113,10 @@ def test_consistent_trials_also_hold_their_predictor_actors():
     assert max_concurrent(gpu, {"CPU": 8.0, "GPU": 2.0}, True, 24, consistent) == 1
     with pytest.raises(ConfigError, match="plus its predictor actors"):
         max_concurrent(cfg, {"CPU": 1.0}, False, 4, consistent)
+    # a streamed source's trials keep a CPU free for their read/decode/join tasks
+    streamed = load_config(None, ["data.name=parquet", "data.root=/data", "data.stream=true"])
+    assert trial_resources(streamed, False, cached) == {"CPU": 2.0, "GPU": 0.0}
+    assert max_concurrent(streamed, {"CPU": 2.0}, False, 24, cached) == 1
 
 
 def test_hard_trials_early_stop_and_soft_trials_do_not():

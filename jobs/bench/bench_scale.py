@@ -212,7 +212,8 @@ def one(n: int, args) -> dict:
 
     source = open_source(cfg.data, subsets=[(fraction, 0)])
     opened_s = time.perf_counter() - t0
-    path, manifest = build_streamed_targets(cfg, paths, source)
+    soft = build_streamed_targets(cfg, paths, source)
+    path, manifest = soft.path, soft.manifest
     kd_s = time.perf_counter() - t0
     kd_rows = source.rows["train"] + source.rows["val"] + source.rows["test"]
     driver_targets, worker_targets, worker_name = peak.driver, peak.worker, peak.worker_name
@@ -231,7 +232,7 @@ def one(n: int, args) -> dict:
     dense_bpr = None
     if n == min(args.sizes):
         dense_cfg = load_config(None, [*sets, "soft_targets.teacher_logits=dense"])
-        dense_bpr = build_streamed_targets(dense_cfg, paths, source)[1]["bytes_per_row"]["train"]
+        dense_bpr = build_streamed_targets(dense_cfg, paths, source).manifest["bytes_per_row"]["train"]
     ray.shutdown()
     plain_s, plain_rows, _ = plain_soft_targets(files, paths, os.path.join(work, "plain_cache"))
     plain_student_s, plain_trained = plain_student_epoch(source, fraction, path, source.num_classes)

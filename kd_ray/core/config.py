@@ -33,6 +33,17 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class Normalization(_Section):
+    mean: list[float] = Field(min_length=1)
+    std: list[float] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _matching(self) -> "Normalization":
+        if len(self.mean) != len(self.std) or min(self.std) <= 0:
+            raise ValueError("give one mean and one std (> 0) per channel")
+        return self
+
+
 class DataConfig(_Section):
     name: str = "digits"
     root: Optional[str] = None  # folder (or URI for parquet) holding the files
@@ -45,6 +56,11 @@ class DataConfig(_Section):
     image_size: Optional[list[int]] = None  # image_folder: resize to (H, W)
     omit_classes: list[int] = []  # transfer-set filter (the paper's omitted-digit experiment)
     keep_classes: Optional[list[int]] = None  # transfer-set filter: keep only these classes
+    stream: bool = False  # parquet: stream the rows from the files in every stage, never load the source
+    # per-channel {mean: [...], std: [...]} of the training images on the [0, 1] scale, when known
+    # (ImageNet's, say): used instead of computing them (a streamed source skips its statistics pass)
+    normalization: Optional[Normalization] = None
+
 
     @field_validator("name")
     @classmethod
@@ -57,6 +73,8 @@ class DataConfig(_Section):
     def _root_when_needed(self) -> "DataConfig":
         if self.name in ("parquet", "image_folder") and not self.root:
             raise ValueError(f"data.root is required for the {self.name!r} source")
+        if self.stream and self.name != "parquet":
+            raise ValueError(f"stream: streamed sources are parquet; data.name is {self.name!r}")
         return self
 
 
@@ -443,7 +461,21 @@ class ExperimentConfig(_Section):
                 self.student.teaching or self.sweep.teaching):
             raise ValueError("cached and inconsistent teaching read cached soft targets of the transfer set: "
                              "set soft_targets.mode: cached (consistent trials stream either way)")
+        if self.data.stream:
+            self._streamable(modes)
         return self
+
+    def _streamable(self, modes: set[str]) -> None:
+        """A streamed source feeds cached teaching (soft and hard students) and teachers trained here."""
+        if modes - {"cached"} or self.soft_targets.resolved_mode != "cached" or self.soft_targets.views:
+            raise ValueError(f"data.stream: a streamed source serves cached teaching only (teaching {sorted(modes)}, "
+                             f"soft_targets.views {self.soft_targets.views}); set sweep.teaching: [cached] and "
+                             f"soft_targets.mode: cached, views: 0")
+        for i, spec in enumerate(self.teachers.resolved()):
+            if spec.bootstrap or spec.checkpoint:
+                where = f"teachers.specs[{i}]" if self.teachers.specs else "teachers"
+                raise ValueError(f"data.stream: {where}.{'bootstrap' if spec.bootstrap else 'checkpoint'} needs the "
+                                 f"source in memory; drop it or set data.stream: false")
 
     def teaching(self, targets: str | None = None) -> str:
         """The resolved teaching mode of a student with ``targets`` (default: student.targets). A

@@ -384,8 +384,13 @@ def load_splits(cfg: "DataConfig") -> Splits:
         if s.labels.min() < 0 or s.labels.max() >= num_classes:
             raise ValueError(f"{cfg.name}: {what} labels must lie in [0, {num_classes})")
     # The same normalisation for every split: the training set's per-channel mean and std.
-    mean = train.images.mean(axis=(0, 2, 3), keepdims=True)
-    std = train.images.std(axis=(0, 2, 3), keepdims=True) + 1e-6
+    if cfg.normalization is not None:  # given in the config
+        mean, std = (np.asarray(v, np.float32).reshape(1, -1, 1, 1) for v in (cfg.normalization.mean, cfg.normalization.std))
+        if mean.shape[1] != train.images.shape[1]:
+            raise ValueError(f"data.normalization: {mean.shape[1]} channel(s) given, the images have {train.images.shape[1]}")
+    else:
+        mean = train.images.mean(axis=(0, 2, 3), keepdims=True)
+        std = train.images.std(axis=(0, 2, 3), keepdims=True) + 1e-6
     for s in (train, test):
         s.images = ((s.images - mean) / std).astype(np.float32)
     val_ids = select_fraction(train.ids, train.labels, cfg.val_fraction, cfg.seed ^ VAL_SALT)

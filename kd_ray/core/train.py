@@ -241,7 +241,45 @@ def teacher_batches(spec, x: torch.Tensor, y: torch.Tensor, epoch: int):
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(spec.seed * 7919 + epoch)).to(x.device)
     for i in range(0, len(x), spec.batch_size):
         idx = order[i: i + spec.batch_size]
-        yield {"image": random_shift(x[idx], spec.jitter) if spec.jitter else x[idx], "label": y[idx]}
+        yield _teacher_batch(spec, x[idx], y[idx])
+
+
+def streamed_teacher_batches(spec, blocks: Iterable[dict[str, np.ndarray]], epoch: int, device):
+    """:func:`teacher_batches` over a stream of row blocks (a file order seeded by the caller),
+    shuffled within a buffer of ``SHUFFLE_BUFFER_ROWS`` rows."""
+    torch.manual_seed(spec.seed * 100_003 + epoch)
+    for b in buffered_batches(blocks, spec.batch_size, SHUFFLE_BUFFER_ROWS, spec.seed * 7919 + epoch):
+        yield _teacher_batch(spec, torch.from_numpy(b["image"]).to(device), torch.from_numpy(b["label"]).to(device))
+
+
+def _teacher_batch(spec, x: torch.Tensor, y: torch.Tensor) -> Batch:
+    return {"image": random_shift(x, spec.jitter) if spec.jitter else x, "label": y}
+
+
+SHUFFLE_BUFFER_ROWS = 4096  # a streamed epoch is shuffled within this many rows (as Ray Data's local shuffle)
+
+
+def buffered_batches(blocks: Iterable[dict[str, np.ndarray]], batch_size: int, buffer_rows: int, seed: int):
+    """Batches of ``batch_size`` rows from a stream of row blocks, shuffled within a buffer of at
+    least ``buffer_rows`` rows (seeded); the stream's last batch may be short."""
+    rng = np.random.default_rng(seed)
+    pending: dict[str, np.ndarray] | None = None
+
+    def cut(rows: dict[str, np.ndarray], final: bool):
+        n = len(next(iter(rows.values())))
+        order = rng.permutation(n)
+        rows = {k: v[order] for k, v in rows.items()}
+        end = n if final else n - n % batch_size
+        for i in range(0, end, batch_size):
+            yield {k: v[i:i + batch_size] for k, v in rows.items()}
+        return {k: v[end:] for k, v in rows.items()}
+
+    for block in blocks:
+        pending = block if pending is None else {k: np.concatenate([pending[k], v]) for k, v in block.items()}
+        if len(next(iter(pending.values()))) >= buffer_rows:
+            pending = yield from cut(pending, final=False)
+    if pending is not None and len(next(iter(pending.values()))):
+        yield from cut(pending, final=True)
 
 
 def eval_batches(cols: dict[str, np.ndarray], device, size: int = 1024) -> list[Batch]:

@@ -61,6 +61,7 @@ from kd_ray.stages.soft_targets import (
     take_ids,
     worker_share,
 )
+from kd_ray.stages.streamed_targets import student_rows
 from kd_ray.stages.tracking import track
 
 
@@ -97,10 +98,11 @@ class StudentJob:
     input_shape: list[int]
     teaching: str  # ExperimentConfig.teaching()
     jitter: int
-    eval: dict[str, Any]  # ObjectRefs of the val and test arrays {image, label, ensemble_pred}
+    eval: dict[str, Any]  # ObjectRefs of the val and test arrays {image, label, ensemble_pred}; {}: streamed
     init_path: str | None = None  # student.init: teacher
     stream: StreamJob | None = None
     in_memory: bool = False  # read the cached shard once into tensors
+    eval_in_memory: bool = False  # a streamed source: read its val and test rows once (else every validation)
     cpus_per_worker: int = 1
     fail_after_epoch: int | None = None  # fault injection (tests)
     mixed_precision: str = "auto"  # runtime.mixed_precision
@@ -139,10 +141,10 @@ def train_loop_per_worker(config: dict) -> dict:
             seen["ids"].append(b["id"].cpu().numpy())
             yield b
 
-    val_rows = eval_batches(ray.get(job.eval["val"]), device)
+    val_rows = _eval_rows(job, "val", device)
 
     def validate(m) -> dict:
-        return {f"val_{k}": v for k, v in evaluate(m, val_rows, device).items()}
+        return {f"val_{k}": v for k, v in evaluate(m, val_rows(), device).items()}
 
     def report(row: dict) -> None:  # (4) metrics and checkpoint, every rank
         _report(row, engine, rank, seen)
@@ -172,8 +174,19 @@ def _final_metrics(engine: Engine, job: StudentJob, validate, device) -> dict:
              **{k: v for k, v in last.items() if k.startswith(("val_", "train_"))}, **validate(engine.plain),
              "worker_node": ray.get_runtime_context().get_node_id(),
              "worker_gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
-    test = evaluate(engine.plain, eval_batches(ray.get(job.eval["test"]), device), device)
+    test = evaluate(engine.plain, _eval_rows(job, "test", device)(), device)
     return {**final, **{f"test_{k}": v for k, v in test.items()}}
+
+
+def _eval_rows(job: StudentJob, split: str, device):
+    """``() -> batches`` of the val or test split: arrays from the object store, or (a streamed
+    source) the split's rows streamed from its files and the cache at every call."""
+    if job.eval or job.eval_in_memory:
+        rows = eval_batches(ray.get(job.eval[split]) if job.eval else _read_columns(ray.train.get_dataset_shard(split)),
+                            device)
+        return lambda: rows
+    shard = ray.train.get_dataset_shard(split)
+    return lambda: shard.iter_torch_batches(batch_size=1024, device=device)
 
 
 def _device() -> torch.device:
@@ -230,11 +243,16 @@ def _one_view_each(rows: dict[str, torch.Tensor], job: StudentJob, epoch: int) -
 
 def _read_shard(shard, device) -> dict[str, torch.Tensor]:
     """Every row of a Ray Data shard as one tensor per column (numeric columns only)."""
+    return {k: to_tensor(v).to(device) for k, v in _read_columns(shard).items()}
+
+
+def _read_columns(shard) -> dict[str, np.ndarray]:
+    """Every row of a Ray Data shard as one numpy array per column."""
     parts: dict[str, list[np.ndarray]] = {}
     for b in shard.iter_batches(batch_size=None, batch_format="numpy"):
         for k, v in b.items():
             parts.setdefault(k, []).append(np.asarray(v))
-    return {k: to_tensor(np.concatenate(v)).to(device) for k, v in parts.items()}
+    return {k: np.concatenate(v) for k, v in parts.items()}
 
 
 def _report(metrics: dict, engine: Engine, rank: int, seen: dict) -> None:
@@ -304,10 +322,20 @@ def subset_ids(soft: SoftTargets, fraction: float, seed: int) -> np.ndarray:
     return select_fraction(soft.transfer.ids, soft.transfer.labels, fraction, seed)
 
 
-def _training_ids(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None) -> np.ndarray:
-    """The transfer-set ids this student trains on, after the checks that need no Ray."""
-    s, T, teaching = cfg.student, cfg.student_temperature(), cfg.teaching()
+def _training_ids(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None) -> tuple[np.ndarray | None, int]:
+    """The transfer-set ids this student trains on (None for a streamed source, whose subset is
+    decided row by row) and their number, after the checks that need no Ray."""
+    s, teaching = cfg.student, cfg.teaching()
     check_classes(s, soft)
+    _check_temperature(cfg, soft)
+    if soft.source is not None:
+        if ids is not None:
+            raise ValueError("a streamed source (data.stream) trains students on student.fraction; explicit ids need "
+                             "the source in memory")
+        rows = soft.source.count(s.fraction if s.fraction < 1 else None, cfg.data.seed, transfer=True)
+        if rows == 0:
+            raise ValueError("the student's training subset is empty (check data.omit_classes / data.keep_classes)")
+        return None, rows
     if teaching != "consistent" and soft.mode == "streaming":
         raise ValueError(f"student.teaching={teaching} reads cached soft targets, but {soft.path} is a "
                          f"streaming-mode cache (no transfer rows): set soft_targets.mode: cached")
@@ -322,6 +350,12 @@ def _training_ids(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | No
     if teaching == "cached_views" and not np.isin(ids, subset_ids(soft, covered, cfg.data.seed)).all():
         raise ValueError(f"the student trains on rows the views cache does not hold ({soft.path} labels "
                          f"soft_targets.views_fraction={covered:g} of the transfer set): raise views_fraction")
+    return ids, len(ids)
+
+
+def _check_temperature(cfg: ExperimentConfig, soft: SoftTargets) -> None:
+    """A student whose T differs from the cache's needs kept logits; logit matching needs them too."""
+    s, T, teaching = cfg.student, cfg.student_temperature(), cfg.teaching()
     if s.targets == "soft" and s.alpha > 0 and abs(T - soft.temperature) > 1e-12 and not soft.manifest["keep_teacher_logits"]:
         raise ValueError(f"student.temperature={T} differs from the soft targets' {soft.temperature}: "
                          f"set soft_targets.teacher_logits: dense or topk to re-soften")
@@ -329,7 +363,6 @@ def _training_ids(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | No
     if s.targets == "soft" and s.alpha > 0 and s.loss == "logit_matching" and not keeps:
         raise ValueError("student.loss=logit_matching matches the teachers' logits, but the soft targets keep "
                          "none: set soft_targets.teacher_logits: dense or topk")
-    return ids
 
 
 def distill(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None = None,
@@ -340,7 +373,7 @@ def distill(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None = N
     ``fail_after_epoch`` injects a worker failure once, for fault-tolerance tests.
     """
     s, T, teaching = cfg.student, cfg.student_temperature(), cfg.teaching()
-    ids = _training_ids(cfg, soft, ids)
+    ids, rows = _training_ids(cfg, soft, ids)
     name = run_name(cfg, soft)
     runs = layout.students_dir(layout.experiment_dir(cfg))
     done_path = storage.join(runs, name, "result.json")
@@ -348,13 +381,13 @@ def distill(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None = N
         done = storage.read_json(done_path)
         return DistillResult(done["metrics"], done["checkpoint_path"], pd.DataFrame(done["history"]), name, reused=True)
 
-    s = s.model_copy(update={"epochs": schedule_epochs(s, len(ids))})  # what the workers train
+    s = s.model_copy(update={"epochs": schedule_epochs(s, rows)})  # what the workers train
     # Validation and test rows go to the workers as arrays in the object store: every worker
     # evaluates on all of them (a Ray Data pass per split costs seconds of start-up per run).
     job = StudentJob(student=s, temperature=T, targets_temperature=soft.temperature, rule=soft.manifest["rule"],
                      num_classes=soft.num_classes, input_shape=soft.manifest["input_shape"], teaching=teaching,
                      jitter=cfg.soft_targets.jitter, init_path=init_teacher_path(s, soft),
-                     eval={split: ray.put(soft.eval_arrays(split)) for split in ("val", "test")},
+                     eval={} if soft.source else {split: ray.put(soft.eval_arrays(split)) for split in ("val", "test")},
                      fail_after_epoch=fail_after_epoch, mixed_precision=cfg.runtime.mixed_precision,
                      views=int(soft.manifest.get("views", 0)), view_seed=int(soft.manifest.get("view_seed", 0)))
     datasets = {}
@@ -365,6 +398,14 @@ def distill(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None = N
         job.stream = StreamJob(ray.put(soft.transfer_rows(ids)), ids, cfg.soft_targets, soft.model_paths,
                                [cfg.name, counter])
         pass_counter(counter)
+    elif soft.source is not None:  # a streamed source: its rows joined to the cache, val and test too
+        for split in ("train", "val", "test"):
+            datasets[split] = student_rows(soft.source, soft.path, s.fraction, cfg.data.seed, split)
+            datasets[split].context.enable_progress_bars = False
+        row_bytes = 4 * int(np.prod(soft.manifest["input_shape"])) + soft.manifest["bytes_per_row"]["train"]
+        fits = s.max_in_memory_mb * 1024**2
+        job.in_memory = rows * row_bytes / s.num_workers <= fits
+        job.eval_in_memory = max(soft.manifest["rows"]["val"], soft.manifest["rows"]["test"]) * row_bytes <= fits
     elif teaching == "cached_views":  # every view of the subset's rows; the worker picks one per epoch
         datasets["train"] = take_ids(soft.datasets["views"], ids).materialize()
         datasets["train"].context.enable_progress_bars = False
@@ -384,7 +425,7 @@ def distill(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None = N
         raise StudentError(f"student run {name} failed: {error}") from None
     teacher_rows = forward_passes(counter).get("train", 0) if teaching == "consistent" else 0
     ckpt_path = result.checkpoint.path if result.checkpoint else ""
-    out = _record(done_path, name, job, soft, result.return_value, len(ids), teacher_rows, ckpt_path)
+    out = _record(done_path, name, job, soft, result.return_value, rows, teacher_rows, ckpt_path)
     track(cfg, "students", name, name, {**s.model_dump(mode="json"), "temperature": T, "teaching": teaching},
           out.history.to_dict(orient="records"), out.metrics)
     return out

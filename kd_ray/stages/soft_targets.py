@@ -258,10 +258,11 @@ class SoftTargets:
     path: str
     manifest: dict
     model_paths: list[str]
-    transfer: Split
+    transfer: Split | None  # None for a streamed source
     built: bool  # False when an existing cache was reused
     datasets: dict[str, Any] = field(default_factory=dict)  # cached splits (Ray Datasets)
     _eval: dict = field(default_factory=dict)
+    source: Any = None  # the StreamedSource (data.stream): students stream its rows joined to the cache
 
     @property
     def temperature(self) -> float:
@@ -392,6 +393,11 @@ def build_soft_targets(cfg: ExperimentConfig, ensemble, splits: Splits | None = 
     t0 = time.time()
     paths = list(getattr(ensemble, "model_paths", ensemble))
     teachers = load_teacher_files(paths)  # clear errors before any Ray work
+    if cfg.data.stream:  # (imported here: the streamed cache builds on this module)
+        from kd_ray.stages.sources import experiment_source
+        from kd_ray.stages.streamed_targets import build_streamed_targets
+
+        return build_streamed_targets(cfg, paths, experiment_source(cfg))
     splits = splits or load_splits(cfg.data)
     num_classes = int(teachers[0].blob["num_classes"])
     if num_classes != splits.num_classes:

@@ -12,10 +12,11 @@ lies at or below its class's threshold (:func:`kd_ray.core.subsets.in_fraction`)
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +24,7 @@ import pyarrow.parquet as pq
 import ray.data
 
 from kd_ray.core import storage
-from kd_ray.core.config import DataConfig
+from kd_ray.core.config import DataConfig, ExperimentConfig
 from kd_ray.core.data import (
     VAL_SALT,
     DatasetNotFoundError,
@@ -62,6 +63,7 @@ def _class_subsets(batch: dict[str, np.ndarray], val_fraction: float, val_seed: 
     for i, (fraction, seed) in enumerate(subsets):
         th = fraction_thresholds(ids[rest], labels[rest], fraction, seed) if rest.any() else {}
         out[f"subset{i}"] = np.array([json.dumps(th)])
+        out[f"subset{i}_rows"] = np.array([int(in_fraction(ids[rest], labels[rest], th, seed).sum()) if th else 0])
     return out
 
 
@@ -124,6 +126,8 @@ class StreamedSource:
     rows: dict[str, int]  # train (after the validation split), val, test
     val: Thresholds
     subsets: dict[tuple[float, int], Thresholds] = field(default_factory=dict)
+    # training rows per class (after the validation split): of the whole split (key None) and of each subset
+    class_rows: dict = field(default_factory=dict)
 
     @property
     def val_seed(self) -> int:
@@ -134,17 +138,14 @@ class StreamedSource:
         h = hashlib.sha256(json.dumps({s: [(f, storage.size(f)) for f in fs] for s, fs in self.files.items()},
                                       sort_keys=True).encode())
         return {"dataset": "parquet", "sizes": dict(self.rows), "num_classes": self.num_classes,
-                "input_shape": list(self.input_shape), "digest": h.hexdigest()[:16]}
+                "input_shape": list(self.input_shape), "normalization": self.normalization,
+                "digest": h.hexdigest()[:16]}
 
-    def split(self, name: str, fraction: float | None = None, seed: int | None = None, paths: bool = False,
-              transfer: bool = False) -> "ray.data.Dataset":
-        """The lazy rows of ``train`` / ``val`` / ``test`` (or ``all``, tagged); ``fraction`` (with its ``seed``) narrows the
-        training split to a nested stratified subset computed at :func:`open_source`; ``transfer``
-        applies ``data.omit_classes`` / ``data.keep_classes``; ``paths`` adds each row's source file."""
+    def _keep(self, name: str, fraction: float | None, seed: int | None, transfer: bool) -> dict:
+        """What ``prepare_rows`` keeps of a block for ``split(name, fraction, seed, transfer=...)``."""
         if name == "all":  # every row once, tagged with its split (a ``split`` column of codes into SPLITS)
-            tagged = dict(val=self.val, val_seed=self.val_seed, tag=True, split="train", omit=list(self.cfg.omit_classes),
-                          only=self.cfg.keep_classes)
-            return self._read("train", paths, tagged).union(self._read("test", paths, {"tag": True}))
+            return dict(val=self.val, val_seed=self.val_seed, tag=True, split="train", omit=list(self.cfg.omit_classes),
+                        only=self.cfg.keep_classes)
         keep: dict = {"split": "test" if name == "test" else "train"}
         if name in ("train", "val"):
             keep.update(val=self.val, val_seed=self.val_seed, in_val=name == "val")
@@ -155,7 +156,51 @@ class StreamedSource:
             keep.update(subset=self.subsets[(fraction, seed)], subset_seed=seed)
         if transfer:
             keep.update(omit=list(self.cfg.omit_classes), only=self.cfg.keep_classes)
-        return self._read("test" if name == "test" else "train", paths, keep)
+        return keep
+
+    def split(self, name: str, fraction: float | None = None, seed: int | None = None, paths: bool = False,
+              transfer: bool = False) -> "ray.data.Dataset":
+        """The lazy rows of ``train`` / ``val`` / ``test`` (or ``all``, tagged); ``fraction`` (with its ``seed``) narrows the
+        training split to a nested stratified subset computed at :func:`open_source`; ``transfer``
+        applies ``data.omit_classes`` / ``data.keep_classes``; ``paths`` adds each row's source file."""
+        if name == "all":
+            keep = self._keep("all", None, None, False)
+            return self._read("train", paths, keep).union(self._read("test", paths, {"tag": True}))
+        return self._read("test" if name == "test" else "train", paths, self._keep(name, fraction, seed, transfer))
+
+    def iter_rows(self, name: str, fraction: float | None = None, seed: int | None = None, transfer: bool = False,
+                  order_seed: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """The rows of ``split(name, fraction, seed, transfer=...)`` read in this process with pyarrow,
+        ``ROWS_PER_CALL`` source rows at a time (a teacher's actor holds one call's rows, not the split);
+        the files in a seeded order when ``order_seed`` is given."""
+        c, keep = self.cfg, self._keep(name, fraction, seed, transfer)
+        files = list(self.files["test" if name == "test" else "train"])
+        if order_seed is not None:
+            files = [files[i] for i in np.random.default_rng(order_seed).permutation(len(files))]
+        for f in files:
+            fs, path = storage.resolve(f)
+            with fs.open_input_file(path) as handle:
+                for batch in pq.ParquetFile(handle).iter_batches(batch_size=ROWS_PER_CALL,
+                                                                 columns=["id", c.label_column, c.image_column]):
+                    rows = prepare_rows(pa.Table.from_batches([batch]), c.image_column, c.label_column, c.image_shape,
+                                        self.input_shape, self.normalization["mean"], self.normalization["std"], keep)
+                    if len(rows["id"]):
+                        yield rows
+
+    def count(self, fraction: float | None = None, seed: int | None = None, transfer: bool = False) -> int:
+        """The number of training rows of ``split("train", fraction, seed, transfer=...)``, from the counting pass."""
+        per_class = self.class_rows[None if fraction is None or fraction >= 1 else (fraction, seed)]
+        c = self.cfg
+        return sum(n for k, n in per_class.items() if not transfer or (
+            k not in c.omit_classes and (c.keep_classes is None or k in c.keep_classes)))
+
+    def plain(self) -> dict:
+        """This source as plain data (the config as a dict) for an actor's arguments; :meth:`from_plain` inverts it."""
+        return {**{f: getattr(self, f) for f in self.__dataclass_fields__}, "cfg": self.cfg.model_dump(mode="json")}
+
+    @classmethod
+    def from_plain(cls, d: dict) -> "StreamedSource":
+        return cls(**{**d, "cfg": DataConfig(**d["cfg"])})
 
     def _read(self, files: str, paths: bool, keep: dict) -> "ray.data.Dataset":
         c = self.cfg
@@ -166,9 +211,34 @@ class StreamedSource:
             mean=self.normalization["mean"], std=self.normalization["std"], keep=keep, paths=paths))
 
 
+def _statistics(cfg: DataConfig, files: list[str]) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    """Per-channel mean and std of the raw training images (``data.normalization``, or one streamed
+    pass of per-block sums) and the image shape."""
+    what = f"parquet {cfg.root}"
+    if cfg.normalization is not None:  # given: the shape from the first rows only
+        fs, path = storage.resolve(files[0])
+        with fs.open_input_file(path) as handle:
+            first = next(pq.ParquetFile(handle).iter_batches(batch_size=1, columns=[cfg.image_column]))
+        shape = raw_images(pa.Table.from_batches([first]).column(cfg.image_column), cfg.image_shape, what).shape[1:]
+        if len(cfg.normalization.mean) != shape[0]:
+            raise ValueError(f"data.normalization: {len(cfg.normalization.mean)} channel(s) given, the images have "
+                             f"{shape[0]}")
+        return np.asarray(cfg.normalization.mean), np.asarray(cfg.normalization.std), tuple(int(d) for d in shape)
+    stats = ray.data.read_parquet(files).select_columns([cfg.image_column]).map_batches(
+        _partial_sums, batch_format="pyarrow", batch_size=ROWS_PER_CALL,
+        fn_kwargs=dict(column=cfg.image_column, shape=cfg.image_shape, what=what))
+    n, total, sq, shape = 0, 0.0, 0.0, None
+    for b in stats.iter_batches(batch_size=None, batch_format="numpy"):
+        n, total, sq = n + b["n"].sum(), total + b["sum"].sum(0), sq + b["sumsq"].sum(0)
+        shape = tuple(int(d) for d in b["shape"][0])
+    mean = total / n
+    return mean, np.sqrt(np.maximum(sq / n - mean * mean, 0.0)) + 1e-6, shape
+
+
 def open_source(cfg: DataConfig, subsets: Sequence[tuple[float, int]] = ()) -> StreamedSource:
     """List the files, take the per-channel statistics (one streamed pass over the training
-    images) and every subset's thresholds (one pass over ids and labels); read nothing else."""
+    images, unless ``data.normalization`` gives them) and every subset's thresholds (one pass over
+    ids and labels); read nothing else."""
     if cfg.name != "parquet":
         raise ValueError(f"a streamed source reads parquet; data.name is {cfg.name!r}")
     files = {s: source_files(cfg, s) for s in ("train", "test")}
@@ -195,19 +265,30 @@ def open_source(cfg: DataConfig, subsets: Sequence[tuple[float, int]] = ()) -> S
     num_classes = max(max(labels), test_max) + 1
     if min(labels) < 0:
         raise ValueError(f"parquet {cfg.root}: labels must be >= 0")
-    stats = ray.data.read_parquet(files["train"]).select_columns([cfg.image_column]).map_batches(
-        _partial_sums, batch_format="pyarrow", batch_size=ROWS_PER_CALL,
-        fn_kwargs=dict(column=cfg.image_column, shape=cfg.image_shape, what=f"parquet {cfg.root}"))
-    n, total, sq, shape = 0, 0.0, 0.0, None
-    for b in stats.iter_batches(batch_size=None, batch_format="numpy"):
-        n, total, sq = n + b["n"].sum(), total + b["sum"].sum(0), sq + b["sumsq"].sum(0)
-        shape = tuple(int(d) for d in b["shape"][0])
-    mean = total / n
-    std = np.sqrt(np.maximum(sq / n - mean * mean, 0.0)) + 1e-6
+    mean, std, shape = _statistics(cfg, files["train"])
     rows = {"val": sum(int(r["val_rows"]) for r in counted)}
     rows["train"] = sum(int(r["rows"]) for r in counted) - rows["val"]
     rows["test"] = test_rows
     return StreamedSource(
         cfg, files, num_classes, shape, {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}, rows,
         _thresholds([r["val"] for r in counted]),
-        {sub: _thresholds([r[f"subset{i}"] for r in counted]) for i, sub in enumerate(subsets)})
+        {sub: _thresholds([r[f"subset{i}"] for r in counted]) for i, sub in enumerate(subsets)},
+        {None: {int(r["label"]): int(r["rows"]) - int(r["val_rows"]) for r in counted},
+         **{sub: {int(r["label"]): int(r[f"subset{i}_rows"]) for r in counted} for i, sub in enumerate(subsets)}})
+
+
+def experiment_subsets(cfg: ExperimentConfig) -> list[tuple[float, int]]:
+    """Every (fraction, seed) an experiment reads: its teachers' fractions and its students'."""
+    students = set(cfg.sweep.fractions) | {cfg.student.fraction}
+    return sorted({(s.fraction, s.seed) for s in cfg.teachers.resolved()} | {(f, cfg.data.seed) for f in students})
+
+
+@functools.lru_cache(maxsize=4)
+def _open_cached(data: str, subsets: tuple) -> StreamedSource:
+    return open_source(DataConfig(**json.loads(data)), subsets)
+
+
+def experiment_source(cfg: ExperimentConfig) -> StreamedSource:
+    """The experiment's streamed source, opened once per driver process (the teachers and the
+    soft-target stage share its counting and statistics passes)."""
+    return _open_cached(json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True), tuple(experiment_subsets(cfg)))

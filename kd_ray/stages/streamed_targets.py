@@ -29,6 +29,7 @@ from kd_ray.stages.counters import pass_counter
 from kd_ray.stages.soft_targets import (
     SCHEMA_VERSION,
     EnsemblePredictor,
+    SoftTargets,
     check_pool_resources,
     fingerprint,
     parquet_rows,
@@ -40,7 +41,9 @@ from kd_ray.stages.soft_targets import (
 )
 from kd_ray.stages.sources import SPLITS, StreamedSource
 
-TARGET_COLUMNS = ("soft_targets", "teacher_logits", "teacher_topk_values", "teacher_topk_index", "teacher_topk_tail")
+# what a student's rows take from the cache: the targets, and the ensemble's prediction (fidelity)
+TARGET_COLUMNS = ("soft_targets", "teacher_logits", "teacher_topk_values", "teacher_topk_index", "teacher_topk_tail",
+                  "ensemble_pred")
 
 
 def shard_name(path: str) -> str:
@@ -88,8 +91,8 @@ def _accuracies(path: str, files: dict[str, list[str]]) -> dict[str, float | lis
     return out
 
 
-def build_streamed_targets(cfg: ExperimentConfig, model_paths: list[str], source: StreamedSource) -> tuple[str, dict]:
-    """The cache of ``source`` (built, or reused when its manifest matches): ``(path, manifest)``.
+def build_streamed_targets(cfg: ExperimentConfig, model_paths: list[str], source: StreamedSource) -> SoftTargets:
+    """The cache of ``source`` (built, or reused when its manifest matches).
     One pass of the predictor pool over every row: the transfer set's targets for students, the
     val/test rows for the ensemble's accuracies."""
     t0 = time.time()
@@ -106,7 +109,7 @@ def build_streamed_targets(cfg: ExperimentConfig, model_paths: list[str], source
     path = storage.join(layout.soft_targets_dir(cfg), fp)
     manifest = read_valid_cache(path, fp)
     if manifest is not None:
-        return path, manifest
+        return SoftTargets(cfg, "cached", path, manifest, list(model_paths), None, False, source=source)
     storage.delete_dir(path)
     work = work_dir(path)
     # teacher_logits: none still takes each teacher's top-1 (their accuracies), then drops it
@@ -127,7 +130,7 @@ def build_streamed_targets(cfg: ExperimentConfig, model_paths: list[str], source
         "bytes_per_row": {"train": round(size / max(rows["train"], 1), 1)}, "seconds": round(time.time() - t0, 2),
     }
     publish(work, path, manifest)
-    return path, manifest
+    return SoftTargets(cfg, "cached", path, manifest, list(model_paths), None, True, source=source)
 
 
 @functools.lru_cache(maxsize=2)

@@ -113,14 +113,17 @@ def trial_config(cfg: ExperimentConfig, trial: dict) -> ExperimentConfig:
 
 
 def trial_resources(cfg: ExperimentConfig, use_gpu: bool, trial: dict | None = None) -> dict[str, float]:
-    """What one trial holds while it runs: its Train workers (the driver holds nothing) and,
-    for consistent teaching, the predictor actors its workers stream through (one pool each)."""
+    """What one trial holds while it runs: its Train workers (the driver holds nothing),
+    for consistent teaching the predictor actors its workers stream through (one pool each),
+    for a streamed source a CPU for its data tasks."""
     n = cfg.student.num_workers
     need = {"CPU": float(n), "GPU": float(n if use_gpu else 0)}
     if trial is not None and trial.get("teaching") == "consistent":
         st = cfg.soft_targets
         need["CPU"] += n * st.actors * st.num_cpus
         need["GPU"] += n * st.actors * st.num_gpus
+    if cfg.data.stream:  # room for the trial's Ray Data tasks (read, decode, join): workers holding every CPU starve them
+        need["CPU"] += 1
     return need
 
 
@@ -247,7 +250,7 @@ def run_sweep(cfg: ExperimentConfig, soft: SoftTargets, callbacks: list | None =
           f"{len(todo)} to run; metric {metric}", flush=True)
     others: dict[str, dict] = {}  # the latest Tune run's trials that did not finish
     if todo:
-        for split in ("val", "test"):  # computed once here, shipped to every trial with ``soft``
+        for split in ("val", "test") if soft.source is None else ():  # computed once here, shipped to every trial
             soft.eval_arrays(split)
         trainable = tune.with_resources(
             tune.with_parameters(_trial, base=cfg, soft=soft, record_dir=record_dir), DRIVER_RESOURCES)

@@ -48,10 +48,12 @@ from kd_ray.core.train import (
     amp_dtype,
     cross_entropy_loss,
     pick_device,
+    streamed_teacher_batches,
     teacher_batches,
 )
 from kd_ray.layout import ensemble_file, teachers_dir
 from kd_ray.stages.cluster import wait_for
+from kd_ray.stages.sources import StreamedSource
 from kd_ray.stages.tracking import track
 
 # Fields of a spec that decide *where* it runs, not *what* it learns: changing them retrains nothing.
@@ -115,7 +117,10 @@ class TeacherTrainer:
             rows = np.random.default_rng(self.spec.seed).choice(rows, size=len(rows), replace=True)
         return rows
 
-    def run(self, train: dict[str, np.ndarray], val: dict[str, np.ndarray]) -> dict:
+    def run(self, train: dict[str, np.ndarray] | None = None, val: dict[str, np.ndarray] | None = None,
+            source: StreamedSource | None = None) -> dict:
+        """Train on in-memory ``train``/``val`` columns, or on a streamed ``source`` read in this
+        process one call's rows at a time (then the model keeps no validation logits)."""
         started = time.time()
         done = self.completed()
         if done is not None:
@@ -135,17 +140,37 @@ class TeacherTrainer:
         if self.progress is not None and start_epoch:
             self.progress.update(start_epoch)
 
-        rows = self._subset(train["id"], train["label"])
-        x = torch.from_numpy(train["image"][rows]).to(device)
-        y = torch.from_numpy(train["label"][rows]).to(device)
-        xv = torch.from_numpy(val["image"])
-        yv = torch.from_numpy(val["label"])
-        if len(x) == 0:
+        if source is None:
+            rows = self._subset(train["id"], train["label"])
+            x = torch.from_numpy(train["image"][rows]).to(device)
+            y = torch.from_numpy(train["label"][rows]).to(device)
+            xv = torch.from_numpy(val["image"])
+            size = len(x)
+
+            def epoch_batches(epoch: int):
+                return teacher_batches(spec, x, y, epoch)
+
+            def val_blocks():
+                return [val]
+        else:
+            fraction = spec.fraction if spec.fraction < 1 else None
+            size = source.count(fraction, spec.seed)
+
+            def epoch_batches(epoch: int):
+                blocks = source.iter_rows("train", fraction, spec.seed, order_seed=spec.seed * 7919 + epoch)
+                return streamed_teacher_batches(spec, blocks, epoch, device)
+
+            def val_blocks():
+                return source.iter_rows("val")
+        if size == 0:
             raise TeacherError(f"teacher {self.teacher_id}: its training subset is empty")
 
         def validate(m: nn.Module) -> dict:
-            val_logits = predict_logits(m, xv)
-            return {"val_accuracy": float((val_logits.argmax(1) == yv).float().mean()) if len(yv) else float("nan")}
+            n = right = 0
+            for b in val_blocks():
+                n, right = n + len(b["label"]), right + int((predict_logits(m, torch.from_numpy(b["image"])).argmax(1)
+                                                            == torch.from_numpy(b["label"])).sum())
+            return {"val_accuracy": right / n if n else float("nan")}
 
         def checkpoint(row: dict) -> None:
             storage.save_torch(self.checkpoint_path, {"key": self.key, **engine.state_dict()})
@@ -153,7 +178,7 @@ class TeacherTrainer:
                 self.progress.update(1)
 
         try:
-            engine.fit(spec.epochs, lambda epoch: teacher_batches(spec, x, y, epoch), validate, checkpoint)
+            engine.fit(spec.epochs, epoch_batches, validate, checkpoint)
         except Diverged as e:
             raise TeacherError(
                 f"teacher {self.teacher_id}: training loss became {e.loss} in epoch {e.epoch}; "
@@ -162,12 +187,12 @@ class TeacherTrainer:
             ) from None
         history = engine.history
         save_teacher_model(self.model_path, self.teacher_id, self.key, spec, model, self.num_classes,
-                           self.input_shape, predict_logits(model, xv))
+                           self.input_shape, predict_logits(model, xv) if source is None else None)
         meta = {
             "teacher_id": self.teacher_id, "key": self.key, "spec": spec.model_dump(mode="json"),
             "complete": True, "epoch": spec.epochs, "history": history,
             "val_accuracy": history[-1]["val_accuracy"] if history else float("nan"),
-            "params": count_parameters(model), "model_path": self.model_path, "train_size": len(x),
+            "params": count_parameters(model), "model_path": self.model_path, "train_size": size,
             "device": str(device), "seconds": time.time() - started,
         }
         storage.write_json(self.meta_path, meta)  # last: marks the teacher complete
@@ -179,11 +204,11 @@ class TeacherActor:
     """One teacher in a Ray actor (made remote in :func:`_actor_class`)."""
 
     def __init__(self, teacher_id: str, spec: dict, key: str, out_dir: str, num_classes: int,
-                 input_shape: list[int], data: dict, mixed_precision: str = "auto"):
+                 input_shape: list[int], data: dict, mixed_precision: str = "auto", source: dict | None = None):
         torch.set_num_threads(max(1, int(spec["num_cpus"])))
         # the actor reads its data itself, so a restart needs nothing from the object store; the
         # arguments are plain data (unpickling a config object would import torch in a second thread)
-        self.teacher_id, self.data = teacher_id, DataConfig(**data)
+        self.teacher_id, self.data, self.source = teacher_id, DataConfig(**data), source  # source: a streamed one
         self.trainer = TeacherTrainer(teacher_id, TeacherSpec(**spec), key, out_dir, num_classes, tuple(input_shape),
                                       mixed_precision)
 
@@ -194,8 +219,11 @@ class TeacherActor:
         bar = tqdm(total=self.trainer.spec.epochs, desc=f"teacher {self.teacher_id}")
         self.trainer.progress = bar
         try:
-            splits = load_splits(self.data)
-            out = self.trainer.run(splits.train.columns(), splits.val.columns())
+            if self.source is not None:
+                out = self.trainer.run(source=StreamedSource.from_plain(self.source))
+            else:
+                splits = load_splits(self.data)
+                out = self.trainer.run(splits.train.columns(), splits.val.columns())
         finally:
             bar.close()
         return {**out, **placement, "log": self.trainer.log}
@@ -277,23 +305,27 @@ class EnsembleResult:
 class EnsembleRun:
     """All K teachers launched at once; :meth:`wait` collects them as each finishes."""
 
-    def __init__(self, cfg: ExperimentConfig, splits: Splits | None = None, imported: dict[str, dict] | None = None):
+    def __init__(self, cfg: ExperimentConfig, data: Splits | StreamedSource | None = None,
+                 imported: dict[str, dict] | None = None):
         self.cfg = cfg
         self.started = time.time()
-        self.splits = splits or load_splits(cfg.data)
+        self.data = data or load_splits(cfg.data)  # in memory, or a streamed source (data.stream)
+        streamed = isinstance(self.data, StreamedSource)
         specs = cfg.teachers.resolved()
         self.ids = teacher_ids(specs)
-        self.reused: dict[str, dict] = dict(imported if imported is not None else import_teachers(cfg, self.splits))
+        if imported is None:
+            imported = {} if streamed else import_teachers(cfg, self.data)  # (streamed: the config refuses imports)
+        self.reused: dict[str, dict] = dict(imported)
         todo = [(tid, spec) for tid, spec in zip(self.ids, specs) if tid not in self.reused]
         check_resources(cfg, [spec for _, spec in todo], [tid for tid, _ in todo])
-        identity = self.splits.identity()
+        identity = self.data.identity()
         out = teachers_dir(cfg)
         self.actors: dict[str, Any] = {}
         self.refs: dict[Any, str] = {}
         for tid, spec in todo:
             key = spec_key(spec, identity)
-            done = TeacherTrainer(tid, spec, key, storage.join(out, tid), self.splits.num_classes,
-                                  self.splits.input_shape).completed()
+            done = TeacherTrainer(tid, spec, key, storage.join(out, tid), self.data.num_classes,
+                                  self.data.input_shape).completed()
             if done is not None:  # complete in storage with the same spec and data: reuse
                 self.reused[tid] = {**done, "epochs_run": 0, "resumed_from_epoch": done["epoch"],
                                     "start": self.started, "end": self.started}
@@ -304,8 +336,8 @@ class EnsembleRun:
                 options["scheduling_strategy"] = "SPREAD"
             actor = _actor_class().options(**options).remote(
                 tid, spec.model_dump(mode="json"), key, storage.join(out, tid),
-                self.splits.num_classes, list(self.splits.input_shape), cfg.data.model_dump(mode="json"),
-                cfg.runtime.mixed_precision)
+                self.data.num_classes, list(self.data.input_shape), cfg.data.model_dump(mode="json"),
+                cfg.runtime.mixed_precision, self.data.plain() if streamed else None)
             self.actors[tid] = actor
             self.refs[actor.train.remote()] = tid
         print(f"[kd_ray] teachers -> {out}: {len(self.refs)} to train, {len(self.reused)} complete and reused",
@@ -335,8 +367,10 @@ class EnsembleRun:
             raise EnsembleError("teacher(s) failed: " + "; ".join(f"{t}: {m}" for t, m in failures.items())
                                 + f". Completed teachers are kept under {teachers_dir(self.cfg)}.")
         teachers = [results[t] for t in self.ids]
-        logits = torch.stack([storage.load_torch(t["model_path"])["val_logits"] for t in teachers])
-        acc = float((ensemble_average(logits, 1.0, "probs").argmax(1) == torch.from_numpy(self.splits.val.labels)).float().mean())
+        acc = float("nan")  # streamed teachers keep no validation logits: the soft-target pass measures the ensemble
+        if not isinstance(self.data, StreamedSource):
+            logits = torch.stack([storage.load_torch(t["model_path"])["val_logits"] for t in teachers])
+            acc = float((ensemble_average(logits, 1.0, "probs").argmax(1) == torch.from_numpy(self.data.val.labels)).float().mean())
         result = EnsembleResult(teachers, acc, time.time() - self.started)
         storage.write_json(ensemble_file(self.cfg), {
             "val_accuracy": acc, "model_paths": result.model_paths,
@@ -348,12 +382,14 @@ class EnsembleRun:
         return result
 
 
-def train_ensemble(cfg: ExperimentConfig, splits: Splits | None = None,
+def train_ensemble(cfg: ExperimentConfig, data: Splits | StreamedSource | None = None,
                    imported: dict[str, dict] | None = None) -> EnsembleResult:
-    """Train (or resume, or reuse) the K teachers in parallel; print a summary table. ``imported``:
-    what :func:`import_teachers` returned (imported here when None)."""
-    result = EnsembleRun(cfg, splits, imported).wait()
+    """Train (or resume, or reuse) the K teachers in parallel; print a summary table. ``data``:
+    the splits in memory or a streamed source (default: ``load_splits``); ``imported``: what
+    :func:`import_teachers` returned (imported here when None)."""
+    result = EnsembleRun(cfg, data, imported).wait()
     print(result.summary().to_string(index=False), flush=True)
-    print(f"[kd_ray] ensemble of {len(result.teachers)}: val accuracy {result.val_accuracy:.4f} "
-          f"({result.seconds:.1f} s)", flush=True)
+    acc = ("measured by the soft-target pass" if np.isnan(result.val_accuracy)
+           else f"val accuracy {result.val_accuracy:.4f}")
+    print(f"[kd_ray] ensemble of {len(result.teachers)}: {acc} ({result.seconds:.1f} s)", flush=True)
     return result
