@@ -87,6 +87,11 @@ def cmd_soft_targets(cfg: ExperimentConfig, ensemble=None):
 
     ensemble = ensemble or cmd_teachers(cfg)
     init_ray(cfg)
+    if cfg.data.stream:
+        from kd_ray.stages.sources import experiment_source
+        from kd_ray.stages.streamed_targets import build_streamed_targets
+
+        return build_streamed_targets(cfg, ensemble.model_paths, experiment_source(cfg))
     return build_soft_targets(cfg, ensemble)
 
 

@@ -89,6 +89,7 @@ def test_streamed_pipeline_teachers_cache_sweep_and_report(digits_cfg, tmp_path)
     from kd_ray.core.subsets import select_fraction
     from kd_ray.stages.soft_targets import build_soft_targets
     from kd_ray.stages.sources import experiment_source
+    from kd_ray.stages.streamed_targets import build_streamed_targets
     from kd_ray.stages.teachers import train_ensemble
     from tests.fixtures.factories import digits_parquet
 
@@ -103,8 +104,10 @@ def test_streamed_pipeline_teachers_cache_sweep_and_report(digits_cfg, tmp_path)
     assert np.isnan(ensemble.val_accuracy)  # measured by the soft-target pass
 
     assert run_stages(cfg)  # teachers reused, the cache built, the trial, the report
-    soft = build_soft_targets(cfg, ensemble)
+    soft = build_streamed_targets(cfg, ensemble.model_paths, experiment_source(cfg))
     assert soft.source is not None and not soft.built and soft.transfer is None
+    with pytest.raises(ValueError, match="data.stream: a streamed source's soft targets come from"):
+        build_soft_targets(cfg, ensemble)
     in_memory = build_soft_targets(digits_cfg(*data, "name=streamed"), ensemble)  # the same teachers, in memory
     for split in ("val", "test"):  # normalisation agrees to ~1e-5: at most one borderline row may differ
         diff = abs(soft.manifest["ensemble"][f"{split}_accuracy"] - in_memory.manifest["ensemble"][f"{split}_accuracy"])

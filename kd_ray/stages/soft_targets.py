@@ -393,11 +393,9 @@ def build_soft_targets(cfg: ExperimentConfig, ensemble, splits: Splits | None = 
     t0 = time.time()
     paths = list(getattr(ensemble, "model_paths", ensemble))
     teachers = load_teacher_files(paths)  # clear errors before any Ray work
-    if cfg.data.stream:  # (imported here: the streamed cache builds on this module)
-        from kd_ray.stages.sources import experiment_source
-        from kd_ray.stages.streamed_targets import build_streamed_targets
-
-        return build_streamed_targets(cfg, paths, experiment_source(cfg))
+    if cfg.data.stream:
+        raise ValueError("data.stream: a streamed source's soft targets come from "
+                         "kd_ray.stages.streamed_targets.build_streamed_targets (kd-ray run calls it)")
     splits = splits or load_splits(cfg.data)
     num_classes = int(teachers[0].blob["num_classes"])
     if num_classes != splits.num_classes:
