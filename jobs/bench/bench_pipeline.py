@@ -1,6 +1,7 @@
 """The whole pipeline on a synthetic parquet source, in memory against streamed (``data.stream``).
 
-    python jobs/bench/bench_pipeline.py [--sizes 20000 200000] [--classes 100] [--data /tmp/kd_ray_pipeline]
+    python jobs/bench/bench_pipeline.py [--sizes 20000 60000] [--modes memory stream] [--classes 100]
+        [--data /tmp/kd_ray_pipeline]
 
 Per size N (training rows; 10,000 test rows; 3 x 32 x 32 uint8 images from make_synthetic.py)
 and mode, one ``kd-ray run`` in its own process and its own local Ray: 2 small CNN teachers x 1
@@ -68,15 +69,19 @@ def run(n: int, stream: bool, data: str, storage: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[20_000, 200_000])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[20_000, 60_000])
+    # in memory, the driver and each teacher hold several float copies of the source: mind the RAM
+    ap.add_argument("--modes", nargs="+", choices=["memory", "stream"], default=["memory", "stream"])
     ap.add_argument("--classes", type=int, default=100)
     ap.add_argument("--data", default=os.path.join(tempfile.gettempdir(), "kd_ray_pipeline"))
     args = ap.parse_args()
     for n in args.sizes:
         data = os.path.join(args.data, f"n{n}_c{args.classes}")
-        if not os.path.isdir(data):
-            make_synthetic.write(data, rows=n, test_rows=10_000, classes=args.classes, shard_rows=20_000, seed=0)
-        for stream in (False, True):
+        if not os.path.isdir(data):  # written beside, then renamed: an interrupted run leaves no partial set
+            make_synthetic.write(data + ".partial", rows=n, test_rows=10_000, classes=args.classes, shard_rows=20_000,
+                                 seed=0)
+            os.rename(data + ".partial", data)
+        for stream in [m == "stream" for m in args.modes]:
             with tempfile.TemporaryDirectory() as storage:
                 print(json.dumps({"benchmark": "pipeline", **run(n, stream, data, storage)}), flush=True)
 
