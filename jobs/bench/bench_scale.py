@@ -1,7 +1,7 @@
 """Scale: kd_ray's streamed path against the plain PyTorch loop over the same sharded parquet.
 
     python jobs/bench/bench_scale.py [--sizes 60000 600000] [--classes 1000] [--teachers 3]
-        [--student-rows 60000] [--data /tmp/kd_ray_scale]
+        [--student-rows 60000] [--data /tmp/kd_ray_scale] [--given-statistics]
 
 Per size N (each in a fresh process, so each has its own Ray and its own driver), on a
 synthetic set of N training rows, C classes, 3 x 32 x 32 uint8 images (make_synthetic.py):
@@ -44,6 +44,7 @@ from common import untrained_teachers  # noqa: E402
 
 TEACHER = {"model": "cnn", "model_args": {"channels": [8, 16]}}
 BATCH, TOP_K, T = 256, 32, 4.0
+GIVEN = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}  # --given-statistics: the values do not change the cost
 
 
 def rss_kb(pid: int | str) -> int:
@@ -87,9 +88,10 @@ class PeakRSS(threading.Thread):
 
 
 # --------------------------------------------------------------------------- the plain loop
-def plain_soft_targets(files: dict[str, list[str]], paths: list[str], out: str) -> tuple[float, int, dict]:
-    """Statistics pass, then every train and test file through the teachers, top-k written per
-    file: the same rows kd_ray labels."""
+def plain_soft_targets(files: dict[str, list[str]], paths: list[str], out: str,
+                       given: dict | None = None) -> tuple[float, int, dict]:
+    """Statistics pass (none when ``given``), then every train and test file through the teachers,
+    top-k written per file: the same rows kd_ray labels."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
@@ -101,11 +103,14 @@ def plain_soft_targets(files: dict[str, list[str]], paths: list[str], out: str) 
     torch.set_num_threads(os.cpu_count())
     models = load_ensemble(paths)
     n, s, sq = 0, 0.0, 0.0
-    for f in files["train"]:
+    for f in files["train"] if given is None else []:
         x = decode_images(pq.read_table(f, columns=["image"]).column("image"), [3, 32, 32], f).astype(np.float64)
         n, s, sq = n + x.shape[0] * 1024, s + x.sum((0, 2, 3)), sq + (x * x).sum((0, 2, 3))
-    mean = (s / n).astype(np.float32).reshape(1, -1, 1, 1)
-    std = (np.sqrt(sq / n - (s / n) ** 2) + 1e-6).astype(np.float32).reshape(1, -1, 1, 1)
+    if given is not None:
+        mean, std = (np.asarray(given[k], np.float32).reshape(1, -1, 1, 1) for k in ("mean", "std"))
+    else:
+        mean = (s / n).astype(np.float32).reshape(1, -1, 1, 1)
+        std = (np.sqrt(sq / n - (s / n) ** 2) + 1e-6).astype(np.float32).reshape(1, -1, 1, 1)
     rows = 0
     os.makedirs(out, exist_ok=True)
     for i, f in enumerate(files["train"] + files["test"]):
@@ -190,6 +195,8 @@ def one(n: int, args) -> dict:
     sets = [f"runtime.storage_path={work}/runs", "name=scale", "data.name=parquet", f"data.root={data}",
             "data.image_shape=[3, 32, 32]", f"soft_targets.temperature={T}", "soft_targets.batch_size=1024",
             f"soft_targets.actors={args.actors}", "soft_targets.teacher_logits=topk", f"soft_targets.top_k={TOP_K}"]
+    if args.given_statistics:  # both sides skip their statistics pass
+        sets.append(f"data.normalization={json.dumps(GIVEN)}")
     cfg = load_config(None, sets)
     from kd_ray.stages.sources import source_files
 
@@ -230,14 +237,16 @@ def one(n: int, args) -> dict:
     peak.join()
 
     dense_bpr = None
-    if n == min(args.sizes):
+    if n == min(args.sizes) and not args.given_statistics:
         dense_cfg = load_config(None, [*sets, "soft_targets.teacher_logits=dense"])
         dense_bpr = build_streamed_targets(dense_cfg, paths, source).manifest["bytes_per_row"]["train"]
     ray.shutdown()
-    plain_s, plain_rows, _ = plain_soft_targets(files, paths, os.path.join(work, "plain_cache"))
+    plain_s, plain_rows, _ = plain_soft_targets(files, paths, os.path.join(work, "plain_cache"),
+                                                GIVEN if args.given_statistics else None)
     plain_student_s, plain_trained = plain_student_epoch(source, fraction, path, source.num_classes)
     return {
         "rows": n, "classes": args.classes, "teachers": args.teachers, "labelled_rows": kd_rows,
+        "given_statistics": args.given_statistics,
         "soft_targets_rows_per_s": {"kd_ray": round(kd_rows / kd_s, 1), "plain": round(plain_rows / plain_s, 1),
                                     "ratio_end_to_end": round((kd_rows / kd_s) / (plain_rows / plain_s), 3)},
         "kd_ray_seconds": {"start_and_open": round(opened_s, 1), "soft_targets_total": round(kd_s, 1)},
@@ -264,6 +273,8 @@ def main() -> None:
     ap.add_argument("--test-rows", type=int, default=10_000)
     ap.add_argument("--student-rows", type=int, default=60_000)
     ap.add_argument("--data", default=os.path.join(tempfile.gettempdir(), "kd_ray_scale"))
+    ap.add_argument("--given-statistics", action="store_true",
+                    help="data.normalization given (kd_ray and the plain loop skip their statistics pass); no dense cache")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
