@@ -371,6 +371,14 @@ _SOURCES = {"digits": _digits, "parquet": _parquet_source, "image_folder": _imag
             **{k: _idx_source for k in _IDX}, **{k: _cifar_source for k in _CIFAR}}
 
 
+def given_normalization(cfg: "DataConfig", channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """``data.normalization``'s per-channel mean and std, checked against the images' channels."""
+    mean, std = (np.asarray(v, np.float64) for v in (cfg.normalization.mean, cfg.normalization.std))
+    if len(mean) != channels:
+        raise ValueError(f"data.normalization: {len(mean)} channel(s) given, the images have {channels}")
+    return mean, std
+
+
 def load_splits(cfg: "DataConfig") -> Splits:
     """Read the source, carve a stratified validation split off the training set, normalise."""
     if cfg.name not in _SOURCES:
@@ -384,10 +392,8 @@ def load_splits(cfg: "DataConfig") -> Splits:
         if s.labels.min() < 0 or s.labels.max() >= num_classes:
             raise ValueError(f"{cfg.name}: {what} labels must lie in [0, {num_classes})")
     # The same normalisation for every split: the training set's per-channel mean and std.
-    if cfg.normalization is not None:  # given in the config
-        mean, std = (np.asarray(v, np.float32).reshape(1, -1, 1, 1) for v in (cfg.normalization.mean, cfg.normalization.std))
-        if mean.shape[1] != train.images.shape[1]:
-            raise ValueError(f"data.normalization: {mean.shape[1]} channel(s) given, the images have {train.images.shape[1]}")
+    if cfg.normalization is not None:
+        mean, std = (v.astype(np.float32).reshape(1, -1, 1, 1) for v in given_normalization(cfg, train.images.shape[1]))
     else:
         mean = train.images.mean(axis=(0, 2, 3), keepdims=True)
         std = train.images.std(axis=(0, 2, 3), keepdims=True) + 1e-6

@@ -181,11 +181,13 @@ def _final_metrics(engine: Engine, job: StudentJob, validate, device) -> dict:
 def _eval_rows(job: StudentJob, split: str, device):
     """``() -> batches`` of the val or test split: arrays from the object store, or (a streamed
     source) the split's rows streamed from its files and the cache at every call."""
-    if job.eval or job.eval_in_memory:
-        rows = eval_batches(ray.get(job.eval[split]) if job.eval else _read_columns(ray.train.get_dataset_shard(split)),
-                            device)
+    if job.eval:
+        rows = eval_batches(ray.get(job.eval[split]), device)
         return lambda: rows
     shard = ray.train.get_dataset_shard(split)
+    if job.eval_in_memory:
+        rows = eval_batches(_read_columns(shard), device)
+        return lambda: rows
     return lambda: shard.iter_torch_batches(batch_size=1024, device=device)
 
 

@@ -30,6 +30,7 @@ from kd_ray.core.data import (
     DatasetNotFoundError,
     channel_sums,
     decode_images,
+    given_normalization,
     raw_images,
 )
 from kd_ray.core.subsets import fraction_thresholds, in_fraction
@@ -220,10 +221,7 @@ def _statistics(cfg: DataConfig, files: list[str]) -> tuple[np.ndarray, np.ndarr
         with fs.open_input_file(path) as handle:
             first = next(pq.ParquetFile(handle).iter_batches(batch_size=1, columns=[cfg.image_column]))
         shape = raw_images(pa.Table.from_batches([first]).column(cfg.image_column), cfg.image_shape, what).shape[1:]
-        if len(cfg.normalization.mean) != shape[0]:
-            raise ValueError(f"data.normalization: {len(cfg.normalization.mean)} channel(s) given, the images have "
-                             f"{shape[0]}")
-        return np.asarray(cfg.normalization.mean), np.asarray(cfg.normalization.std), tuple(int(d) for d in shape)
+        return *given_normalization(cfg, shape[0]), tuple(int(d) for d in shape)
     stats = ray.data.read_parquet(files).select_columns([cfg.image_column]).map_batches(
         _partial_sums, batch_format="pyarrow", batch_size=ROWS_PER_CALL,
         fn_kwargs=dict(column=cfg.image_column, shape=cfg.image_shape, what=what))

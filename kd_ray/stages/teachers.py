@@ -117,6 +117,23 @@ class TeacherTrainer:
             rows = np.random.default_rng(self.spec.seed).choice(rows, size=len(rows), replace=True)
         return rows
 
+    def _rows(self, train: dict | None, val: dict | None, source: StreamedSource | None, device):
+        """(training rows, ``epoch -> batches``, ``() -> validation blocks``): from in-memory columns,
+        or streamed from ``source`` in this process (a seeded file order per epoch)."""
+        spec = self.spec
+        if source is None:
+            rows = self._subset(train["id"], train["label"])
+            x = torch.from_numpy(train["image"][rows]).to(device)
+            y = torch.from_numpy(train["label"][rows]).to(device)
+            return len(x), lambda epoch: teacher_batches(spec, x, y, epoch), lambda: [val]
+        fraction = spec.fraction if spec.fraction < 1 else None
+
+        def epoch_batches(epoch: int):
+            blocks = source.iter_rows("train", fraction, spec.seed, order_seed=spec.seed * 7919 + epoch)
+            return streamed_teacher_batches(spec, blocks, epoch, device)
+
+        return source.count(fraction, spec.seed), epoch_batches, lambda: source.iter_rows("val")
+
     def run(self, train: dict[str, np.ndarray] | None = None, val: dict[str, np.ndarray] | None = None,
             source: StreamedSource | None = None) -> dict:
         """Train on in-memory ``train``/``val`` columns, or on a streamed ``source`` read in this
@@ -140,28 +157,7 @@ class TeacherTrainer:
         if self.progress is not None and start_epoch:
             self.progress.update(start_epoch)
 
-        if source is None:
-            rows = self._subset(train["id"], train["label"])
-            x = torch.from_numpy(train["image"][rows]).to(device)
-            y = torch.from_numpy(train["label"][rows]).to(device)
-            xv = torch.from_numpy(val["image"])
-            size = len(x)
-
-            def epoch_batches(epoch: int):
-                return teacher_batches(spec, x, y, epoch)
-
-            def val_blocks():
-                return [val]
-        else:
-            fraction = spec.fraction if spec.fraction < 1 else None
-            size = source.count(fraction, spec.seed)
-
-            def epoch_batches(epoch: int):
-                blocks = source.iter_rows("train", fraction, spec.seed, order_seed=spec.seed * 7919 + epoch)
-                return streamed_teacher_batches(spec, blocks, epoch, device)
-
-            def val_blocks():
-                return source.iter_rows("val")
+        size, epoch_batches, val_blocks = self._rows(train, val, source, device)
         if size == 0:
             raise TeacherError(f"teacher {self.teacher_id}: its training subset is empty")
 
@@ -187,7 +183,7 @@ class TeacherTrainer:
             ) from None
         history = engine.history
         save_teacher_model(self.model_path, self.teacher_id, self.key, spec, model, self.num_classes,
-                           self.input_shape, predict_logits(model, xv) if source is None else None)
+                           self.input_shape, predict_logits(model, torch.from_numpy(val["image"])) if source is None else None)
         meta = {
             "teacher_id": self.teacher_id, "key": self.key, "spec": spec.model_dump(mode="json"),
             "complete": True, "epoch": spec.epochs, "history": history,
