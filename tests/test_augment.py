@@ -75,3 +75,28 @@ def test_cached_views_are_seeded_shifts_and_each_epoch_picks_one():
     pick = chosen_views(np.arange(1000), 8, 0, 3)
     assert pick.min() >= 0 and pick.max() == 7 and np.array_equal(pick, chosen_views(np.arange(1000), 8, 0, 3))
     assert not np.array_equal(pick, chosen_views(np.arange(1000), 8, 0, 4))  # another epoch, other views
+
+
+def test_mixed_cached_views_are_pure_functions_of_seed_view_and_id():
+    """A mixed view's partner and weight depend on (seed, view, id) and the pool only, not on which
+    other rows share the batch; the rebuilt view is the shifted image mixed with the partner's
+    shifted view (numpy and torch alike)."""
+    from kd_ray.core.augment import cached_view, mix, view_mixup, view_shift
+
+    pool = np.arange(10, 60, 2)  # sorted ids
+    ids, views = np.repeat(pool, 3), np.tile(np.arange(3), len(pool))
+    partner, w = view_mixup(ids, views, pool, 1.0, 7)
+    assert np.isin(partner, pool).all() and ((w > 0) & (w < 1)).all()
+    some = np.array([5, 17, 40])  # a few of the same rows, in another batch
+    p2, w2 = view_mixup(ids[some], views[some], pool, 1.0, 7)
+    assert np.array_equal(p2, partner[some]) and np.array_equal(w2, w[some])
+    assert not np.array_equal(view_mixup(ids, views, pool, 1.0, 8)[0], partner)  # another seed
+    rng = np.random.default_rng(0)
+    images, partners = (rng.random((len(ids), 1, 8, 8)).astype(np.float32) for _ in range(2))
+    got = cached_view(images, ids, views, 1, 7, (partners, partner, w))
+    want = mix(view_shift(images, ids, views, 1, 7), view_shift(partners, partner, views, 1, 7), w)
+    assert np.array_equal(got, want)
+    as_torch = cached_view(*(torch.from_numpy(a) for a in (images, ids, views)), 1, 7,
+                           tuple(torch.from_numpy(a) for a in (partners, partner, w)))
+    np.testing.assert_allclose(as_torch.numpy(), got, atol=1e-7)
+    assert np.array_equal(cached_view(images, ids, views, 1, 7), view_shift(images, ids, views, 1, 7))

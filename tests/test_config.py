@@ -106,10 +106,11 @@ def test_bad_set_syntax():
         load_config(None, ["student.alpha"])
 
 
-def test_a_streamed_source_is_parquet_with_cached_teaching_and_teachers_trained_here():
+def test_a_streamed_source_is_parquet_or_a_folder_with_cached_teaching_and_teachers_trained_here():
     stream = ["data.name=parquet", "data.root=s3://bucket/data", "data.stream=true"]
     assert load_config(None, stream).data.stream
-    with pytest.raises(ConfigError, match=r"data.stream: streamed sources are parquet; data.name is 'digits'"):
+    assert load_config(None, ["data.name=image_folder", "data.root=/images", "data.stream=true"]).data.stream
+    with pytest.raises(ConfigError, match=r"streamed sources are parquet or image_folder; data.name is 'digits'"):
         load_config(None, ["data.stream=true"])
     with pytest.raises(ConfigError, match=r"data.stream: a streamed source serves cached teaching only"):
         load_config(None, [*stream, "sweep.teaching=[cached, consistent]", "soft_targets.jitter=1", "soft_targets.mode=cached"])

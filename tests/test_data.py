@@ -12,12 +12,8 @@ import pytest
 from PIL import Image
 
 from kd_ray.core.config import DataConfig
-from kd_ray.core.data import (
-    DatasetNotFoundError,
-    channel_sums,
-    decode_images,
-    load_splits,
-)
+from kd_ray.core.data import DatasetNotFoundError, load_splits
+from kd_ray.core.images import channel_sums, decode_images
 from kd_ray.core.subsets import (
     fraction_thresholds,
     in_fraction,

@@ -291,7 +291,7 @@ def test_views_cache_labels_each_view_once_and_rebuilds_it_exactly(tiny_ensemble
     assert not np.array_equal(images[rows["view"] == 0], images[rows["view"] == 1])  # the views differ
     # the same settings reuse it; another V or another shift is another cache
     assert not build_soft_targets(cfg, ensemble).built
-    for change in ("soft_targets.views=2", "soft_targets.jitter=2"):
+    for change in ("soft_targets.views=2", "soft_targets.jitter=2", "soft_targets.mixup=0.5"):
         other = build_soft_targets(_cfg(base, "views", "soft_targets.views=4", "soft_targets.jitter=1",
                                         "soft_targets.mode=cached", change), ensemble)
         assert other.built and other.path != st.path

@@ -100,3 +100,54 @@ def test_rows_read_in_process_and_given_statistics(tmp_path):
     with pytest.raises(ValueError, match=r"data.normalization: 3 channel\(s\) given, the images have 1"):
         open_source(DataConfig(name="parquet", root=root, image_shape=[1, 8, 8],
                                normalization={"mean": [0.5] * 3, "std": [0.25] * 3}))
+
+
+def test_streamed_image_folder_equals_in_memory(tmp_path):
+    """An image folder streamed with ``read_images`` (and read in a teacher's actor) gives the
+    in-memory image folder's splits, fractions, images and statistics; ids are hashes of the
+    files' split/class/name, so they survive a copy of the folder elsewhere; a resize agrees bit
+    for bit; images of different sizes without data.image_size name the field."""
+    import shutil
+
+    from PIL import Image
+
+    from kd_ray.core.images import path_ids
+    from kd_ray.stages.sources import SPLITS, open_source
+    from tests.fixtures.factories import digits_folder
+
+    root = digits_folder(tmp_path / "digits")
+    for size in (None, [6, 6]):
+        cfg = DataConfig(name="image_folder", root=root, seed=3, omit_classes=[3], image_size=size)
+        memory = load_splits(cfg)
+        src = open_source(cfg, subsets=[(0.1, 5)])
+        assert src.num_classes == 10 and src.mode == "L" and src.input_shape == memory.input_shape
+        assert src.rows == {"train": len(memory.train), "val": len(memory.val), "test": len(memory.test)}
+        np.testing.assert_allclose(src.normalization["mean"], memory.normalization["mean"], rtol=1e-5)
+        np.testing.assert_allclose(src.normalization["std"], memory.normalization["std"], rtol=1e-4)
+        tagged = _rows(src.split("all"))
+        for code, name in enumerate(SPLITS):
+            got, want = {k: v[tagged["split"] == code] for k, v in tagged.items()}, getattr(memory, name)
+            if name == "train":
+                want = want.filter_classes(omit=[3])
+            order = np.argsort(want.ids)
+            assert np.array_equal(got["id"], want.ids[order]) and np.array_equal(got["label"], want.labels[order])
+            np.testing.assert_allclose(got["image"], want.images[order], atol=1e-4)
+        transfer = memory.train.filter_classes(omit=[3])
+        want = select_fraction(transfer.ids, transfer.labels, 0.1, 5)
+        assert np.array_equal(_rows(src.split("train", 0.1, 5, transfer=True))["id"], want)
+        read = list(src.iter_rows("train", 0.1, 5, True, order_seed=1))
+        got = {k: np.concatenate([b[k] for b in read]) for k in ("id", "image", "label")}
+        order, mine = np.argsort(got["id"]), np.argsort(memory.train.ids)
+        assert np.array_equal(got["id"][order], want) and src.count(0.1, 5, True) == len(want)
+        sorted_train = memory.train.images[mine][np.isin(memory.train.ids[mine], want)]
+        np.testing.assert_allclose(got["image"][order], sorted_train, atol=1e-5)
+    assert path_ids([f"{root}/train/3/0007.png"]) == path_ids(["s3://bucket/x/train/3/0007.png"])
+    copy = shutil.copytree(root, tmp_path / "copy")
+    assert open_source(DataConfig(name="image_folder", root=str(copy), seed=3)).identity() == \
+        open_source(DataConfig(name="image_folder", root=root, seed=3)).identity()
+
+    Image.new("L", (9, 9)).save(tmp_path / "digits" / "train" / "0" / "big.png")
+    with pytest.raises(ValueError, match=r"set data.image_size"):
+        load_splits(DataConfig(name="image_folder", root=root))
+    with pytest.raises(ValueError, match=r"set data.image_size"):
+        _rows(open_source(DataConfig(name="image_folder", root=root)).split("train"))

@@ -77,10 +77,12 @@ def test_thousand_classes_streamed_top_k_cache_and_student(tmp_path):
 
 
 def test_streamed_pipeline_teachers_cache_sweep_and_report(digits_cfg, tmp_path):
-    """``data.stream: true`` on a parquet source, every stage: the teachers read their rows in their
-    actors, the cache is built from the stream, the sweep's students stream their rows joined to it
-    (and their validation and test rows) through Ray Train; the figures equal the in-memory path's
-    where they must (row counts, the ensemble's accuracies)."""
+    """``data.stream: true`` on an image folder (``read_images``; the parquet reader's rows equal the
+    in-memory ones in test_sources.py and feed the 1,000-class run above), every stage: the teachers
+    read their rows in their actors, the cache is built from the stream (a shard per class folder),
+    the sweep's students stream their rows joined to it (and their validation and test rows)
+    through Ray Train; the figures equal the in-memory path's where they must (row counts, the
+    ensemble's accuracies)."""
     import pandas as pd
 
     from kd_ray.cli import run_stages
@@ -91,10 +93,10 @@ def test_streamed_pipeline_teachers_cache_sweep_and_report(digits_cfg, tmp_path)
     from kd_ray.stages.sources import experiment_source
     from kd_ray.stages.streamed_targets import build_streamed_targets
     from kd_ray.stages.teachers import train_ensemble
-    from tests.fixtures.factories import digits_parquet
+    from tests.fixtures.factories import digits_folder
 
-    root = digits_parquet(tmp_path / "digits")
-    data = ["data.name=parquet", f"data.root={root}", "data.image_shape=[1, 8, 8]"]
+    root = digits_folder(tmp_path / "digits")
+    data = ["data.name=image_folder", f"data.root={root}"]
     # one soft trial whose rows (and val/test rows) stream from the files at every epoch
     cfg = digits_cfg(*data, "data.stream=true", "name=streamed", "sweep.fractions=[0.5]", "sweep.seeds=[0]",
                      "sweep.targets=[soft]", "student.max_in_memory_mb=0", "student.epochs=3", "student.lr=0.1")
@@ -106,6 +108,7 @@ def test_streamed_pipeline_teachers_cache_sweep_and_report(digits_cfg, tmp_path)
     assert run_stages(cfg)  # teachers reused, the cache built, the trial, the report
     soft = build_streamed_targets(cfg, ensemble.model_paths, experiment_source(cfg))
     assert soft.source is not None and not soft.built and soft.transfer is None
+    assert {f.split("/")[2] for f in soft.manifest["files"]["train"]} == {f"shard={c}" for c in range(10)}
     with pytest.raises(ValueError, match="data.stream: a streamed source's soft targets come from"):
         build_soft_targets(cfg, ensemble)
     in_memory = build_soft_targets(digits_cfg(*data, "name=streamed"), ensemble)  # the same teachers, in memory

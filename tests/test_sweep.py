@@ -59,9 +59,10 @@ def test_cached_views_get_a_matched_hard_baseline_and_need_views():
     assert trial_config(cfg, hard_views).teaching() == "cached_views"  # hard labels on the same views
     with pytest.raises(ConfigError, match="soft_targets.views"):
         load_config(None, ["soft_targets.jitter=1", "student.teaching=cached_views"])
-    with pytest.raises(ConfigError, match="shifts only"):
-        load_config(None, ["soft_targets.jitter=1", "soft_targets.views=4", "soft_targets.mixup=1.0",
-                           "soft_targets.mode=cached", "student.teaching=cached_views"])
+    with pytest.raises(ConfigError, match="cached augmented views"):  # views of what?
+        load_config(None, ["soft_targets.views=4", "soft_targets.mode=cached", "student.teaching=cached_views"])
+    mixed = load_config(None, ["soft_targets.views=4", "soft_targets.mixup=1.0", "student.teaching=cached_views"])
+    assert mixed.teaching() == "cached_views" and mixed.soft_targets.resolved_mode == "cached"  # mixed views
 
 
 def test_grid_sweeps_teaching_modes_and_epoch_budgets():
@@ -225,9 +226,11 @@ def test_small_sweep_results_report_and_teacher_passes(tiny_ensemble):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_cached_views_trials_share_one_labelling_of_every_view(tiny_ensemble):
+    """Mixed cached views (shifted, then mixed with a partner of the cache's rows): every trial reads
+    one labelling; a student trains on the very images the teachers labelled."""
     import torch
 
-    from kd_ray.core.augment import chosen_views, view_shift
+    from kd_ray.core.augment import cached_view, chosen_views, view_mixup
     from kd_ray.core.ensemble import build_teacher, load_teacher_files
     from kd_ray.core.losses import ensemble_average
     from kd_ray.stages.counters import forward_passes
@@ -238,8 +241,11 @@ def test_cached_views_trials_share_one_labelling_of_every_view(tiny_ensemble):
     V = 4
     cfg = _cfg(base, "sweepviews", "soft_targets.jitter=1", f"soft_targets.views={V}", "sweep.fractions=[0.1, 0.3]",
                "sweep.teaching=[cached_views]", "sweep.seeds=[0]", "sweep.epochs=[2]", "sweep.max_concurrent_trials=4",
-               "soft_targets.views_fraction=0.3")  # views of the sweep's largest fraction only
+               "soft_targets.views_fraction=0.3", "soft_targets.mixup=1.0")  # views of the largest fraction only
     st = build_soft_targets(cfg, ensemble)
+    pool = st.transfer.fraction(0.3, base.data.seed)
+    stored = st.datasets["views"].to_pandas()
+    assert np.isin(stored["mix_id"], pool.ids).all() and stored["mix_weight"].between(0, 1).all()
     N, K = len(st.transfer.fraction(0.3, base.data.seed)), len(ensemble.model_paths)
     from kd_ray.stages.distill import distill
 
@@ -261,10 +267,14 @@ def test_cached_views_trials_share_one_labelling_of_every_view(tiny_ensemble):
     row = df[(df["targets"] == "soft") & (df["fraction"] == 0.1)].iloc[0]
     b = dict(np.load(os.path.join(row["checkpoint_path"], "first_batch_rank0.npz")))
     views = chosen_views(b["id"], V, 0, epoch=1)
+    partner, weight = view_mixup(b["id"], views, np.sort(pool.ids), 1.0, st.manifest["view_seed"])
     order = np.argsort(st.transfer.ids)
-    source = st.transfer.images[order[np.searchsorted(st.transfer.ids, b["id"], sorter=order)]]
-    rebuilt = view_shift(source, b["id"], views, 1, st.manifest["view_seed"])
-    assert np.array_equal(b["image"], rebuilt)
+
+    def source(ids):
+        return st.transfer.images[order[np.searchsorted(st.transfer.ids, ids, sorter=order)]]
+    rebuilt = cached_view(source(b["id"]), b["id"], views, 1, st.manifest["view_seed"],
+                          (source(partner), partner, weight))
+    assert np.array_equal(b["mix_weight"], weight) and np.array_equal(b["image"], rebuilt)
     teachers = [build_teacher(f.blob, torch.device("cpu")) for f in load_teacher_files(ensemble.model_paths)]
     with torch.no_grad():
         want = ensemble_average(torch.stack([m(torch.from_numpy(rebuilt)) for m in teachers]), st.temperature, "probs")

@@ -96,8 +96,8 @@ def plain_soft_targets(files: dict[str, list[str]], paths: list[str], out: str,
     import pyarrow.parquet as pq
     import torch
 
-    from kd_ray.core.data import decode_images
     from kd_ray.core.ensemble import ensemble_outputs, load_ensemble
+    from kd_ray.core.images import decode_images
 
     t0 = time.perf_counter()
     torch.set_num_threads(os.cpu_count())
@@ -150,7 +150,7 @@ def plain_student_epoch(source, fraction: float, cache_dir: str, classes: int) -
     import pyarrow.parquet as pq
     import torch
 
-    from kd_ray.core.data import decode_images
+    from kd_ray.core.images import decode_images
     from kd_ray.core.subsets import in_fraction
     from kd_ray.stages.streamed_targets import rows_numpy, shard_name
 

@@ -72,6 +72,32 @@ def view_shift(images, ids, views, max_shift: int, seed: int):
     return out
 
 
+def view_mixup(ids: np.ndarray, views: np.ndarray, pool: np.ndarray, a: float,
+               seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The mixup partner (an id of the sorted ``pool``) and weight of view ``views[i]`` of sample
+    ``ids[i]``: ``seeded_mixup`` of the pool with the view as its "epoch", so each cached view's
+    mix is a pure function of (seed, view, id) for a given pool (the views cache's rows)."""
+    partners, weights = np.zeros(len(ids), np.int64), np.ones(len(ids), np.float32)
+    for v in np.unique(views):
+        m = np.flatnonzero(views == v)
+        partner, lam = seeded_mixup(len(pool), a, seed, int(v))
+        j = np.searchsorted(pool, ids[m])
+        partners[m], weights[m] = pool[partner[j]], lam[j]
+    return partners, weights
+
+
+def cached_view(images, ids, views, max_shift: int, seed: int, mixed=None):
+    """The cached view ``views[i]`` of sample ``ids[i]`` rebuilt from its source image: its shift
+    (``view_shift``) and, with ``mixed = (partner_images, partner_ids, weights)``, mixed with its
+    partner's shifted view. The one function behind what the teachers label and what a
+    ``cached_views`` student trains on (numpy or torch)."""
+    out = view_shift(images, ids, views, max_shift, seed)
+    if mixed is not None:
+        partner_images, partner_ids, weights = mixed
+        out = mix(out, view_shift(partner_images, partner_ids, views, max_shift, seed), weights)
+    return out
+
+
 def chosen_views(ids: np.ndarray, num_views: int, seed: int, epoch: int) -> np.ndarray:
     """Which of its ``num_views`` cached views sample ``id`` trains on in ``epoch`` (pure function
     of (seed, epoch, id))."""

@@ -56,7 +56,7 @@ class DataConfig(_Section):
     image_size: Optional[list[int]] = None  # image_folder: resize to (H, W)
     omit_classes: list[int] = []  # transfer-set filter (the paper's omitted-digit experiment)
     keep_classes: Optional[list[int]] = None  # transfer-set filter: keep only these classes
-    stream: bool = False  # parquet: stream the rows from the files in every stage, never load the source
+    stream: bool = False  # parquet, image_folder: stream the rows from the files in every stage, never load the source
     # per-channel {mean: [...], std: [...]} of the training images on the [0, 1] scale, when known
     # (ImageNet's, say): used instead of computing them (a streamed source skips its statistics pass)
     normalization: Optional[Normalization] = None
@@ -73,8 +73,8 @@ class DataConfig(_Section):
     def _root_when_needed(self) -> "DataConfig":
         if self.name in ("parquet", "image_folder") and not self.root:
             raise ValueError(f"data.root is required for the {self.name!r} source")
-        if self.stream and self.name != "parquet":
-            raise ValueError(f"stream: streamed sources are parquet; data.name is {self.name!r}")
+        if self.stream and self.name not in ("parquet", "image_folder"):
+            raise ValueError(f"stream: streamed sources are parquet or image_folder; data.name is {self.name!r}")
         return self
 
 
@@ -181,9 +181,10 @@ class SoftTargetsConfig(_Section):
     rule: Literal["probs", "logits"] = "probs"  # losses.RULES
     mode: Optional[Literal["cached", "streaming"]] = None  # None: streaming iff augmentation without views
     jitter: int = Field(0, ge=0)  # streaming mode: shift up to k pixels, same view for both
-    # consistent teaching only: mix each (shifted) image with another of the student's subset,
-    # weight ~ Beta(mixup, mixup), and let the teachers label the mixed image (Beyer et al.
-    # 2022's "function matching"); 0: no mixup. With jitter 0 the views are mixed, not shifted.
+    # consistent teaching: mix each (shifted) image with another of the student's subset, weight ~
+    # Beta(mixup, mixup), and let the teachers label the mixed image (Beyer et al. 2022's "function
+    # matching"); cached views: each view mixed with a partner of the views cache's rows (its id and
+    # weight stored). 0: no mixup. With jitter 0 the views are mixed, not shifted.
     mixup: float = Field(0.0, ge=0)
     # what the cache keeps of each teacher's logits (to re-soften at another T, or match logits):
     #   none    nothing beyond the averaged soft targets
@@ -192,7 +193,7 @@ class SoftTargetsConfig(_Section):
     #           (K x (4 x top_k + 4) bytes a row; losses.top_k_logits says how the tail is kept)
     teacher_logits: Literal["none", "dense", "topk"] = "dense"
     top_k: int = Field(32, ge=1)
-    # cached mode: V shifted views of every transfer image (up to ``jitter`` pixels), each a pure
+    # cached mode: V shifted (and with ``mixup``, mixed) views of every transfer image, each a pure
     # function of (data seed, view, id), labelled once by the ensemble and cached without the image;
     # student.teaching: cached_views trains on them (consistent teaching, no teacher passes). 0: none
     views: int = Field(0, ge=0)
@@ -446,12 +447,10 @@ class ExperimentConfig(_Section):
             raise ValueError("consistent teaching augments the images teacher and student share: set "
                              "soft_targets.jitter to the largest shift in pixels (e.g. 1), soft_targets.mixup "
                              "to a Beta parameter (e.g. 1.0), or both")
-        if "cached_views" in modes and not (st.views > 0 and st.jitter > 0 and st.resolved_mode == "cached"):
-            raise ValueError("cached_views teaching trains on cached shifted views: set soft_targets.views to "
-                             "their number (e.g. 8), soft_targets.jitter to the largest shift (e.g. 1) and "
-                             "soft_targets.mode: cached")
-        if "cached_views" in modes and st.mixup > 0:
-            raise ValueError("cached views are shifts only: set soft_targets.mixup: 0 for cached_views teaching")
+        if "cached_views" in modes and not (st.views > 0 and st.augments and st.resolved_mode == "cached"):
+            raise ValueError("cached_views teaching trains on cached augmented views: set soft_targets.views to "
+                             "their number (e.g. 8), soft_targets.jitter to the largest shift (e.g. 1) and/or "
+                             "soft_targets.mixup to a Beta parameter, and soft_targets.mode: cached")
         fractions = (self.sweep.fractions if "cached_views" in self.sweep.teaching else []) + (
             [self.student.fraction] if self.student.teaching == "cached_views" else [])
         if fractions and max(fractions) > st.views_fraction:

@@ -3,7 +3,8 @@
 * Sources: scikit-learn's bundled ``digits``; torchvision's ``mnist``, ``fashion_mnist``,
   ``kmnist``, ``cifar10``, ``cifar100`` read from a local ``root`` (downloaded only when
   ``data.download`` is true); ``parquet``; ``image_folder``.
-* ``id`` is the sample's index in its source split, stable across runs.
+* ``id`` is the sample's index in its source split (an image folder's: a hash of the file's
+  ``split/class/name``, :func:`kd_ray.core.images.path_ids`), stable across runs.
 * Images are float32 (C, H, W), scaled to [0, 1] and standardised per channel with the
   *training* set's mean and std, the same for train, validation and test.
 * The validation split is a nested stratified fraction (:mod:`kd_ray.core.subsets`).
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import math
 import pickle
 import struct
 from dataclasses import dataclass, field
@@ -21,6 +21,15 @@ from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
+from kd_ray.core import storage
+from kd_ray.core.images import (
+    DatasetNotFoundError,
+    decode_images,
+    folder_classes,
+    folder_images,
+    folder_listing,
+    image_mode,
+)
 from kd_ray.core.subsets import select_fraction
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -29,10 +38,6 @@ if TYPE_CHECKING:  # pragma: no cover
 DIGITS_TEST_FRACTION = 0.25
 DIGITS_SPLIT_SEED = 2015
 VAL_SALT = 0x5EED_0F_7A1  # the validation split draws its ranking apart from the fractions
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """Files for a source are missing; the message names them, the folder and the fix."""
 
 
 # --------------------------------------------------------------------------- in-memory splits
@@ -225,80 +230,6 @@ def _cifar_source(cfg: "DataConfig") -> tuple[Split, Split, int]:
     return read(train_files), read(test_files), n_classes
 
 
-def decode_images(column, shape: list[int] | None, what: str) -> np.ndarray:
-    """A parquet image column -> float32 [N, C, H, W] in [0, 1]. Accepts fixed-size or plain lists
-    of numbers (flat or nested; ``shape`` reshapes flat rows), tensor columns and encoded PNG/JPEG
-    bytes; integer pixels are divided by 255. Used by the in-memory and the streamed readers alike."""
-    arr = raw_images(column, shape, what)
-    return arr.astype(np.float32) / (255.0 if np.issubdtype(arr.dtype, np.integer) else 1.0)
-
-
-def channel_sums(raw: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
-    """(values per channel, per-channel sum, per-channel sum of squares) of [N, C, H, W] images on
-    decode_images' [0, 1] scale, in float64: what a streamed mean and std add up. Integer pixels
-    count through a histogram per channel (exact, and no float copy of the batch)."""
-    n = raw.shape[0] * raw.shape[2] * raw.shape[3]
-    if raw.dtype == np.uint8:
-        levels = np.arange(256, dtype=np.float64) / 255.0
-        hist = np.stack([np.bincount(raw[:, c].ravel(), minlength=256) for c in range(raw.shape[1])])
-        return n, hist @ levels, hist @ (levels * levels)
-    x = raw.astype(np.float64) / (255.0 if np.issubdtype(raw.dtype, np.integer) else 1.0)
-    return n, x.sum(axis=(0, 2, 3)), (x * x).sum(axis=(0, 2, 3))
-
-
-def raw_images(column, shape: list[int] | None, what: str) -> np.ndarray:
-    """A parquet image column -> [N, C, H, W] in its stored dtype (PNG/JPEG decoded to uint8)."""
-    import pyarrow as pa
-
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    if isinstance(column, pa.Array) and (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
-        column = np.asarray(column.to_pylist(), dtype=object)
-    if isinstance(column, pa.Array) and pa.types.is_fixed_size_list(column.type) and column.null_count == 0:
-        arr = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)  # no per-row copy
-    elif isinstance(column, pa.Array):
-        arr = column.to_numpy(zero_copy_only=False)
-    else:
-        arr = np.asarray(column)
-    if arr.dtype == object and len(arr) and isinstance(arr[0], (bytes, bytearray)):
-        arr = _decode_encoded(arr, what)
-    elif arr.dtype == object:
-        arr = np.stack([np.asarray(v) for v in arr]) if len(arr) else np.zeros((0, 1))
-    return _images_to_chw(arr, shape, what)
-
-
-def _decode_encoded(values: np.ndarray, what: str) -> np.ndarray:
-    """PNG/JPEG bytes per row -> uint8 [N, H, W] (grey) or [N, C, H, W]."""
-    import io
-
-    from PIL import Image
-
-    out = []
-    for v in values:
-        a = np.asarray(Image.open(io.BytesIO(v)))
-        out.append(a if a.ndim == 2 else a.transpose(2, 0, 1))
-        if out[0].shape != out[-1].shape:
-            raise ValueError(f"{what}: encoded images of different shapes {out[0].shape} and {out[-1].shape}")
-    return np.stack(out)
-
-
-def _images_to_chw(arr: np.ndarray, shape: list[int] | None, what: str) -> np.ndarray:
-    if shape:
-        return arr.reshape(len(arr), *shape)
-    if arr.ndim == 4:
-        return arr
-    if arr.ndim == 3:
-        return arr[:, None]
-    if arr.ndim == 2:
-        side = int(round(math.sqrt(arr.shape[1])))
-        if side * side == arr.shape[1]:
-            return arr.reshape(len(arr), 1, side, side)
-        side = int(round(math.sqrt(arr.shape[1] / 3)))
-        if 3 * side * side == arr.shape[1]:
-            return arr.reshape(len(arr), 3, side, side)
-    raise ValueError(f"{what}: cannot infer the image shape from rows of shape {arr.shape[1:]}; set data.image_shape: [C, H, W]")
-
-
 def _parquet_source(cfg: "DataConfig") -> tuple[Split, Split, int]:
     import pyarrow.parquet as pq
 
@@ -330,41 +261,12 @@ def _parquet_source(cfg: "DataConfig") -> tuple[Split, Split, int]:
 
 
 def _image_folder_source(cfg: "DataConfig") -> tuple[Split, Split, int]:
-    from PIL import Image
-
-    root = _root(cfg)
-    train_dir = root / "train"
-    if not train_dir.is_dir() or not (root / "test").is_dir():
-        raise DatasetNotFoundError(
-            f"image_folder: expected {root}/train/<class>/<image> and {root}/test/<class>/<image>"
-        )
-    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
-    if not classes:
-        raise DatasetNotFoundError(f"image_folder: no class folders in {train_dir}")
-    index = {c: i for i, c in enumerate(classes)}
-
-    def read(split: str) -> Split:
-        files = sorted((p, index[p.parent.name]) for p in (root / split).glob("*/*")
-                       if p.is_file() and p.parent.name in index)
-        extra = sorted({p.parent.name for p in (root / split).glob("*/*")} - set(index))
-        if extra:
-            raise ValueError(f"image_folder: {root / split} has classes not in train/: {extra}")
-        imgs = [Image.open(p) for p, _ in files]
-        mode = "L" if all(im.mode in ("L", "1", "I;16") for im in imgs) else "RGB"
-        arrays = []
-        size = tuple(cfg.image_size[::-1]) if cfg.image_size else None
-        for (p, _), im in zip(files, imgs):
-            im = im.convert(mode)
-            if size:
-                im = im.resize(size)
-            a = np.asarray(im, dtype=np.float32) / 255.0
-            arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
-            if arrays[0].shape != arrays[-1].shape:
-                raise ValueError(f"image_folder: {p} has shape {arrays[-1].shape}, others {arrays[0].shape}; "
-                                 f"set data.image_size: [H, W]")
-        return Split(np.arange(len(files)), np.stack(arrays), [c for _, c in files])
-
-    return read("train"), read("test"), len(classes)
+    classes = folder_classes(cfg.root)
+    listings = {s: folder_listing(cfg.root, s, classes) for s in ("train", "test")}
+    mode = image_mode(storage.read_bytes(listings["train"].paths[0]))
+    splits = [Split(ls.ids, folder_images(ls.paths, mode, cfg.image_size, f"image_folder {cfg.root}/{s}").astype(
+        np.float32) / 255.0, ls.labels) for s, ls in listings.items()]
+    return splits[0], splits[1], len(classes)
 
 
 _SOURCES = {"digits": _digits, "parquet": _parquet_source, "image_folder": _image_folder_source,

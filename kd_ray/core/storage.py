@@ -87,14 +87,24 @@ def delete_dir(path: str) -> None:
         fs.delete_dir(p)
 
 
-def list_files(path: str, suffix: str = "") -> list[str]:
-    """Files under a folder (recursively), as paths in the same form as ``path``."""
+def list_files(path: str, suffix: str = "", sizes: bool = False) -> list:
+    """Files under a folder (recursively, sorted), as paths in the same form as ``path``; with
+    ``sizes``, (path, bytes) pairs from the same listing."""
     fs, p = resolve(path)
     if fs.get_file_info(p).type != pafs.FileType.Directory:
         return []
     infos = fs.get_file_info(pafs.FileSelector(p, recursive=True))
-    rel = sorted(i.path[len(p):].lstrip("/") for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
-    return [join(path, r) for r in rel]
+    found = sorted((i.path[len(p):].lstrip("/"), i.size) for i in infos
+                   if i.type == pafs.FileType.File and i.path.endswith(suffix))
+    return [(join(path, r), int(n)) if sizes else join(path, r) for r, n in found]
+
+
+def class_folders(path: str) -> list[str]:
+    """The sorted names of the folders directly under ``path`` (none when it is not a folder)."""
+    fs, p = resolve(path)
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        return []
+    return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(p)) if i.type == pafs.FileType.Directory)
 
 
 def save_torch(path: str, obj: Any) -> None:

@@ -31,7 +31,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from kd_ray import layout
 from kd_ray.core import storage
-from kd_ray.core.augment import chosen_views, seeded_shift, view_shift
+from kd_ray.core.augment import cached_view, chosen_views, seeded_shift
 from kd_ray.core.config import (
     METRICS,
     ExperimentConfig,
@@ -234,12 +234,13 @@ def _epoch_rows(job: StudentJob, rank: int, world: int, start_epoch: int, device
 
 def _one_view_each(rows: dict[str, torch.Tensor], job: StudentJob, epoch: int) -> dict[str, torch.Tensor]:
     """The rows of the view each id trains on in ``epoch``, with that view's image rebuilt from
-    the source image (the very image the teachers labelled)."""
+    the source image (and a mixed view's partner image): the very image the teachers labelled."""
     ids = rows["id"].cpu().numpy()
     want = torch.from_numpy(chosen_views(ids, job.views, job.student.seed, epoch)).to(rows["view"].device)
     keep = rows["view"] == want
     out = {k: v[keep] for k, v in rows.items()}
-    out["image"] = view_shift(out["image"], out["id"], out["view"], job.jitter, job.view_seed)
+    mixed = (out.pop("mix_image"), out.pop("mix_id"), out["mix_weight"]) if "mix_image" in out else None
+    out["image"] = cached_view(out["image"], out["id"], out["view"], job.jitter, job.view_seed, mixed)
     return out
 
 

@@ -33,7 +33,7 @@ from ray.data.extensions import ArrowTensorArray
 
 from kd_ray import layout
 from kd_ray.core import storage
-from kd_ray.core.augment import mix, seeded_mixup, seeded_shift, view_shift
+from kd_ray.core.augment import cached_view, mix, seeded_mixup, seeded_shift, view_mixup
 from kd_ray.core.config import ExperimentConfig, SoftTargetsConfig
 from kd_ray.core.data import Split, Splits, load_splits
 from kd_ray.core.ensemble import (
@@ -136,12 +136,22 @@ def view_seed(cfg: ExperimentConfig) -> int:
     return 7_919 * 1_000_003 + cfg.data.seed
 
 
-def expand_views(batch: dict[str, np.ndarray], views: int, max_shift: int, seed: int) -> dict[str, np.ndarray]:
-    """Each row -> its ``views`` shifted views (a ``view`` column), for the predictor to label."""
+def expand_views(batch: dict[str, np.ndarray], views: int, max_shift: int, seed: int, mixup: float = 0.0,
+                 pool: list | None = None) -> dict[str, np.ndarray]:
+    """Each row -> its ``views`` shifted views (a ``view`` column), for the predictor to label;
+    with ``mixup`` > 0 each view mixed with a partner of ``pool`` (``[ref]`` of the views cache's
+    rows ``{id (sorted), image, label}``): columns ``mix_id``, ``mix_label``, ``mix_weight``."""
     n = len(batch["id"])
     out = {k: np.repeat(np.asarray(v), views, axis=0) for k, v in batch.items()}
     out["view"] = np.tile(np.arange(views, dtype=np.int64), n)
-    out["image"] = view_shift(out["image"], out["id"], out["view"], max_shift, seed)
+    mixed = None
+    if mixup > 0:
+        rows = ray.get(pool[0])
+        out["mix_id"], out["mix_weight"] = view_mixup(out["id"], out["view"], rows["id"], mixup, seed)
+        at = np.searchsorted(rows["id"], out["mix_id"])
+        out["mix_label"] = rows["label"][at]
+        mixed = (rows["image"][at], out["mix_id"], out["mix_weight"])
+    out["image"] = cached_view(out["image"], out["id"], out["view"], max_shift, seed, mixed)
     return out
 
 
@@ -202,6 +212,8 @@ def fingerprint(teachers: list[TeacherFile], cfg: ExperimentConfig, identity: di
         blob["views"] = {"count": st.views, "jitter": st.jitter, "seed": view_seed(cfg)}
         if st.views_fraction < 1:  # named only when not all rows, so existing caches keep their names
             blob["views"]["fraction"] = st.views_fraction
+        if st.mixup > 0:  # likewise: mixed views
+            blob["views"]["mixup"] = st.mixup
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -307,7 +319,8 @@ def take_ids(ds, ids: np.ndarray):
 
 def read_cache_split(path: str, files: list[str], source: Split):
     """A cached split joined by id to its source's images, as a materialized Ray Dataset (one
-    Arrow block per file): the cache keeps ids, labels and targets, never the images.
+    Arrow block per file): the cache keeps ids, labels and targets, never the images (mixed views:
+    their partners' images too, as ``mix_image``).
 
     Read with pyarrow on the driver: ``ray.data.read_parquet`` has a large fixed start-up per read
     on small machines (docs/notes.md).
@@ -321,7 +334,11 @@ def read_cache_split(path: str, files: list[str], source: Split):
         at = order[np.minimum(np.searchsorted(source.ids, ids, sorter=order), max(len(order) - 1, 0))]
         if len(ids) and not np.array_equal(source.ids[at], ids):
             raise ValueError(f"soft-target cache {path}/{rel} has ids its source does not; delete the cache to rebuild it")
-        tables.append(table.append_column("image", ArrowTensorArray.from_numpy(source.images[at])))
+        table = table.append_column("image", ArrowTensorArray.from_numpy(source.images[at]))
+        if "mix_id" in table.column_names:  # mixed views: the partner's image too (rebuilt in the worker)
+            mix = order[np.searchsorted(source.ids, table.column("mix_id").to_numpy(), sorter=order)]
+            table = table.append_column("mix_image", ArrowTensorArray.from_numpy(source.images[mix]))
+        tables.append(table)
     return ray.data.from_arrow(tables)
 
 
@@ -362,8 +379,11 @@ def _compute_cache(cfg: ExperimentConfig, paths: list[str], parts: dict[str, Spl
             rows = rows.map_batches(_top_k_columns, fn_kwargs={"k": st.top_k}, batch_format="numpy")
         files[split] = write_split(rows, work, split)
     if st.views and len(parts["views"]):  # V views of each row of the views fraction, labelled once
+        order = np.argsort(parts["views"].ids)  # the mixup partners: the views cache's rows, sorted by id
+        pool = {k: v[order] for k, v in parts["views"].columns().items()}
+        mixing = {"mixup": st.mixup, "pool": [ray.put(pool)]} if st.mixup > 0 else {}
         views = to_dataset(parts["views"]).map_batches(
-            expand_views, fn_kwargs={"views": st.views, "max_shift": st.jitter, "seed": view_seed(cfg)},
+            expand_views, fn_kwargs={"views": st.views, "max_shift": st.jitter, "seed": view_seed(cfg), **mixing},
             batch_format="numpy", batch_size=max(1, st.batch_size // st.views))
         rows = predict(views, paths, st, "views", [cfg.name]).drop_columns(["image"])
         if st.teacher_logits == "topk":
@@ -439,7 +459,8 @@ def build_soft_targets(cfg: ExperimentConfig, ensemble, splits: Splits | None = 
             "input_shape": list(splits.input_shape), "normalization": splits.normalization, "data": splits.identity(), "files": files, "rows": rows,
             "ensemble": accuracy, "bytes_per_row": bytes_per_row, "seconds": round(time.time() - t0, 2),
             "views": cfg.soft_targets.views, "view_jitter": cfg.soft_targets.jitter, "view_seed": view_seed(cfg),
-            "views_fraction": cfg.soft_targets.views_fraction,
+            "views_fraction": cfg.soft_targets.views_fraction, "view_mixup": cfg.soft_targets.mixup if
+            cfg.soft_targets.views else 0.0,
         }
         publish(work, path, manifest)
     sources = {"train": transfer, "val": splits.val, "test": splits.test, "views": transfer}

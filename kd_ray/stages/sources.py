@@ -1,8 +1,10 @@
-"""Streamed sources: a sharded parquet source as lazy Ray Datasets ``{id, image, label}``.
+"""Streamed sources: sharded parquet (``read_parquet``) or an image folder (``read_images``) as
+lazy Ray Datasets ``{id, image, label}``.
 
-The driver holds the file list, the per-channel statistics and, per subset, one (hash, id)
-threshold per class -- never the rows. Rows flow from the files through ``map_batches``
-(filter, decode, normalise) to whoever iterates them (the predictor pool, a Train worker).
+The driver holds the file list (an image folder's listing: path, id and label of each file), the
+per-channel statistics and, per subset, one (hash, id) threshold per class -- never the images.
+Rows flow from the files through ``map_batches`` (filter, decode, normalise) to whoever iterates
+them (the predictor pool, a Train worker); a teacher's actor reads them itself (``iter_rows``).
 
 Subsets equal the in-memory ones exactly: the validation split and every nested fraction are
 ``select_fraction`` applied per class inside one ``groupby(label).map_groups`` pass over the
@@ -25,12 +27,18 @@ import ray.data
 
 from kd_ray.core import storage
 from kd_ray.core.config import DataConfig, ExperimentConfig
-from kd_ray.core.data import (
-    VAL_SALT,
+from kd_ray.core.data import VAL_SALT, given_normalization
+from kd_ray.core.images import (
     DatasetNotFoundError,
+    FolderListing,
     channel_sums,
     decode_images,
-    given_normalization,
+    folder_classes,
+    folder_images,
+    folder_listing,
+    image_mode,
+    load_image,
+    path_ids,
     raw_images,
 )
 from kd_ray.core.subsets import fraction_thresholds, in_fraction
@@ -75,13 +83,9 @@ def _partial_sums(batch: dict[str, np.ndarray], column: str, shape, what: str) -
     return {"n": np.array([n]), "sum": total[None], "sumsq": sq[None], "shape": np.array([list(raw.shape[1:])])}
 
 
-def prepare_rows(table: pa.Table, image_column: str, label_column: str, shape, input_shape, mean: list[float],
-                 std: list[float], keep: dict, paths: bool = False) -> dict[str, np.ndarray]:
-    """A block of source rows -> the rows of one split/subset ``{id, image, label}``: filtered
-    (``keep``: the validation thresholds, in or out, a subset's thresholds, classes), decoded and
-    normalised with the training set's statistics."""
-    ids = table.column("id").to_numpy().astype(np.int64)
-    labels = table.column(label_column).to_numpy().astype(np.int64)
+def keep_rows(ids: np.ndarray, labels: np.ndarray, keep: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Which rows of a block are in the split/subset ``keep`` describes (the validation thresholds,
+    in or out, a subset's thresholds, the class filters), and every row's split code (into SPLITS)."""
     mask, split = np.ones(len(ids), dtype=bool), np.full(len(ids), SPLITS.index(keep.get("split", "test")), np.int8)
     if keep.get("val") is not None:
         in_val = in_fraction(ids, labels, keep["val"], keep["val_seed"])
@@ -95,17 +99,63 @@ def prepare_rows(table: pa.Table, image_column: str, label_column: str, shape, i
         mask &= ~(transfer & np.isin(labels, keep["omit"]))
     if keep.get("only") is not None:
         mask &= ~transfer | np.isin(labels, keep["only"])
-    rows = np.flatnonzero(mask)
-    image = (decode_images(table.column(image_column).take(pa.array(rows)), shape, "parquet source") if len(rows)
-             else np.zeros((0, *input_shape), np.float32))  # nothing of this block in the split
+    return np.flatnonzero(mask), split
+
+
+def _rows(ids, labels, image: np.ndarray, rows, split, mean, std, keep: dict, path=None) -> dict[str, np.ndarray]:
+    """The kept rows ``{id, image, label}`` (+ ``split``, ``path``), images ([0, 1] scale) normalised."""
     m = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
     s = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
     out = {"id": ids[rows], "image": ((image - m) / s).astype(np.float32), "label": labels[rows]}
     if keep.get("tag"):
         out["split"] = split[rows]
-    if paths:
-        out["path"] = table.column("path").to_numpy(zero_copy_only=False)[rows]
+    if path is not None:
+        out["path"] = np.asarray(path, dtype=object)[rows]
     return out
+
+
+def prepare_rows(table: pa.Table, image_column: str, label_column: str, shape, input_shape, mean: list[float],
+                 std: list[float], keep: dict, paths: bool = False) -> dict[str, np.ndarray]:
+    """A block of parquet rows -> the rows of one split/subset ``{id, image, label}``: filtered
+    (``keep_rows``), decoded and normalised with the training set's statistics."""
+    ids = table.column("id").to_numpy().astype(np.int64)
+    labels = table.column(label_column).to_numpy().astype(np.int64)
+    rows, split = keep_rows(ids, labels, keep)
+    image = (decode_images(table.column(image_column).take(pa.array(rows)), shape, "parquet source") if len(rows)
+             else np.zeros((0, *input_shape), np.float32))  # nothing of this block in the split
+    path = table.column("path").to_numpy(zero_copy_only=False) if paths else None
+    return _rows(ids, labels, image, rows, split, mean, std, keep, path)
+
+
+def _chw(image: np.ndarray, input_shape, what: str) -> np.ndarray:
+    """``read_images``' uint8 [N, H, W(, C)] -> [N, C, H, W], checked against the source's shape."""
+    if image.dtype == object or image.ndim not in (3, 4):
+        raise ValueError(f"{what}: images of different shapes; set data.image_size: [H, W]")
+    return _same_shape(image[:, None] if image.ndim == 3 else image.transpose(0, 3, 1, 2), input_shape, what)
+
+
+def _same_shape(image: np.ndarray, input_shape, what: str) -> np.ndarray:
+    if len(image) and tuple(image.shape[1:]) != tuple(input_shape):
+        raise ValueError(f"{what}: an image of shape {tuple(image.shape[1:])}, the first was {tuple(input_shape)}; "
+                         f"set data.image_size: [H, W]")
+    return image
+
+
+def folder_rows(batch: dict[str, np.ndarray], classes: list[str], input_shape, mean: list[float], std: list[float],
+                keep: dict, paths: bool = False) -> dict[str, np.ndarray]:
+    """A block of ``read_images`` rows ``{image, path}`` -> the rows of one split/subset, as
+    ``prepare_rows`` makes them: ids from the paths (:func:`path_ids`), labels from the class folders."""
+    index = {c: i for i, c in enumerate(classes)}
+    ids = path_ids(batch["path"])
+    labels = np.array([index[str(p).rsplit("/", 2)[-2]] for p in batch["path"]], dtype=np.int64)
+    rows, split = keep_rows(ids, labels, keep)
+    image = _chw(batch["image"], input_shape, "image_folder source")[rows].astype(np.float32) / 255.0
+    return _rows(ids, labels, image, rows, split, mean, std, keep, batch["path"] if paths else None)
+
+
+def _folder_sums(batch: dict[str, np.ndarray], input_shape) -> dict[str, np.ndarray]:
+    n, total, sq = channel_sums(_chw(batch["image"], input_shape, "image_folder source"))
+    return {"n": np.array([n]), "sum": total[None], "sumsq": sq[None]}
 
 
 def _thresholds(text: np.ndarray) -> Thresholds:
@@ -129,18 +179,27 @@ class StreamedSource:
     subsets: dict[tuple[float, int], Thresholds] = field(default_factory=dict)
     # training rows per class (after the validation split): of the whole split (key None) and of each subset
     class_rows: dict = field(default_factory=dict)
+    digest: str = ""  # of the files' paths and sizes
+    classes: list[str] | None = None  # an image folder's class folders (label i is classes[i])
+    mode: str | None = None  # an image folder's PIL mode ("L" or "RGB", from its first image)
 
     @property
     def val_seed(self) -> int:
         return self.cfg.seed ^ VAL_SALT
 
+    @property
+    def folder(self) -> bool:
+        """An image folder (read with ``read_images``), not parquet files."""
+        return self.cfg.name == "image_folder"
+
+    def listing(self, split: str) -> FolderListing:
+        """An image folder's files of ``train`` or ``test`` (listed once per process)."""
+        return _folder_listing(self.cfg.root, split, tuple(self.classes))
+
     def identity(self) -> dict:
         """What a cache must match: the files (path and size), the split sizes and the classes."""
-        h = hashlib.sha256(json.dumps({s: [(f, storage.size(f)) for f in fs] for s, fs in self.files.items()},
-                                      sort_keys=True).encode())
-        return {"dataset": "parquet", "sizes": dict(self.rows), "num_classes": self.num_classes,
-                "input_shape": list(self.input_shape), "normalization": self.normalization,
-                "digest": h.hexdigest()[:16]}
+        return {"dataset": self.cfg.name, "sizes": dict(self.rows), "num_classes": self.num_classes,
+                "input_shape": list(self.input_shape), "normalization": self.normalization, "digest": self.digest}
 
     def _keep(self, name: str, fraction: float | None, seed: int | None, transfer: bool) -> dict:
         """What ``prepare_rows`` keeps of a block for ``split(name, fraction, seed, transfer=...)``."""
@@ -175,6 +234,20 @@ class StreamedSource:
         ``ROWS_PER_CALL`` source rows at a time (a teacher's actor holds one call's rows, not the split);
         the files in a seeded order when ``order_seed`` is given."""
         c, keep = self.cfg, self._keep(name, fraction, seed, transfer)
+        mean, std = self.normalization["mean"], self.normalization["std"]
+        if self.folder:  # a seeded order of the split's images, ROWS_PER_CALL files at a time
+            ls = self.listing("test" if name == "test" else "train")
+            rows, split = keep_rows(ls.ids, ls.labels, keep)
+            if order_seed is not None:
+                rows = rows[np.random.default_rng(order_seed).permutation(len(rows))]
+            for start in range(0, len(rows), ROWS_PER_CALL):
+                r = rows[start:start + ROWS_PER_CALL]
+                what = f"image_folder {c.root}"
+                image = _same_shape(folder_images([ls.paths[i] for i in r], self.mode, c.image_size, what),
+                                    self.input_shape, what)
+                yield _rows(ls.ids[r], ls.labels[r], image.astype(np.float32) / 255.0, np.arange(len(r)), split[r],
+                            mean, std, keep)
+            return
         files = list(self.files["test" if name == "test" else "train"])
         if order_seed is not None:
             files = [files[i] for i in np.random.default_rng(order_seed).permutation(len(files))]
@@ -184,7 +257,7 @@ class StreamedSource:
                 for batch in pq.ParquetFile(handle).iter_batches(batch_size=ROWS_PER_CALL,
                                                                  columns=["id", c.label_column, c.image_column]):
                     rows = prepare_rows(pa.Table.from_batches([batch]), c.image_column, c.label_column, c.image_shape,
-                                        self.input_shape, self.normalization["mean"], self.normalization["std"], keep)
+                                        self.input_shape, mean, std, keep)
                     if len(rows["id"]):
                         yield rows
 
@@ -205,11 +278,32 @@ class StreamedSource:
 
     def _read(self, files: str, paths: bool, keep: dict) -> "ray.data.Dataset":
         c = self.cfg
+        norm = dict(input_shape=self.input_shape, mean=self.normalization["mean"], std=self.normalization["std"],
+                    keep=keep, paths=paths)
+        if self.folder:  # only the split's images are read: the driver filters the listing by id and class
+            ls = self.listing(files)
+            rows, _ = keep_rows(ls.ids, ls.labels, keep)
+            if not len(rows):
+                raise ValueError(f"image_folder {c.root}: no images of {files} in this split or subset")
+            ds = ray.data.read_images([storage.absolute(ls.paths[i]) for i in rows], include_paths=True, mode=self.mode,
+                                      size=tuple(c.image_size) if c.image_size else None)
+            return ds.map_batches(folder_rows, batch_format="numpy", batch_size=ROWS_PER_CALL,
+                                  fn_kwargs=dict(classes=self.classes, **norm))
         ds = ray.data.read_parquet(self.files[files], include_paths=paths)
         ds = ds.select_columns(["id", c.label_column, c.image_column] + (["path"] if paths else []))
         return ds.map_batches(prepare_rows, batch_format="pyarrow", batch_size=ROWS_PER_CALL, fn_kwargs=dict(
-            image_column=c.image_column, label_column=c.label_column, shape=c.image_shape, input_shape=self.input_shape,
-            mean=self.normalization["mean"], std=self.normalization["std"], keep=keep, paths=paths))
+            image_column=c.image_column, label_column=c.label_column, shape=c.image_shape, **norm))
+
+
+@functools.lru_cache(maxsize=4)
+def _folder_listing(root: str, split: str, classes: tuple[str, ...]) -> FolderListing:
+    return folder_listing(root, split, list(classes))
+
+
+def _digest(files: dict[str, list[tuple[str, int]]]) -> str:
+    """A digest of the source's files: their paths (an image's last three parts) and sizes."""
+    named = {s: [("/".join(f.split("/")[-3:]), n) for f, n in fs] for s, fs in files.items()}
+    return hashlib.sha256(json.dumps(named, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _statistics(cfg: DataConfig, files: list[str]) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
@@ -237,8 +331,11 @@ def open_source(cfg: DataConfig, subsets: Sequence[tuple[float, int]] = ()) -> S
     """List the files, take the per-channel statistics (one streamed pass over the training
     images, unless ``data.normalization`` gives them) and every subset's thresholds (one pass over
     ids and labels); read nothing else."""
+    subsets = sorted({(float(f), int(s)) for f, s in subsets if f < 1})
+    if cfg.name == "image_folder":
+        return _open_folder(cfg, subsets)
     if cfg.name != "parquet":
-        raise ValueError(f"a streamed source reads parquet; data.name is {cfg.name!r}")
+        raise ValueError(f"a streamed source reads parquet or an image folder; data.name is {cfg.name!r}")
     files = {s: source_files(cfg, s) for s in ("train", "test")}
     for split, fs in files.items():
         fsys, path = storage.resolve(fs[0])
@@ -247,7 +344,6 @@ def open_source(cfg: DataConfig, subsets: Sequence[tuple[float, int]] = ()) -> S
         if missing:
             raise ValueError(f"parquet {fs[0]}: column(s) {missing} not found; columns are {names} (a streamed source "
                              f"needs an 'id' column; set data.image_column / data.label_column)")
-    subsets = sorted({(float(f), int(s)) for f, s in subsets if f < 1})
     per_class = ray.data.read_parquet(files["train"]).select_columns(["id", cfg.label_column])
     if cfg.label_column != "label":
         per_class = per_class.rename_columns({cfg.label_column: "label"})
@@ -260,19 +356,60 @@ def open_source(cfg: DataConfig, subsets: Sequence[tuple[float, int]] = ()) -> S
     for b in ray.data.read_parquet(files["test"]).select_columns([cfg.label_column]).iter_batches(batch_size=None):
         test_rows, test_max = test_rows + len(b[cfg.label_column]), max(test_max, int(b[cfg.label_column].max(initial=-1)))
     labels = [int(r["label"]) for r in counted]
-    num_classes = max(max(labels), test_max) + 1
     if min(labels) < 0:
         raise ValueError(f"parquet {cfg.root}: labels must be >= 0")
     mean, std, shape = _statistics(cfg, files["train"])
+    digest = _digest({s: [(f, storage.size(f)) for f in fs] for s, fs in files.items()})
+    return _assemble(cfg, files, max(max(labels), test_max) + 1, shape, mean, std, counted, test_rows, subsets, digest)
+
+
+def _open_folder(cfg: DataConfig, subsets: list[tuple[float, int]]) -> StreamedSource:
+    """``open_source`` of ``root/{train,test}/<class>/<image>``: the listing gives ids and labels
+    (the counting pass runs on the driver's id and label arrays, 16 bytes an image); the statistics
+    pass reads the training images with ``read_images``."""
+    classes = folder_classes(cfg.root)
+    train, test = (_folder_listing(cfg.root, s, tuple(classes)) for s in ("train", "test"))
+    ids = np.concatenate([train.ids, test.ids])
+    if len(np.unique(ids)) != len(ids):
+        raise ValueError(f"image_folder {cfg.root}: two files hash to one id; rename one of them")
+    counted = []
+    for label in np.unique(train.labels):  # what the parquet source's groupby gives, class by class
+        m = train.labels == label
+        out = _class_subsets({"id": train.ids[m], "label": train.labels[m]}, cfg.val_fraction, cfg.seed ^ VAL_SALT,
+                             subsets)
+        counted.append({k: v[0] for k, v in out.items()})
+    mode = image_mode(storage.read_bytes(train.paths[0]))
+    shape = tuple(int(d) for d in load_image(storage.read_bytes(train.paths[0]), mode, cfg.image_size).shape)
+    if cfg.normalization is not None:
+        mean, std = given_normalization(cfg, shape[0])
+    else:
+        sums = ray.data.read_images([storage.absolute(f) for f in train.paths], mode=mode, size=tuple(
+            cfg.image_size) if cfg.image_size else None).map_batches(
+            _folder_sums, batch_format="numpy", batch_size=ROWS_PER_CALL, fn_kwargs=dict(input_shape=shape))
+        n, total, sq = 0, 0.0, 0.0
+        for b in sums.iter_batches(batch_size=None, batch_format="numpy"):
+            n, total, sq = n + b["n"].sum(), total + b["sum"].sum(0), sq + b["sumsq"].sum(0)
+        mean = total / n
+        std = np.sqrt(np.maximum(sq / n - mean * mean, 0.0)) + 1e-6
+    root = cfg.root.rstrip("/")
+    digest = _digest({"train": list(zip(train.paths, train.sizes)), "test": list(zip(test.paths, test.sizes))})
+    return _assemble(cfg, {"train": [f"{root}/train"], "test": [f"{root}/test"]}, len(classes), shape, mean, std,
+                     counted, len(test.ids), subsets, digest, classes=classes, mode=mode)
+
+
+def _assemble(cfg: DataConfig, files, num_classes: int, shape, mean, std, counted: list[dict], test_rows: int,
+              subsets: list[tuple[float, int]], digest: str, **folder) -> StreamedSource:
+    """The source from the counting pass's per-class rows (row counts and thresholds) and the statistics."""
     rows = {"val": sum(int(r["val_rows"]) for r in counted)}
     rows["train"] = sum(int(r["rows"]) for r in counted) - rows["val"]
     rows["test"] = test_rows
     return StreamedSource(
-        cfg, files, num_classes, shape, {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}, rows,
+        cfg, files, num_classes, tuple(shape), {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}, rows,
         _thresholds([r["val"] for r in counted]),
         {sub: _thresholds([r[f"subset{i}"] for r in counted]) for i, sub in enumerate(subsets)},
         {None: {int(r["label"]): int(r["rows"]) - int(r["val_rows"]) for r in counted},
-         **{sub: {int(r["label"]): int(r[f"subset{i}_rows"]) for r in counted} for i, sub in enumerate(subsets)}})
+         **{sub: {int(r["label"]): int(r[f"subset{i}_rows"]) for r in counted} for i, sub in enumerate(subsets)}},
+        digest, **folder)
 
 
 def experiment_subsets(cfg: ExperimentConfig) -> list[tuple[float, int]]:

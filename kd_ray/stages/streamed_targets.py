@@ -25,6 +25,7 @@ from kd_ray import layout
 from kd_ray.core import storage
 from kd_ray.core.config import ExperimentConfig
 from kd_ray.core.ensemble import load_teacher_files
+from kd_ray.core.images import IMAGE_EXTENSIONS
 from kd_ray.stages.counters import pass_counter
 from kd_ray.stages.soft_targets import (
     SCHEMA_VERSION,
@@ -47,8 +48,11 @@ TARGET_COLUMNS = ("soft_targets", "teacher_logits", "teacher_topk_values", "teac
 
 
 def shard_name(path: str) -> str:
-    """The cache folder of a source file: its name without the extension."""
-    return os.path.basename(str(path)).rsplit(".", 1)[0]
+    """The cache folder of a source row's file: a parquet file's name without the extension, an
+    image's class folder (a shard per class, not per image)."""
+    folder, name = os.path.split(str(path))
+    stem, _, ext = name.rpartition(".")
+    return os.path.basename(folder) if ext.lower() in IMAGE_EXTENSIONS else stem
 
 
 class StreamedPredictor(EnsemblePredictor):
@@ -104,7 +108,7 @@ def build_streamed_targets(cfg: ExperimentConfig, model_paths: list[str], source
     st = cfg.soft_targets
     check_pool_resources(cfg)
     pass_counter(cfg.name)
-    identity = source.identity()  # a size lookup per source file: once
+    identity = source.identity()
     fp = fingerprint(teachers, cfg, identity, source.rows["train"])
     path = storage.join(layout.soft_targets_dir(cfg), fp)
     manifest = read_valid_cache(path, fp)
