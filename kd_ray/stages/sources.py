@@ -193,8 +193,12 @@ class StreamedSource:
         return self.cfg.name == "image_folder"
 
     def listing(self, split: str) -> FolderListing:
-        """An image folder's files of ``train`` or ``test`` (listed once per process)."""
-        return _folder_listing(self.cfg.root, split, tuple(self.classes))
+        """An image folder's files of ``train`` or ``test``: listed once by this object (an actor's
+        copy lists them itself), never carried in :meth:`plain`."""
+        listings = self.__dict__.setdefault("_listings", {})
+        if split not in listings:
+            listings[split] = folder_listing(self.cfg.root, split, self.classes)
+        return listings[split]
 
     def identity(self) -> dict:
         """What a cache must match: the files (path and size), the split sizes and the classes."""
@@ -295,11 +299,6 @@ class StreamedSource:
             image_column=c.image_column, label_column=c.label_column, shape=c.image_shape, **norm))
 
 
-@functools.lru_cache(maxsize=4)
-def _folder_listing(root: str, split: str, classes: tuple[str, ...]) -> FolderListing:
-    return folder_listing(root, split, list(classes))
-
-
 def _digest(files: dict[str, list[tuple[str, int]]]) -> str:
     """A digest of the source's files: their paths (an image's last three parts) and sizes."""
     named = {s: [("/".join(f.split("/")[-3:]), n) for f, n in fs] for s, fs in files.items()}
@@ -368,7 +367,7 @@ def _open_folder(cfg: DataConfig, subsets: list[tuple[float, int]]) -> StreamedS
     (the counting pass runs on the driver's id and label arrays, 16 bytes an image); the statistics
     pass reads the training images with ``read_images``."""
     classes = folder_classes(cfg.root)
-    train, test = (_folder_listing(cfg.root, s, tuple(classes)) for s in ("train", "test"))
+    train, test = (folder_listing(cfg.root, s, classes) for s in ("train", "test"))
     ids = np.concatenate([train.ids, test.ids])
     if len(np.unique(ids)) != len(ids):
         raise ValueError(f"image_folder {cfg.root}: two files hash to one id; rename one of them")
@@ -387,14 +386,21 @@ def _open_folder(cfg: DataConfig, subsets: list[tuple[float, int]]) -> StreamedS
             cfg.image_size) if cfg.image_size else None).map_batches(
             _folder_sums, batch_format="numpy", batch_size=ROWS_PER_CALL, fn_kwargs=dict(input_shape=shape))
         n, total, sq = 0, 0.0, 0.0
-        for b in sums.iter_batches(batch_size=None, batch_format="numpy"):
-            n, total, sq = n + b["n"].sum(), total + b["sum"].sum(0), sq + b["sumsq"].sum(0)
+        try:
+            for b in sums.iter_batches(batch_size=None, batch_format="numpy"):
+                n, total, sq = n + b["n"].sum(), total + b["sum"].sum(0), sq + b["sumsq"].sum(0)
+        except Exception as e:  # Ray Data wraps a task's error in its traceback: the CLI's one line instead
+            if "set data.image_size" not in str(e):
+                raise
+            raise ValueError(f"image_folder {cfg.root}: images of different shapes; set data.image_size: [H, W]") from None
         mean = total / n
         std = np.sqrt(np.maximum(sq / n - mean * mean, 0.0)) + 1e-6
     root = cfg.root.rstrip("/")
     digest = _digest({"train": list(zip(train.paths, train.sizes)), "test": list(zip(test.paths, test.sizes))})
-    return _assemble(cfg, {"train": [f"{root}/train"], "test": [f"{root}/test"]}, len(classes), shape, mean, std,
-                     counted, len(test.ids), subsets, digest, classes=classes, mode=mode)
+    source = _assemble(cfg, {"train": [f"{root}/train"], "test": [f"{root}/test"]}, len(classes), shape, mean, std,
+                       counted, len(test.ids), subsets, digest, classes=classes, mode=mode)
+    source._listings = {"train": train, "test": test}  # what the driver's reads filter
+    return source
 
 
 def _assemble(cfg: DataConfig, files, num_classes: int, shape, mean, std, counted: list[dict], test_rows: int,
