@@ -318,12 +318,17 @@ def _statistics(cfg: DataConfig, files: list[str]) -> tuple[np.ndarray, np.ndarr
     stats = ray.data.read_parquet(files).select_columns([cfg.image_column]).map_batches(
         _partial_sums, batch_format="pyarrow", batch_size=ROWS_PER_CALL,
         fn_kwargs=dict(column=cfg.image_column, shape=cfg.image_shape, what=what))
-    n, total, sq, shape = 0, 0.0, 0.0, None
-    for b in stats.iter_batches(batch_size=None, batch_format="numpy"):
-        n, total, sq = n + b["n"].sum(), total + b["sum"].sum(0), sq + b["sumsq"].sum(0)
-        shape = tuple(int(d) for d in b["shape"][0])
+    mean, std, last = _mean_std(stats)
+    return mean, std, tuple(int(d) for d in last["shape"][0])
+
+
+def _mean_std(sums: "ray.data.Dataset") -> tuple[np.ndarray, np.ndarray, dict]:
+    """Per-channel mean and std from a dataset of per-block sums (``n``, ``sum``, ``sumsq``), and its last block."""
+    n, total, sq, last = 0, 0.0, 0.0, {}
+    for last in sums.iter_batches(batch_size=None, batch_format="numpy"):
+        n, total, sq = n + last["n"].sum(), total + last["sum"].sum(0), sq + last["sumsq"].sum(0)
     mean = total / n
-    return mean, np.sqrt(np.maximum(sq / n - mean * mean, 0.0)) + 1e-6, shape
+    return mean, np.sqrt(np.maximum(sq / n - mean * mean, 0.0)) + 1e-6, last
 
 
 def open_source(cfg: DataConfig, subsets: Sequence[tuple[float, int]] = ()) -> StreamedSource:
@@ -377,24 +382,21 @@ def _open_folder(cfg: DataConfig, subsets: list[tuple[float, int]]) -> StreamedS
         out = _class_subsets({"id": train.ids[m], "label": train.labels[m]}, cfg.val_fraction, cfg.seed ^ VAL_SALT,
                              subsets)
         counted.append({k: v[0] for k, v in out.items()})
-    mode = image_mode(storage.read_bytes(train.paths[0]))
-    shape = tuple(int(d) for d in load_image(storage.read_bytes(train.paths[0]), mode, cfg.image_size).shape)
+    first = storage.read_bytes(train.paths[0])
+    mode = image_mode(first)
+    shape = tuple(int(d) for d in load_image(first, mode, cfg.image_size).shape)
     if cfg.normalization is not None:
         mean, std = given_normalization(cfg, shape[0])
     else:
         sums = ray.data.read_images([storage.absolute(f) for f in train.paths], mode=mode, size=tuple(
             cfg.image_size) if cfg.image_size else None).map_batches(
             _folder_sums, batch_format="numpy", batch_size=ROWS_PER_CALL, fn_kwargs=dict(input_shape=shape))
-        n, total, sq = 0, 0.0, 0.0
         try:
-            for b in sums.iter_batches(batch_size=None, batch_format="numpy"):
-                n, total, sq = n + b["n"].sum(), total + b["sum"].sum(0), sq + b["sumsq"].sum(0)
+            mean, std, _ = _mean_std(sums)
         except Exception as e:  # Ray Data wraps a task's error in its traceback: the CLI's one line instead
             if "set data.image_size" not in str(e):
                 raise
             raise ValueError(f"image_folder {cfg.root}: images of different shapes; set data.image_size: [H, W]") from None
-        mean = total / n
-        std = np.sqrt(np.maximum(sq / n - mean * mean, 0.0)) + 1e-6
     root = cfg.root.rstrip("/")
     digest = _digest({"train": list(zip(train.paths, train.sizes)), "test": list(zip(test.paths, test.sizes))})
     source = _assemble(cfg, {"train": [f"{root}/train"], "test": [f"{root}/test"]}, len(classes), shape, mean, std,
