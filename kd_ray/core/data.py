@@ -29,6 +29,7 @@ from kd_ray.core.images import (
     folder_images,
     folder_listing,
     image_mode,
+    to_unit,
 )
 from kd_ray.core.subsets import select_fraction
 
@@ -200,7 +201,7 @@ def _idx_source(cfg: "DataConfig") -> tuple[Split, Split, int]:
     for x, y, n in ((x_tr, y_tr, "train"), (x_te, y_te, "t10k")):
         if len(x) != len(y):
             raise ValueError(f"{cfg.name}: {n} images ({len(x)}) and labels ({len(y)}) differ in count")
-    to_split = lambda x, y: Split(np.arange(len(y)), (x.astype(np.float32) / 255.0)[:, None], y.astype(np.int64))  # noqa: E731
+    to_split = lambda x, y: Split(np.arange(len(y)), to_unit(x)[:, None], y.astype(np.int64))  # noqa: E731
     return to_split(x_tr, y_tr), to_split(x_te, y_te), 10
 
 
@@ -225,7 +226,7 @@ def _cifar_source(cfg: "DataConfig") -> tuple[Split, Split, int]:
             xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             ys.append(np.asarray(batch.get("labels", batch.get("fine_labels")), dtype=np.int64))
         x, y = np.concatenate(xs), np.concatenate(ys)
-        return Split(np.arange(len(y)), x.astype(np.float32) / 255.0, y)
+        return Split(np.arange(len(y)), to_unit(x), y)
 
     return read(train_files), read(test_files), n_classes
 
@@ -264,8 +265,8 @@ def _image_folder_source(cfg: "DataConfig") -> tuple[Split, Split, int]:
     classes = folder_classes(cfg.root)
     listings = {s: folder_listing(cfg.root, s, classes) for s in ("train", "test")}
     mode = image_mode(storage.read_bytes(listings["train"].paths[0]))
-    splits = [Split(ls.ids, folder_images(ls.paths, mode, cfg.image_size, f"image_folder {cfg.root}/{s}").astype(
-        np.float32) / 255.0, ls.labels) for s, ls in listings.items()]
+    splits = [Split(ls.ids, to_unit(folder_images(ls.paths, mode, cfg.image_size, f"image_folder {cfg.root}/{s}")),
+                    ls.labels) for s, ls in listings.items()]
     return splits[0], splits[1], len(classes)
 
 

@@ -27,8 +27,12 @@ def decode_images(column, shape: list[int] | None, what: str) -> np.ndarray:
     """A parquet image column -> float32 [N, C, H, W] in [0, 1]. Accepts fixed-size or plain lists
     of numbers (flat or nested; ``shape`` reshapes flat rows), tensor columns and encoded PNG/JPEG
     bytes; integer pixels are divided by 255. Used by the in-memory and the streamed readers alike."""
-    arr = raw_images(column, shape, what)
-    return arr.astype(np.float32) / (255.0 if np.issubdtype(arr.dtype, np.integer) else 1.0)
+    return to_unit(raw_images(column, shape, what))
+
+
+def to_unit(pixels: np.ndarray) -> np.ndarray:
+    """Pixels -> float32 on the [0, 1] scale every reader uses: integer pixels are divided by 255."""
+    return pixels.astype(np.float32) / (255.0 if np.issubdtype(pixels.dtype, np.integer) else 1.0)
 
 
 def channel_sums(raw: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
@@ -110,6 +114,11 @@ class FolderListing:
     labels: np.ndarray  # int64, the class folder's index in the sorted class names of train/
 
 
+def class_of(path: str) -> str:
+    """The class folder an image file lies in (``.../<class>/<image>``)."""
+    return str(path).replace("\\", "/").rsplit("/", 2)[-2]
+
+
 def path_ids(paths: Iterable[str]) -> np.ndarray:
     """An image file's id: a 63-bit hash of its last three path parts (``split/class/name``), the
     same for a local copy and an object-store copy of the folder and unchanged when files are
@@ -132,7 +141,7 @@ def folder_listing(root: str, split: str, classes: list[str]) -> FolderListing:
     """List one split's images (sorted by path); their labels index ``classes`` (train/'s)."""
     files = [(p, n) for p, n in storage.list_files(f"{str(root).rstrip('/')}/{split}", sizes=True)
              if p.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS]
-    found = {p.rsplit("/", 2)[-2] for p, _ in files}
+    found = {class_of(p) for p, _ in files}
     extra = sorted(found - set(classes))
     if extra:
         raise ValueError(f"image_folder: {root}/{split} has classes not in train/: {extra}")
@@ -142,7 +151,7 @@ def folder_listing(root: str, split: str, classes: list[str]) -> FolderListing:
     index = {c: i for i, c in enumerate(classes)}
     paths = [p for p, _ in files]
     return FolderListing(paths, [n for _, n in files], path_ids(paths),
-                         np.array([index[p.rsplit("/", 2)[-2]] for p in paths], dtype=np.int64))
+                         np.array([index[class_of(p)] for p in paths], dtype=np.int64))
 
 
 def image_mode(data: bytes) -> str:

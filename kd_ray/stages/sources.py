@@ -32,6 +32,7 @@ from kd_ray.core.images import (
     DatasetNotFoundError,
     FolderListing,
     channel_sums,
+    class_of,
     decode_images,
     folder_classes,
     folder_images,
@@ -40,6 +41,7 @@ from kd_ray.core.images import (
     load_image,
     path_ids,
     raw_images,
+    to_unit,
 )
 from kd_ray.core.subsets import fraction_thresholds, in_fraction
 
@@ -147,9 +149,9 @@ def folder_rows(batch: dict[str, np.ndarray], classes: list[str], input_shape, m
     ``prepare_rows`` makes them: ids from the paths (:func:`path_ids`), labels from the class folders."""
     index = {c: i for i, c in enumerate(classes)}
     ids = path_ids(batch["path"])
-    labels = np.array([index[str(p).rsplit("/", 2)[-2]] for p in batch["path"]], dtype=np.int64)
+    labels = np.array([index[class_of(p)] for p in batch["path"]], dtype=np.int64)
     rows, split = keep_rows(ids, labels, keep)
-    image = _chw(batch["image"], input_shape, "image_folder source")[rows].astype(np.float32) / 255.0
+    image = to_unit(_chw(batch["image"], input_shape, "image_folder source")[rows])
     return _rows(ids, labels, image, rows, split, mean, std, keep, batch["path"] if paths else None)
 
 
@@ -249,7 +251,7 @@ class StreamedSource:
                 what = f"image_folder {c.root}"
                 image = _same_shape(folder_images([ls.paths[i] for i in r], self.mode, c.image_size, what),
                                     self.input_shape, what)
-                yield _rows(ls.ids[r], ls.labels[r], image.astype(np.float32) / 255.0, np.arange(len(r)), split[r],
+                yield _rows(ls.ids[r], ls.labels[r], to_unit(image), np.arange(len(r)), split[r],
                             mean, std, keep)
             return
         files = list(self.files["test" if name == "test" else "train"])
