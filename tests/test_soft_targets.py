@@ -14,7 +14,8 @@ from kd_ray.core.ensemble import (
 from kd_ray.core.losses import ensemble_average, resoften
 from kd_ray.core.models import build_model
 from kd_ray.stages.counters import forward_passes
-from kd_ray.stages.soft_targets import build_soft_targets, predict
+from kd_ray.stages.predictor import predict
+from kd_ray.stages.soft_targets import build_soft_targets
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -252,7 +253,7 @@ def test_top_k_cache_keeps_k_logits_a_tail_and_fewer_bytes(tiny_ensemble):
 def test_the_cache_keeps_no_images_and_joins_them_by_id(tiny_ensemble):
     import pyarrow.parquet as pq
 
-    from kd_ray.stages.soft_targets import SPLITS
+    from kd_ray.core.rows import SPLITS
 
     base, ensemble = tiny_ensemble
     st = build_soft_targets(_cfg(base, "noimages"), ensemble)

@@ -1,5 +1,6 @@
 """Streamed parquet sources: lazy splits and subsets equal to the in-memory ones, row for row.
-(Decoding of each image encoding and the threshold math are tested without Ray in test_data.py.)"""
+(Decoding of each image encoding and the threshold math are tested without Ray in test_data.py
+and test_rows.py.)"""
 import numpy as np
 import pytest
 
@@ -26,7 +27,8 @@ def test_streamed_digits_equal_in_memory(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from kd_ray.stages.sources import SPLITS, open_source
+    from kd_ray.core.rows import SPLITS
+    from kd_ray.stages.sources import open_source
 
     root = digits_parquet(tmp_path / "digits")
     memory = load_splits(DataConfig(name="digits", seed=3))
@@ -51,13 +53,6 @@ def test_streamed_digits_equal_in_memory(tmp_path):
         assert np.array_equal(got, select_fraction(transfer.ids, transfer.labels, fraction, seed))
     with pytest.raises(ValueError, match="fraction=0.3"):
         src.split("train", 0.3, 0)
-
-    # a block none of whose rows is in the split gives an empty batch of the right shape
-    from kd_ray.stages.sources import prepare_rows
-
-    block = pq.read_table(src.files["train"][0]).slice(0, 5)
-    empty = prepare_rows(block, "image", "label", [1, 8, 8], (1, 8, 8), [0.0], [1.0], {"only": [], "split": "train"})
-    assert empty["image"].shape == (0, 1, 8, 8) and len(empty["id"]) == 0
 
     (tmp_path / "noid" / "train").mkdir(parents=True)
     for path in (tmp_path / "noid" / "train" / "a.parquet", tmp_path / "noid" / "test.parquet"):
@@ -112,7 +107,8 @@ def test_streamed_image_folder_equals_in_memory(tmp_path):
     from PIL import Image
 
     from kd_ray.core.images import path_ids
-    from kd_ray.stages.sources import SPLITS, open_source
+    from kd_ray.core.rows import SPLITS
+    from kd_ray.stages.sources import open_source
     from tests.fixtures.factories import digits_folder
 
     root = digits_folder(tmp_path / "digits")

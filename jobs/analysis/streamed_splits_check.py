@@ -57,7 +57,8 @@ def main() -> None:
     import ray
 
     from kd_ray.stages.datasets import from_dataset
-    from kd_ray.stages.sources import SPLITS, open_source
+    from kd_ray.core.rows import SPLITS
+    from kd_ray.stages.sources import open_source
 
     ray.init(include_dashboard=False, log_to_driver=False)
     t0 = time.time()

@@ -63,7 +63,7 @@ def main() -> None:
 
     import ray
 
-    from kd_ray.stages.soft_targets import predict
+    from kd_ray.stages.predictor import predict
 
     t0 = time.perf_counter()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1")

@@ -1,2 +1,3 @@
-"""Thin Ray stages over the core: teachers as actors, the soft-target predictor pool and cache, the
-Ray Train student, the Tune sweep, and cluster joining and checks."""
+"""Thin Ray stages over the core: teachers as actors, the ensemble's predictor pool, the soft-target
+cache and consistent teaching's stream, streamed sources, the Ray Train student (driver and worker),
+the Tune sweep, and cluster joining and checks."""

@@ -10,7 +10,7 @@
   logits are kept and the data's identity; a cache is used only when its manifest matches
   and every file it lists reads back with the listed row count, else it is rebuilt.
 * **streaming** (default with augmentation): the transfer set is augmented and run through
-  the teachers again for every epoch (:func:`consistent_stream`), so teacher and student see
+  the teachers again for every epoch (:mod:`kd_ray.stages.consistent`), so teacher and student see
   the same view ("consistent teaching"). Validation and test predictions are still cached.
 """
 from __future__ import annotations
@@ -20,10 +20,9 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import ray.data
@@ -33,102 +32,21 @@ from ray.data.extensions import ArrowTensorArray
 
 from kd_ray import layout
 from kd_ray.core import storage
-from kd_ray.core.augment import cached_view, mix, seeded_mixup, seeded_shift, view_mixup
-from kd_ray.core.config import ExperimentConfig, SoftTargetsConfig
+from kd_ray.core.augment import cached_view, view_mixup
+from kd_ray.core.config import ExperimentConfig
 from kd_ray.core.data import Split, Splits, load_splits
 from kd_ray.core.ensemble import (
     TeacherFile,
-    build_teacher,
-    ensemble_outputs,
     load_teacher_files,
 )
 from kd_ray.core.losses import top_k_logits
-from kd_ray.core.subsets import stable_hash
-from kd_ray.core.train import pick_device, to_tensor
-from kd_ray.stages.cluster import wait_for
+from kd_ray.core.rows import SPLITS
+from kd_ray.stages.consistent import consistent_stream
 from kd_ray.stages.counters import pass_counter
 from kd_ray.stages.datasets import from_dataset, to_dataset
+from kd_ray.stages.predictor import check_pool_resources, predict
 
 SCHEMA_VERSION = 3  # 3: no image column (joined from the source by id)
-SPLITS = ("train", "val", "test")
-
-
-class EnsemblePredictor:
-    """Callable class for ``Dataset.map_batches`` on an actor pool: K teachers per batch."""
-
-    def __init__(self, model_paths: list[str], temperature: float, rule: str, keep: str = "dense", top_k: int = 32,
-                 split: str = "train", counter_names: Sequence[str] = (), precision: str = "float32"):
-        self.device = pick_device()
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1) if ray.is_initialized() else 1
-        torch.set_num_threads(max(1, int(cpus)))
-        self.models = [build_teacher(f.blob, self.device, precision) for f in load_teacher_files(model_paths)]
-        self.T, self.rule, self.keep, self.top_k, self.split = temperature, rule, keep, top_k, split
-        self.counters = [ray.get_actor(f"kd_ray_passes:{name}") for name in counter_names]
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if "image" not in batch:
-            raise ValueError(f"the dataset has no 'image' column; columns found: {sorted(batch)}")
-        images = to_tensor(np.asarray(batch["image"], dtype=np.float32)).to(self.device)
-        batch.update(ensemble_outputs(self.models, images, self.T, self.rule, self.keep, self.top_k))
-        if self.counters:  # per split: a ``split`` column (codes into SPLITS) wins
-            codes = batch.get("split")
-            counts = ({self.split: len(images)} if codes is None else
-                      {SPLITS[c]: int(n) for c, n in zip(*np.unique(codes, return_counts=True))})
-            ray.get([c.add.remote(s, n) for c in self.counters for s, n in counts.items()])
-        return batch
-
-
-class ConsistentTeacher(EnsemblePredictor):
-    """The EnsemblePredictor of consistent teaching. Rows in: ``(epoch, pos)``. Rows out: transfer
-    row ``pos``, shifted as (seed, epoch, id) decides and, with ``mixup`` > 0, mixed with another
-    row of ``pool`` (the positions this stream trains on) as :func:`kd_ray.core.augment.seeded_mixup`
-    decides (columns ``mix_label`` and ``mix_weight``), with the teachers' soft targets on that
-    very view -- so the student trains on exactly the images the teachers labelled."""
-
-    def __init__(self, rows: list, max_shift: int, seed: int, mixup: float = 0.0, pool=None, **kwargs):
-        super().__init__(**kwargs)
-        self.rows = ray.get(rows[0])  # {id, image, label}: read once per actor from the object store
-        self.max_shift, self.seed, self.mixup = max_shift, seed, mixup
-        self.pool = np.sort(np.asarray(pool, dtype=np.int64)) if mixup > 0 else None
-
-    def view(self, pos: np.ndarray, epoch: int) -> np.ndarray:
-        """The shifted images of rows ``pos`` in ``epoch``."""
-        return seeded_shift(self.rows["image"][pos], self.rows["id"][pos], self.max_shift, self.seed, epoch)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        pos, epochs = batch["pos"], batch["epoch"]
-        out = {k: v[pos] for k, v in self.rows.items()}
-        if self.mixup > 0:
-            out["mix_label"], out["mix_weight"] = out["label"].copy(), np.ones(len(pos), np.float32)
-        for e in np.unique(epochs):
-            m = epochs == e
-            out["image"][m] = self.view(pos[m], int(e))
-            if self.mixup > 0:
-                partner, lam = seeded_mixup(len(self.pool), self.mixup, self.seed, int(e))
-                j = np.searchsorted(self.pool, pos[m])
-                other = self.pool[partner[j]]
-                out["image"][m] = mix(out["image"][m], self.view(other, int(e)), lam[j])
-                out["mix_label"][m], out["mix_weight"][m] = self.rows["label"][other], lam[j]
-        out["epoch"] = epochs
-        return super().__call__(out)
-
-
-def predict(ds, model_paths: list[str], st: SoftTargetsConfig, split: str, counters: Sequence[str],
-            keep: str | None = None, predictor: type = EnsemblePredictor, **predictor_kwargs):
-    """The lazy map: ``ds`` through a ``predictor`` actor pool sized from ``soft_targets``. Teacher
-    passes are counted under each name in ``counters`` (the experiment's name, a run's)."""
-    for name in counters:
-        pass_counter(name)  # owned by this process, so it outlives the actor pool
-    ds.context.wait_for_min_actors_s = int(st.wait_for_actors_s)
-    return ds.map_batches(
-        predictor,
-        fn_constructor_kwargs=dict(model_paths=list(model_paths), temperature=st.temperature, rule=st.rule,
-                                   keep=st.teacher_logits if keep is None else keep, top_k=st.top_k,
-                                   split=split, counter_names=list(counters),
-                                   precision=st.precision, **predictor_kwargs),
-        compute=ray.data.ActorPoolStrategy(size=st.actors),
-        num_gpus=st.num_gpus, num_cpus=st.num_cpus, batch_size=st.batch_size, batch_format="numpy",
-    )
 
 
 def view_seed(cfg: ExperimentConfig) -> int:
@@ -153,47 +71,6 @@ def expand_views(batch: dict[str, np.ndarray], views: int, max_shift: int, seed:
         mixed = (rows["image"][at], out["mix_id"], out["mix_weight"])
     out["image"] = cached_view(out["image"], out["id"], out["view"], max_shift, seed, mixed)
     return out
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The order of ``n`` rows in ``epoch``: a permutation that is a pure function of (seed, epoch)."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def worker_share(ids: np.ndarray, rank: int, world: int) -> np.ndarray:
-    """Positions (into ``ids``) of the rows worker ``rank`` of ``world`` trains on: disjoint, stable."""
-    if world == 1:
-        return np.arange(len(ids))
-    return np.flatnonzero(stable_hash(ids, 0) % np.uint64(world) == np.uint64(rank))
-
-
-def consistent_stream(rows_ref, positions: np.ndarray, st: SoftTargetsConfig, model_paths: list[str],
-                      epochs: Sequence[int], seed: int, counters: Sequence[str]):
-    """Consistent teaching as one lazy Ray Dataset over ``epochs``: per epoch, the rows at
-    ``positions`` of ``rows_ref`` (an object-store ``{id, image, label}``) in a seeded order,
-    shifted (and mixed, with ``st.mixup``) and labelled on the same view by a
-    :class:`ConsistentTeacher` actor pool.
-
-    One dataset for all epochs starts the actor pool once per run (a pool per epoch would cost
-    an actor start-up, seconds, every epoch). Rows come out in order, epoch by epoch (an
-    ``epoch`` column), so :class:`kd_ray.stages.distill.EpochStream` can cut them into epochs.
-    """
-    positions = np.asarray(positions, dtype=np.int64)
-    ds = ray.data.from_arrow([pa.table({"epoch": np.full(len(positions), e, np.int64),
-                                        "pos": positions[epoch_order(len(positions), seed, e)]}) for e in epochs])
-    ds.context.execution_options.preserve_order = True
-    ds.context.enable_progress_bars = False
-    return predict(ds, model_paths, st, "train", counters, predictor=ConsistentTeacher,
-                   rows=[rows_ref], max_shift=st.jitter, seed=seed, mixup=st.mixup, pool=positions)
-
-
-def check_pool_resources(cfg: ExperimentConfig) -> None:
-    """An actor no node type can host would wait forever: fail at once; wait (for the autoscaler)
-    while none is up yet."""
-    st = cfg.soft_targets
-    wait_for([{"CPU": st.num_cpus, "GPU": st.num_gpus}] * st.actors,
-             {"CPU": "soft_targets.num_cpus", "GPU": "soft_targets.num_gpus"}, "predictor actors",
-             cfg.runtime.scale_timeout_s)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -405,6 +282,45 @@ def _top_k_columns(batch: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray
     return {**batch, **{f"teacher_topk_{name}": v.numpy() for name, v in kept.items()}}
 
 
+def _build(cfg: ExperimentConfig, paths: list[str], teachers: list[TeacherFile], splits: Splits, transfer: Split,
+           fp: str, path: str, t0: float) -> dict:
+    """Label the transfer set (cached mode), val, test and the views; publish the cache at
+    ``path`` with its manifest (written last) and return the manifest."""
+    mode = cfg.soft_targets.resolved_mode
+    num_classes = int(teachers[0].blob["num_classes"])
+    storage.delete_dir(path)  # stale, partial or corrupt: rebuild from scratch
+    work = work_dir(path)
+    # streaming mode recomputes the transfer set per epoch, so only val/test go to the cache
+    parts = {"train": transfer if mode == "cached" else transfer.take(transfer.ids[:0]),
+             "val": splits.val, "test": splits.test,
+             # the views cache labels a nested fraction (all rows by default) under the data seed,
+             # so every student subset up to that fraction lies inside it
+             "views": transfer.fraction(cfg.soft_targets.views_fraction, cfg.data.seed) if
+             cfg.soft_targets.views and mode == "cached" else transfer.take(transfer.ids[:0])}
+    files, accuracy = _compute_cache(cfg, paths, parts, work)
+    rows = {s: len(p) for s, p in parts.items() if s != "views"}
+    if "views" in files:
+        rows["views"] = len(parts["views"]) * cfg.soft_targets.views
+    # what a row costs in the cache (parquet, compressed): ids, labels, targets, kept logits
+    size = {s: sum(storage.size(storage.join(work, f)) for f in files[s]) for s in files}
+    bytes_per_row = {s: round(size[s] / rows[s], 1) for s in files if rows[s]}
+    manifest = {
+        "schema": SCHEMA_VERSION, "fingerprint": fp, "mode": mode, "temperature": cfg.soft_targets.temperature,
+        "rule": cfg.soft_targets.rule, "averaging": "mean of softmax(z_k/T)" if cfg.soft_targets.rule == "probs"
+        else "softmax(mean_k z_k / T)", "keep_teacher_logits": cfg.soft_targets.keeps_logits,
+        "teacher_logits": cfg.soft_targets.teacher_logits, "top_k": cfg.soft_targets.top_k,
+        "precision": cfg.soft_targets.precision,
+        "teachers": [{"path": t.path, "sha256": t.sha256} for t in teachers], "num_classes": num_classes,
+        "input_shape": list(splits.input_shape), "normalization": splits.normalization, "data": splits.identity(), "files": files, "rows": rows,
+        "ensemble": accuracy, "bytes_per_row": bytes_per_row, "seconds": round(time.time() - t0, 2),
+        "views": cfg.soft_targets.views, "view_jitter": cfg.soft_targets.jitter, "view_seed": view_seed(cfg),
+        "views_fraction": cfg.soft_targets.views_fraction, "view_mixup": cfg.soft_targets.mixup if
+        cfg.soft_targets.views else 0.0,
+    }
+    publish(work, path, manifest)
+    return manifest
+
+
 def build_soft_targets(cfg: ExperimentConfig, ensemble, splits: Splits | None = None) -> SoftTargets:
     """Soft targets for the transfer set (and ensemble predictions for val and test).
 
@@ -433,36 +349,7 @@ def build_soft_targets(cfg: ExperimentConfig, ensemble, splits: Splits | None = 
     manifest = read_valid_cache(path, fp)
     built = manifest is None
     if built:
-        storage.delete_dir(path)  # stale, partial or corrupt: rebuild from scratch
-        work = work_dir(path)
-        # streaming mode recomputes the transfer set per epoch, so only val/test go to the cache
-        parts = {"train": transfer if mode == "cached" else transfer.take(transfer.ids[:0]),
-                 "val": splits.val, "test": splits.test,
-                 # the views cache labels a nested fraction (all rows by default) under the data seed,
-                 # so every student subset up to that fraction lies inside it
-                 "views": transfer.fraction(cfg.soft_targets.views_fraction, cfg.data.seed) if
-                 cfg.soft_targets.views and mode == "cached" else transfer.take(transfer.ids[:0])}
-        files, accuracy = _compute_cache(cfg, paths, parts, work)
-        rows = {s: len(p) for s, p in parts.items() if s != "views"}
-        if "views" in files:
-            rows["views"] = len(parts["views"]) * cfg.soft_targets.views
-        # what a row costs in the cache (parquet, compressed): ids, labels, targets, kept logits
-        size = {s: sum(storage.size(storage.join(work, f)) for f in files[s]) for s in files}
-        bytes_per_row = {s: round(size[s] / rows[s], 1) for s in files if rows[s]}
-        manifest = {
-            "schema": SCHEMA_VERSION, "fingerprint": fp, "mode": mode, "temperature": cfg.soft_targets.temperature,
-            "rule": cfg.soft_targets.rule, "averaging": "mean of softmax(z_k/T)" if cfg.soft_targets.rule == "probs"
-            else "softmax(mean_k z_k / T)", "keep_teacher_logits": cfg.soft_targets.keeps_logits,
-            "teacher_logits": cfg.soft_targets.teacher_logits, "top_k": cfg.soft_targets.top_k,
-            "precision": cfg.soft_targets.precision,
-            "teachers": [{"path": t.path, "sha256": t.sha256} for t in teachers], "num_classes": num_classes,
-            "input_shape": list(splits.input_shape), "normalization": splits.normalization, "data": splits.identity(), "files": files, "rows": rows,
-            "ensemble": accuracy, "bytes_per_row": bytes_per_row, "seconds": round(time.time() - t0, 2),
-            "views": cfg.soft_targets.views, "view_jitter": cfg.soft_targets.jitter, "view_seed": view_seed(cfg),
-            "views_fraction": cfg.soft_targets.views_fraction, "view_mixup": cfg.soft_targets.mixup if
-            cfg.soft_targets.views else 0.0,
-        }
-        publish(work, path, manifest)
+        manifest = _build(cfg, paths, teachers, splits, transfer, fp, path, t0)
     sources = {"train": transfer, "val": splits.val, "test": splits.test, "views": transfer}
     datasets = {split: read_cache_split(path, files, sources[split]) for split, files in manifest["files"].items() if files}
     return SoftTargets(cfg, mode, path, manifest, paths, transfer, built, datasets)

@@ -31,23 +31,28 @@ from kd_ray.core.data import VAL_SALT, given_normalization
 from kd_ray.core.images import (
     DatasetNotFoundError,
     FolderListing,
-    channel_sums,
-    class_of,
-    decode_images,
     folder_classes,
     folder_images,
     folder_listing,
     image_mode,
     load_image,
-    path_ids,
     raw_images,
     to_unit,
 )
-from kd_ray.core.subsets import fraction_thresholds, in_fraction
+from kd_ray.core.rows import (
+    Thresholds,
+    class_subsets,
+    folder_rows,
+    folder_sums,
+    keep_rows,
+    merged_thresholds,
+    normalised_rows,
+    partial_sums,
+    prepare_rows,
+    same_shape,
+)
 
-Thresholds = dict  # {class: (hash, id)}
 ROWS_PER_CALL = 2048  # decoding works on this many rows at a time: a worker's memory stays that of one call
-SPLITS = ("train", "val", "test")  # the codes of a ``split`` column
 
 
 def source_files(cfg: DataConfig, split: str) -> list[str]:
@@ -60,111 +65,6 @@ def source_files(cfg: DataConfig, split: str) -> list[str]:
         raise DatasetNotFoundError(f"parquet: no {split}.parquet file or {split}/*.parquet under {cfg.root}; write the "
                                    f"{split} split there with columns 'id', {cfg.image_column!r} and {cfg.label_column!r}")
     return sorted(files)
-
-
-def _class_subsets(batch: dict[str, np.ndarray], val_fraction: float, val_seed: int,
-                   subsets: list[tuple[float, int]]) -> dict[str, np.ndarray]:
-    """One class's rows -> its row counts and its thresholds: the validation split first, then
-    each (fraction, seed) of the remaining rows (the transfer set)."""
-    ids, labels = batch["id"].astype(np.int64), batch["label"].astype(np.int64)
-    val = fraction_thresholds(ids, labels, val_fraction, val_seed)
-    rest = ~in_fraction(ids, labels, val, val_seed)
-    out = {"label": labels[:1], "rows": np.array([len(ids)]), "val_rows": np.array([int((~rest).sum())]),
-           "val": np.array([json.dumps(val)])}
-    for i, (fraction, seed) in enumerate(subsets):
-        th = fraction_thresholds(ids[rest], labels[rest], fraction, seed) if rest.any() else {}
-        out[f"subset{i}"] = np.array([json.dumps(th)])
-        out[f"subset{i}_rows"] = np.array([int(in_fraction(ids[rest], labels[rest], th, seed).sum()) if th else 0])
-    return out
-
-
-def _partial_sums(batch: dict[str, np.ndarray], column: str, shape, what: str) -> dict[str, np.ndarray]:
-    """Per-channel sum and sum of squares of one batch of raw images (float64), for the mean and std."""
-    raw = raw_images(batch[column], shape, what)
-    n, total, sq = channel_sums(raw)
-    return {"n": np.array([n]), "sum": total[None], "sumsq": sq[None], "shape": np.array([list(raw.shape[1:])])}
-
-
-def keep_rows(ids: np.ndarray, labels: np.ndarray, keep: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Which rows of a block are in the split/subset ``keep`` describes (the validation thresholds,
-    in or out, a subset's thresholds, the class filters), and every row's split code (into SPLITS)."""
-    mask, split = np.ones(len(ids), dtype=bool), np.full(len(ids), SPLITS.index(keep.get("split", "test")), np.int8)
-    if keep.get("val") is not None:
-        in_val = in_fraction(ids, labels, keep["val"], keep["val_seed"])
-        split[in_val] = SPLITS.index("val")
-        if "in_val" in keep:
-            mask &= in_val if keep["in_val"] else ~in_val
-    if keep.get("subset") is not None:
-        mask &= in_fraction(ids, labels, keep["subset"], keep["subset_seed"])
-    transfer = split == SPLITS.index("train")  # the class filters narrow the transfer set only
-    if keep.get("omit"):
-        mask &= ~(transfer & np.isin(labels, keep["omit"]))
-    if keep.get("only") is not None:
-        mask &= ~transfer | np.isin(labels, keep["only"])
-    return np.flatnonzero(mask), split
-
-
-def _rows(ids, labels, image: np.ndarray, rows, split, mean, std, keep: dict, path=None) -> dict[str, np.ndarray]:
-    """The kept rows ``{id, image, label}`` (+ ``split``, ``path``), images ([0, 1] scale) normalised."""
-    m = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
-    s = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
-    out = {"id": ids[rows], "image": ((image - m) / s).astype(np.float32), "label": labels[rows]}
-    if keep.get("tag"):
-        out["split"] = split[rows]
-    if path is not None:
-        out["path"] = np.asarray(path, dtype=object)[rows]
-    return out
-
-
-def prepare_rows(table: pa.Table, image_column: str, label_column: str, shape, input_shape, mean: list[float],
-                 std: list[float], keep: dict, paths: bool = False) -> dict[str, np.ndarray]:
-    """A block of parquet rows -> the rows of one split/subset ``{id, image, label}``: filtered
-    (``keep_rows``), decoded and normalised with the training set's statistics."""
-    ids = table.column("id").to_numpy().astype(np.int64)
-    labels = table.column(label_column).to_numpy().astype(np.int64)
-    rows, split = keep_rows(ids, labels, keep)
-    image = (decode_images(table.column(image_column).take(pa.array(rows)), shape, "parquet source") if len(rows)
-             else np.zeros((0, *input_shape), np.float32))  # nothing of this block in the split
-    path = table.column("path").to_numpy(zero_copy_only=False) if paths else None
-    return _rows(ids, labels, image, rows, split, mean, std, keep, path)
-
-
-def _chw(image: np.ndarray, input_shape, what: str) -> np.ndarray:
-    """``read_images``' uint8 [N, H, W(, C)] -> [N, C, H, W], checked against the source's shape."""
-    if image.dtype == object or image.ndim not in (3, 4):
-        raise ValueError(f"{what}: images of different shapes; set data.image_size: [H, W]")
-    return _same_shape(image[:, None] if image.ndim == 3 else image.transpose(0, 3, 1, 2), input_shape, what)
-
-
-def _same_shape(image: np.ndarray, input_shape, what: str) -> np.ndarray:
-    if len(image) and tuple(image.shape[1:]) != tuple(input_shape):
-        raise ValueError(f"{what}: an image of shape {tuple(image.shape[1:])}, the first was {tuple(input_shape)}; "
-                         f"set data.image_size: [H, W]")
-    return image
-
-
-def folder_rows(batch: dict[str, np.ndarray], classes: list[str], input_shape, mean: list[float], std: list[float],
-                keep: dict, paths: bool = False) -> dict[str, np.ndarray]:
-    """A block of ``read_images`` rows ``{image, path}`` -> the rows of one split/subset, as
-    ``prepare_rows`` makes them: ids from the paths (:func:`path_ids`), labels from the class folders."""
-    index = {c: i for i, c in enumerate(classes)}
-    ids = path_ids(batch["path"])
-    labels = np.array([index[class_of(p)] for p in batch["path"]], dtype=np.int64)
-    rows, split = keep_rows(ids, labels, keep)
-    image = to_unit(_chw(batch["image"], input_shape, "image_folder source")[rows])
-    return _rows(ids, labels, image, rows, split, mean, std, keep, batch["path"] if paths else None)
-
-
-def _folder_sums(batch: dict[str, np.ndarray], input_shape) -> dict[str, np.ndarray]:
-    n, total, sq = channel_sums(_chw(batch["image"], input_shape, "image_folder source"))
-    return {"n": np.array([n]), "sum": total[None], "sumsq": sq[None]}
-
-
-def _thresholds(text: np.ndarray) -> Thresholds:
-    th = {}
-    for t in text:
-        th.update({int(k): tuple(v) for k, v in json.loads(t).items()})
-    return th
 
 
 @dataclass
@@ -249,9 +149,9 @@ class StreamedSource:
             for start in range(0, len(rows), ROWS_PER_CALL):
                 r = rows[start:start + ROWS_PER_CALL]
                 what = f"image_folder {c.root}"
-                image = _same_shape(folder_images([ls.paths[i] for i in r], self.mode, c.image_size, what),
+                image = same_shape(folder_images([ls.paths[i] for i in r], self.mode, c.image_size, what),
                                     self.input_shape, what)
-                yield _rows(ls.ids[r], ls.labels[r], to_unit(image), np.arange(len(r)), split[r],
+                yield normalised_rows(ls.ids[r], ls.labels[r], to_unit(image), np.arange(len(r)), split[r],
                             mean, std, keep)
             return
         files = list(self.files["test" if name == "test" else "train"])
@@ -318,7 +218,7 @@ def _statistics(cfg: DataConfig, files: list[str]) -> tuple[np.ndarray, np.ndarr
         shape = raw_images(pa.Table.from_batches([first]).column(cfg.image_column), cfg.image_shape, what).shape[1:]
         return *given_normalization(cfg, shape[0]), tuple(int(d) for d in shape)
     stats = ray.data.read_parquet(files).select_columns([cfg.image_column]).map_batches(
-        _partial_sums, batch_format="pyarrow", batch_size=ROWS_PER_CALL,
+        partial_sums, batch_format="pyarrow", batch_size=ROWS_PER_CALL,
         fn_kwargs=dict(column=cfg.image_column, shape=cfg.image_shape, what=what))
     mean, std, last = _mean_std(stats)
     return mean, std, tuple(int(d) for d in last["shape"][0])
@@ -356,7 +256,7 @@ def open_source(cfg: DataConfig, subsets: Sequence[tuple[float, int]] = ()) -> S
     # one partition per file, up to the cluster's CPUs: each costs an aggregation task
     partitions = max(1, min(len(files["train"]), int(ray.cluster_resources().get("CPU", 1))))
     counted = per_class.groupby("label", num_partitions=partitions).map_groups(
-        _class_subsets, batch_format="numpy",
+        class_subsets, batch_format="numpy",
         fn_kwargs=dict(val_fraction=cfg.val_fraction, val_seed=cfg.seed ^ VAL_SALT, subsets=subsets)).take_all()
     test_rows, test_max = 0, -1
     for b in ray.data.read_parquet(files["test"]).select_columns([cfg.label_column]).iter_batches(batch_size=None):
@@ -381,7 +281,7 @@ def _open_folder(cfg: DataConfig, subsets: list[tuple[float, int]]) -> StreamedS
     counted = []
     for label in np.unique(train.labels):  # what the parquet source's groupby gives, class by class
         m = train.labels == label
-        out = _class_subsets({"id": train.ids[m], "label": train.labels[m]}, cfg.val_fraction, cfg.seed ^ VAL_SALT,
+        out = class_subsets({"id": train.ids[m], "label": train.labels[m]}, cfg.val_fraction, cfg.seed ^ VAL_SALT,
                              subsets)
         counted.append({k: v[0] for k, v in out.items()})
     first = storage.read_bytes(train.paths[0])
@@ -392,7 +292,7 @@ def _open_folder(cfg: DataConfig, subsets: list[tuple[float, int]]) -> StreamedS
     else:
         sums = ray.data.read_images([storage.absolute(f) for f in train.paths], mode=mode, size=tuple(
             cfg.image_size) if cfg.image_size else None).map_batches(
-            _folder_sums, batch_format="numpy", batch_size=ROWS_PER_CALL, fn_kwargs=dict(input_shape=shape))
+            folder_sums, batch_format="numpy", batch_size=ROWS_PER_CALL, fn_kwargs=dict(input_shape=shape))
         try:
             mean, std, _ = _mean_std(sums)
         except Exception as e:  # Ray Data wraps a task's error in its traceback: the CLI's one line instead
@@ -415,8 +315,8 @@ def _assemble(cfg: DataConfig, files, num_classes: int, shape, mean, std, counte
     rows["test"] = test_rows
     return StreamedSource(
         cfg, files, num_classes, tuple(shape), {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}, rows,
-        _thresholds([r["val"] for r in counted]),
-        {sub: _thresholds([r[f"subset{i}"] for r in counted]) for i, sub in enumerate(subsets)},
+        merged_thresholds([r["val"] for r in counted]),
+        {sub: merged_thresholds([r[f"subset{i}"] for r in counted]) for i, sub in enumerate(subsets)},
         {None: {int(r["label"]): int(r["rows"]) - int(r["val_rows"]) for r in counted},
          **{sub: {int(r["label"]): int(r[f"subset{i}_rows"]) for r in counted} for i, sub in enumerate(subsets)}},
         digest, **folder)

@@ -26,21 +26,20 @@ from kd_ray.core import storage
 from kd_ray.core.config import ExperimentConfig
 from kd_ray.core.ensemble import load_teacher_files
 from kd_ray.core.images import IMAGE_EXTENSIONS
+from kd_ray.core.rows import SPLITS
 from kd_ray.stages.counters import pass_counter
+from kd_ray.stages.predictor import EnsemblePredictor, check_pool_resources, predict
 from kd_ray.stages.soft_targets import (
     SCHEMA_VERSION,
-    EnsemblePredictor,
     SoftTargets,
-    check_pool_resources,
     fingerprint,
     parquet_rows,
-    predict,
     publish,
     read_valid_cache,
     work_dir,
     write_split,
 )
-from kd_ray.stages.sources import SPLITS, StreamedSource
+from kd_ray.stages.sources import StreamedSource
 
 # what a student's rows take from the cache: the targets, and the ensemble's prediction (fidelity)
 TARGET_COLUMNS = ("soft_targets", "teacher_logits", "teacher_topk_values", "teacher_topk_index", "teacher_topk_tail",
