@@ -7,7 +7,7 @@ import pytest
 from kd_ray.core.images import path_ids
 from kd_ray.core.rows import (
     SPLITS,
-    class_subsets,
+    count_classes,
     folder_rows,
     keep_rows,
     merged_thresholds,
@@ -17,11 +17,10 @@ from kd_ray.core.subsets import select_fraction
 
 
 def _counted(ids, labels, val_fraction, val_seed, subsets):
-    """The counting pass as the stage runs it: class_subsets per class, thresholds merged."""
-    per_class = [class_subsets({"id": ids[labels == c], "label": labels[labels == c]}, val_fraction, val_seed, subsets)
-                 for c in np.unique(labels)]
-    val = merged_thresholds([r["val"][0] for r in per_class])
-    subs = [merged_thresholds([r[f"subset{i}"][0] for r in per_class]) for i in range(len(subsets))]
+    """The counting pass as an image folder's source runs it, and its thresholds merged."""
+    per_class = count_classes(ids, labels, val_fraction, val_seed, subsets)
+    val = merged_thresholds([r["val"] for r in per_class])
+    subs = [merged_thresholds([r[f"subset{i}"] for r in per_class]) for i in range(len(subsets))]
     return per_class, val, subs
 
 
@@ -32,7 +31,7 @@ def test_counting_pass_thresholds_keep_exactly_the_in_memory_splits_and_subsets(
     per_class, val, (sub,) = _counted(ids, labels, 0.2, 11, [(0.1, 3)])
     val_ids = select_fraction(ids, labels, 0.2, 11)  # as core.data.load_splits draws it
     rest = ~np.isin(ids, val_ids)
-    assert sum(int(r["val_rows"][0]) for r in per_class) == len(val_ids)
+    assert sum(int(r["val_rows"]) for r in per_class) == len(val_ids)
 
     rows, split = keep_rows(ids, labels, {"val": val, "val_seed": 11, "in_val": True, "split": "train"})
     assert np.array_equal(np.sort(ids[rows]), val_ids)
@@ -40,7 +39,7 @@ def test_counting_pass_thresholds_keep_exactly_the_in_memory_splits_and_subsets(
     train = {"val": val, "val_seed": 11, "in_val": False, "split": "train"}
     rows, _ = keep_rows(ids, labels, {**train, "subset": sub, "subset_seed": 3})
     assert np.array_equal(np.sort(ids[rows]), select_fraction(ids[rest], labels[rest], 0.1, 3))
-    assert sum(int(r["subset0_rows"][0]) for r in per_class) == len(rows)
+    assert sum(int(r["subset0_rows"]) for r in per_class) == len(rows)
 
     # class filters narrow the transfer set only: validation and test rows keep every class
     rows, split = keep_rows(ids, labels, {"val": val, "val_seed": 11, "split": "train", "omit": [2], "only": None})

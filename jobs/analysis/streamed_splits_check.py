@@ -56,8 +56,8 @@ def main() -> None:
 
     import ray
 
-    from kd_ray.stages.datasets import from_dataset
     from kd_ray.core.rows import SPLITS
+    from kd_ray.stages.datasets import from_dataset
     from kd_ray.stages.sources import open_source
 
     ray.init(include_dashboard=False, log_to_driver=False)

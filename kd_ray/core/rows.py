@@ -39,6 +39,18 @@ def class_subsets(batch: dict[str, np.ndarray], val_fraction: float, val_seed: i
     return out
 
 
+def count_classes(ids: np.ndarray, labels: np.ndarray, val_fraction: float, val_seed: int,
+                  subsets: list[tuple[float, int]]) -> list[dict]:
+    """The counting pass over id and label arrays held in memory: :func:`class_subsets` of each
+    class, one dict of scalars per class, as a ``groupby(label).map_groups`` pass gives them."""
+    counted = []
+    for label in np.unique(labels):
+        m = labels == label
+        out = class_subsets({"id": ids[m], "label": labels[m]}, val_fraction, val_seed, subsets)
+        counted.append({k: v[0] for k, v in out.items()})
+    return counted
+
+
 def partial_sums(batch: dict[str, np.ndarray], column: str, shape, what: str) -> dict[str, np.ndarray]:
     """Per-channel sum and sum of squares of one batch of raw images (float64), for the mean and std."""
     raw = raw_images(batch[column], shape, what)

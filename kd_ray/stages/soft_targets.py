@@ -287,7 +287,6 @@ def _build(cfg: ExperimentConfig, paths: list[str], teachers: list[TeacherFile],
     """Label the transfer set (cached mode), val, test and the views; publish the cache at
     ``path`` with its manifest (written last) and return the manifest."""
     mode = cfg.soft_targets.resolved_mode
-    num_classes = int(teachers[0].blob["num_classes"])
     storage.delete_dir(path)  # stale, partial or corrupt: rebuild from scratch
     work = work_dir(path)
     # streaming mode recomputes the transfer set per epoch, so only val/test go to the cache
@@ -310,7 +309,7 @@ def _build(cfg: ExperimentConfig, paths: list[str], teachers: list[TeacherFile],
         else "softmax(mean_k z_k / T)", "keep_teacher_logits": cfg.soft_targets.keeps_logits,
         "teacher_logits": cfg.soft_targets.teacher_logits, "top_k": cfg.soft_targets.top_k,
         "precision": cfg.soft_targets.precision,
-        "teachers": [{"path": t.path, "sha256": t.sha256} for t in teachers], "num_classes": num_classes,
+        "teachers": [{"path": t.path, "sha256": t.sha256} for t in teachers], "num_classes": splits.num_classes,
         "input_shape": list(splits.input_shape), "normalization": splits.normalization, "data": splits.identity(), "files": files, "rows": rows,
         "ensemble": accuracy, "bytes_per_row": bytes_per_row, "seconds": round(time.time() - t0, 2),
         "views": cfg.soft_targets.views, "view_jitter": cfg.soft_targets.jitter, "view_seed": view_seed(cfg),

@@ -42,6 +42,7 @@ from kd_ray.core.images import (
 from kd_ray.core.rows import (
     Thresholds,
     class_subsets,
+    count_classes,
     folder_rows,
     folder_sums,
     keep_rows,
@@ -150,9 +151,9 @@ class StreamedSource:
                 r = rows[start:start + ROWS_PER_CALL]
                 what = f"image_folder {c.root}"
                 image = same_shape(folder_images([ls.paths[i] for i in r], self.mode, c.image_size, what),
-                                    self.input_shape, what)
+                                   self.input_shape, what)
                 yield normalised_rows(ls.ids[r], ls.labels[r], to_unit(image), np.arange(len(r)), split[r],
-                            mean, std, keep)
+                                      mean, std, keep)
             return
         files = list(self.files["test" if name == "test" else "train"])
         if order_seed is not None:
@@ -278,12 +279,7 @@ def _open_folder(cfg: DataConfig, subsets: list[tuple[float, int]]) -> StreamedS
     ids = np.concatenate([train.ids, test.ids])
     if len(np.unique(ids)) != len(ids):
         raise ValueError(f"image_folder {cfg.root}: two files hash to one id; rename one of them")
-    counted = []
-    for label in np.unique(train.labels):  # what the parquet source's groupby gives, class by class
-        m = train.labels == label
-        out = class_subsets({"id": train.ids[m], "label": train.labels[m]}, cfg.val_fraction, cfg.seed ^ VAL_SALT,
-                             subsets)
-        counted.append({k: v[0] for k, v in out.items()})
+    counted = count_classes(train.ids, train.labels, cfg.val_fraction, cfg.seed ^ VAL_SALT, subsets)
     first = storage.read_bytes(train.paths[0])
     mode = image_mode(first)
     shape = tuple(int(d) for d in load_image(first, mode, cfg.image_size).shape)
