@@ -248,6 +248,10 @@ class StudentConfig(TrainSpec):
     num_workers: int = Field(1, ge=1)
     use_gpu: Optional[bool] = None  # None: when the cluster has or may get a GPU node (never the driver's CUDA)
     max_failures: int = Field(0, ge=0)
+    # Where a one-worker student trains: "auto" runs it in its own Tune trial (a sweep) or Ray task
+    # (`kd-ray distill`) with no Ray Train start-up; "torch_trainer" always starts a TorchTrainer,
+    # as several workers (DDP) do. Results are the same; it is not part of a run's identity.
+    trainer: Literal["auto", "torch_trainer"] = "auto"
     early_stopping_patience: Optional[int] = Field(None, gt=0)  # epochs without a better validation
     # validate, report and checkpoint every N epochs (and after the last): on a few dozen rows an
     # epoch is one step, and a report with its checkpoint costs more than the step
@@ -275,13 +279,19 @@ class StudentConfig(TrainSpec):
     init: Literal["scratch", "teacher"] = "scratch"
 
     def identity(self, exclude: set[str] = frozenset()) -> dict:
-        """The fields a run's result depends on (JSON), for run and sweep names. ``min_steps``
+        """The fields a run's result depends on (JSON), for run and sweep names (not ``trainer``:
+        both paths give the same result). ``min_steps``
         and ``init`` count only when not the default, so runs from before them keep their names."""
-        out = self.model_dump(mode="json", exclude=set(exclude))
+        out = self.model_dump(mode="json", exclude=set(exclude) | {"trainer"})
         for key, default in _NAMELESS_DEFAULTS.items():
             if key in out and out[key] == default:
                 del out[key]
         return out
+
+    @property
+    def light(self) -> bool:
+        """One worker and no TorchTrainer asked for: the student trains in its trial's (or task's) process."""
+        return self.num_workers == 1 and self.trainer == "auto"
 
 
 class SweepConfig(_Section):

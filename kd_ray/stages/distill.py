@@ -1,17 +1,23 @@
-"""Stage 3, the driver: distil one student with Ray Train (TorchTrainer).
+"""Stage 3, the driver: distil one student.
 
 :func:`distill` picks the rows (a nested stratified fraction of the transfer set), names the run
 deterministically (so running again resumes, and a finished run is read back instead of
-retrained), builds the typed :class:`~kd_ray.stages.student_worker.StudentJob`, launches the
-TorchTrainer around :func:`~kd_ray.stages.student_worker.train_loop_per_worker` and returns the
-final metrics, the checkpoint path and the per-epoch history.
+retrained), builds the typed :class:`~kd_ray.stages.student_worker.StudentJob` and runs
+:func:`~kd_ray.stages.student_worker.run_student` where the student's workers are:
+
+* one worker (``student.light``): in this process when it is a Tune trial (``report`` given), else
+  in one Ray task holding the student's CPU or GPU -- no Ray Train start-up, checkpoints under
+  ``<run>/checkpoint/`` on storage, resumed from there when a failed attempt is retried;
+* several workers (or ``student.trainer: torch_trainer``): a TorchTrainer (DDP).
+
+It returns the final metrics, the checkpoint path and the per-epoch history.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -40,8 +46,8 @@ from kd_ray.stages.soft_targets import (
     take_ids,
 )
 from kd_ray.stages.streamed_targets import student_rows
-from kd_ray.stages.student_worker import StreamJob, StudentJob, train_loop_per_worker
-from kd_ray.stages.tracking import track
+from kd_ray.stages.student_worker import LightSeam, StreamJob, StudentJob, run_student, train_loop_per_worker
+from kd_ray.stages.tracking import LiveTracker
 
 
 class StudentError(RuntimeError):
@@ -145,11 +151,14 @@ def _check_temperature(cfg: ExperimentConfig, soft: SoftTargets) -> None:
 
 
 def distill(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None = None,
-            fail_after_epoch: int | None = None, callbacks: list | None = None) -> DistillResult:
+            fail_after_epoch: int | None = None, callbacks: list | None = None,
+            report: Callable[[dict], None] | None = None) -> DistillResult:
     """Train one student (``cfg.student``) on ``soft``; resumable, and reused when finished.
 
     ``ids`` overrides the rows (default: ``student.fraction`` of the transfer set).
     ``fail_after_epoch`` injects a worker failure once, for fault-tolerance tests.
+    ``report``: this process is a Tune trial; a one-worker student trains here and every
+    validation goes to ``report``. ``callbacks``: Train callbacks of a TorchTrainer run.
     """
     s, T, teaching = cfg.student, cfg.student_temperature(), cfg.teaching()
     ids, rows = _training_ids(cfg, soft, ids)
@@ -171,7 +180,53 @@ def distill(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None = N
                      views=int(soft.manifest.get("views", 0)), view_seed=int(soft.manifest.get("view_seed", 0)))
     counter = f"{cfg.name}/{name}"  # this run's teacher passes (consistent teaching)
     datasets = _training_data(cfg, soft, job, ids, rows, counter)
-    trainer = _trainer(cfg, job, datasets, soft.mode, name, runs, callbacks)
+    tracker = LiveTracker(cfg, "students", name, name, {**s.model_dump(mode="json"), "temperature": T,
+                                                         "teaching": teaching})
+    if s.light:
+        ckpt_path = storage.join(runs, name, "checkpoint")
+        out = _run_light(job, LightSeam(ckpt_path, datasets, _Reporter(tracker, report)), name, use_gpu=student_uses_gpu(cfg),
+                         in_process=report is not None)
+    else:
+        out, ckpt_path = _run_trainer(_trainer(cfg, job, datasets, soft.mode, name, runs, callbacks), name)
+    teacher_rows = forward_passes(counter).get("train", 0) if teaching == "consistent" else 0
+    result = _record(done_path, name, job, soft, out, rows, teacher_rows, ckpt_path)
+    if not s.light:  # a light run logged every validation as it came
+        for row in result.history.to_dict(orient="records"):
+            tracker.log(row)
+    tracker.finish(result.metrics)
+    return result
+
+
+@dataclass
+class _Reporter:
+    """A light run's reports: to the live tracker and, in a Tune trial, to Tune (without the
+    ``final`` flag: the trial reports its final row itself once its record is written)."""
+
+    tracker: LiveTracker
+    tune_report: Callable[[dict], None] | None
+
+    def __call__(self, metrics: dict) -> None:
+        if not metrics.get("final"):
+            self.tracker.log(metrics)
+        if self.tune_report is not None:
+            self.tune_report({k: v for k, v in metrics.items() if k != "final"})
+
+
+def _run_light(job: StudentJob, seam: LightSeam, name: str, use_gpu: bool, in_process: bool) -> dict:
+    """One worker: here (a Tune trial holds its resources), or in a Ray task holding a CPU or GPU
+    that Ray retries up to ``student.max_failures`` times (each try resumes from the checkpoint)."""
+    if in_process:
+        return run_student(job, seam)
+    task = ray.remote(run_student).options(num_cpus=job.cpus_per_worker, num_gpus=1 if use_gpu else 0,
+                                           max_retries=job.student.max_failures, retry_exceptions=True)
+    try:
+        return ray.get(task.remote(job, seam))
+    except Exception as e:  # the task's error after its retries
+        raise StudentError(f"student run {name} failed: {str(e).strip().splitlines()[-1]}") from None
+
+
+def _run_trainer(trainer: TorchTrainer, name: str) -> tuple[dict, str]:
+    """A TorchTrainer run: rank 0's return value and the last checkpoint's path."""
     try:
         result = trainer.fit()
         error = result.error
@@ -179,12 +234,7 @@ def distill(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None = N
         error = e
     if error is not None:
         raise StudentError(f"student run {name} failed: {error}") from None
-    teacher_rows = forward_passes(counter).get("train", 0) if teaching == "consistent" else 0
-    ckpt_path = result.checkpoint.path if result.checkpoint else ""
-    out = _record(done_path, name, job, soft, result.return_value, rows, teacher_rows, ckpt_path)
-    track(cfg, "students", name, name, {**s.model_dump(mode="json"), "temperature": T, "teaching": teaching},
-          out.history.to_dict(orient="records"), out.metrics)
-    return out
+    return result.return_value, result.checkpoint.path if result.checkpoint else ""
 
 
 def _training_data(cfg: ExperimentConfig, soft: SoftTargets, job: StudentJob, ids: np.ndarray, rows: int,
@@ -207,6 +257,9 @@ def _training_data(cfg: ExperimentConfig, soft: SoftTargets, job: StudentJob, id
         fits = s.max_in_memory_mb * 1024**2
         job.in_memory = rows * row_bytes / s.num_workers <= fits
         job.eval_in_memory = max(soft.manifest["rows"]["val"], soft.manifest["rows"]["test"]) * row_bytes <= fits
+    elif s.light and soft.rows_fit("views" if teaching == "cached_views" else "train", s.max_in_memory_mb):
+        # the rows as arrays, with the job: no Ray Data execution (a sweep's driver read them once)
+        job.train_arrays = soft.train_arrays("views" if teaching == "cached_views" else "train", ids)
     elif teaching == "cached_views":  # every view of the subset's rows; the worker picks one per epoch
         datasets["train"] = take_ids(soft.datasets["views"], ids).materialize()
         datasets["train"].context.enable_progress_bars = False

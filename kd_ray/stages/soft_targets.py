@@ -151,6 +151,7 @@ class SoftTargets:
     built: bool  # False when an existing cache was reused
     datasets: dict[str, Any] = field(default_factory=dict)  # cached splits (Ray Datasets)
     _eval: dict = field(default_factory=dict)
+    _rows: dict = field(default_factory=dict)  # cached splits as arrays (train_arrays), shipped with this object
     source: Any = None  # the StreamedSource (data.stream): students stream its rows joined to the cache
 
     @property
@@ -172,6 +173,22 @@ class SoftTargets:
         if split not in self._eval:
             self._eval[split] = from_dataset(self.datasets[split], ("image", "label", "ensemble_pred"))
         return self._eval[split]
+
+    def rows_fit(self, split: str, max_mb: float) -> bool:
+        """Whether the cached ``split`` ("train", or "views": every view) fits ``max_mb`` in memory."""
+        return split in self.datasets and self.datasets[split].size_bytes() <= max_mb * 1024**2
+
+    def train_arrays(self, split: str = "train", ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Every column of the cached ``split`` ("train", or "views") as numpy arrays, read once
+        (a sweep's driver reads them before its trials, which get them with this object: a light
+        trial runs no Ray Data execution); ``ids``: only those rows (every view of each)."""
+        if split not in self._rows:
+            self._rows[split] = from_dataset(self.datasets[split], tuple(self.datasets[split].columns()))
+        cols = self._rows[split]
+        if ids is None:
+            return cols
+        keep = np.isin(cols["id"], np.asarray(ids, dtype=np.int64))
+        return {k: v[keep] for k, v in cols.items()}
 
     def transfer_rows(self, ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """The un-augmented transfer rows ``{id, image, label}`` as numpy arrays, optionally a subset."""

@@ -1,20 +1,23 @@
-"""The student's side of Ray Train: what one Train worker runs.
+"""The student's side of the Ray seam: what the process that trains one student runs.
 
-* :class:`StudentJob` is everything a worker needs, typed: the student's config, its temperature,
-  the classes and input shape, where its rows come from. :func:`kd_ray.stages.distill.distill`
-  (the driver) builds it.
-* :func:`train_loop_per_worker` is the Ray seam: (1) resume from the last checkpoint, (2)
-  ``prepare_model``, (3) this worker's rows (the consistent-teaching stream, the cached shard, or
-  one stored view of each row per epoch), (4) every report goes to ``ray.train.report`` with a
-  checkpoint; :class:`kd_ray.core.train.Engine` runs the epochs.
+* :class:`StudentJob` is everything that process needs, typed: the student's config, its
+  temperature, the classes and input shape, where its rows come from.
+  :func:`kd_ray.stages.distill.distill` (the driver) builds it.
+* :func:`run_student` is the one per-worker function. It talks to Ray only through a seam:
+  (1) resume from the last checkpoint, (2) prepare the model (DDP when world > 1), (3) this
+  worker's rows, (4) every report with a checkpoint. :class:`TrainSeam` is a Ray Train worker of
+  a TorchTrainer (``student.num_workers > 1``); :class:`LightSeam` is one worker in the calling
+  process (a Tune trial, a Ray task), checkpointing to storage itself.
+  :class:`kd_ray.core.train.Engine` runs the epochs.
 """
 from __future__ import annotations
 
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import ray
@@ -23,6 +26,7 @@ import ray.train
 import ray.train.torch
 import torch
 
+from kd_ray.core import storage
 from kd_ray.core.augment import cached_view, chosen_views, seeded_shift
 from kd_ray.core.config import (
     METRICS,
@@ -77,6 +81,7 @@ class StudentJob:
     init_path: str | None = None  # student.init: teacher
     stream: StreamJob | None = None
     in_memory: bool = False  # read the cached shard once into tensors
+    train_arrays: dict[str, np.ndarray] | None = None  # light path: the rows themselves, no Ray Data
     eval_in_memory: bool = False  # a streamed source: read its val and test rows once (else every validation)
     cpus_per_worker: int = 1
     fail_after_epoch: int | None = None  # fault injection (tests)
@@ -85,24 +90,96 @@ class StudentJob:
     view_seed: int = 0  # ... and the seed their shifts are a function of
 
 
-def train_loop_per_worker(config: dict) -> dict:
-    job: StudentJob = config["job"]
-    s = job.student
-    # Per-epoch iteration bars from every worker drown the output; Train and Tune report epochs.
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = _device()
-    torch.set_num_threads(max(1, job.cpus_per_worker))
-    engine, patience = _student_engine(job), s.early_stopping_patience
-    ckpt = ray.train.get_checkpoint()  # (1) resume
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            engine.load_state_dict(torch.load(os.path.join(d, "student.pt"), map_location="cpu", weights_only=True))
-    start_epoch = engine.epoch
-    engine.model = ray.train.torch.prepare_model(engine.model, move_to_device=device)  # (2) DDP when world > 1
+class TrainSeam:
+    """A Ray Train worker of a TorchTrainer: Train's checkpoints, shards and DDP."""
 
-    epoch_rows = _epoch_rows(job, rank, world, start_epoch, device)  # (3) this worker's rows
+    def __init__(self):
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+
+    @staticmethod
+    def device() -> torch.device:
+        """This worker's GPU when torch can use it; the CPU where Ray's GPUs are logical (tests,
+        fake autoscaler) or the worker's torch has no CUDA."""
+        return ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+
+    def restore(self) -> dict | None:
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        with ckpt.as_directory() as d:
+            return torch.load(os.path.join(d, "student.pt"), map_location="cpu", weights_only=True)
+
+    def prepare(self, model: torch.nn.Module, device) -> torch.nn.Module:
+        return ray.train.torch.prepare_model(model, move_to_device=device)
+
+    def dataset(self, name: str):
+        return ray.train.get_dataset_shard(name)
+
+    def report(self, metrics: dict, write: Callable[[str], None] | None) -> None:
+        if write is None:
+            return ray.train.report(dict(metrics))
+        with tempfile.TemporaryDirectory() as d:
+            write(d)
+            ray.train.report(dict(metrics), checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+@dataclass
+class LightSeam:
+    """One worker in this process (a Tune trial, a Ray task): its checkpoint is a folder on
+    storage, rewritten at every report (``student.pt`` last, so a half-written one is never
+    read as newer), and every report also goes to ``on_report`` (``ray.tune.report`` in a trial)."""
+
+    checkpoint_dir: str
+    datasets: dict[str, Any] = field(default_factory=dict)
+    on_report: Callable[[dict], None] = lambda metrics: None
+    rank: int = 0
+    world: int = 1
+
+    @staticmethod
+    def device() -> torch.device:  # a trial holding a GPU sees it as cuda:0 (CUDA_VISIBLE_DEVICES)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def restore(self) -> dict | None:
+        path = storage.join(self.checkpoint_dir, "student.pt")
+        return storage.load_torch(path) if storage.exists(path) else None
+
+    def prepare(self, model: torch.nn.Module, device) -> torch.nn.Module:
+        return model.to(device)
+
+    def dataset(self, name: str):
+        return self.datasets[name]
+
+    def report(self, metrics: dict, write: Callable[[str], None] | None) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            if write is not None:
+                write(d)
+            files = sorted(Path(d).iterdir(), key=lambda f: f.name == "student.pt")
+            for f in files:
+                storage.write_bytes(storage.join(self.checkpoint_dir, f.name), f.read_bytes())
+        self.on_report(dict(metrics))
+
+
+def train_loop_per_worker(config: dict) -> dict:
+    """The TorchTrainer's per-worker function."""
+    return run_student(config["job"], TrainSeam())
+
+
+def run_student(job: StudentJob, seam: TrainSeam | LightSeam) -> dict:
+    """Train one student (this worker's share of it) to the end; its history and final metrics."""
+    s = job.student
+    # Per-epoch iteration bars from every worker drown the output; kd_ray prints its own progress.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    rank, world, device = seam.rank, seam.world, seam.device()
+    torch.set_num_threads(max(1, job.cpus_per_worker))
+    engine, patience = _student_engine(job, device), s.early_stopping_patience
+    state = seam.restore()  # (1) resume
+    if state is not None:
+        engine.load_state_dict(state)
+    start_epoch = engine.epoch
+    engine.model = seam.prepare(engine.model, device)  # (2) DDP when world > 1
+
+    epoch_rows = _epoch_rows(job, seam, start_epoch, device)  # (3) this worker's rows
     seen = {"ids": [], "sample": None}  # the epoch's row ids and first batch, kept in its checkpoint
 
     def batches(epoch: int):
@@ -115,13 +192,13 @@ def train_loop_per_worker(config: dict) -> dict:
             seen["ids"].append(b["id"].cpu().numpy())
             yield b
 
-    val_rows = _eval_rows(job, "val", device)
+    val_rows = _eval_rows(job, seam, "val", device)
 
     def validate(m) -> dict:
         return {f"val_{k}": v for k, v in evaluate(m, val_rows(), device).items()}
 
     def report(row: dict) -> None:  # (4) metrics and checkpoint, every rank
-        _report(row, engine, rank, seen)
+        seam.report(row, _checkpoint_writer(engine, rank, seen))
         if job.fail_after_epoch == row["epoch"] and start_epoch == 0:
             raise RuntimeError(f"injected failure after epoch {row['epoch']} (fault-injection test)")
 
@@ -131,15 +208,15 @@ def train_loop_per_worker(config: dict) -> dict:
         final = {"epoch": e.epoch, "best_epoch": engine.best.epoch, "final": True, "diverged_epoch": e.epoch,
                  # Tune wants the sweep's metric in every report; a diverged model has none
                  **{m: float("nan") for m in METRICS}}
-        ray.train.report(final)
+        seam.report(final, None)
         return {"history": engine.history, "final": final}
 
-    final = _final_metrics(engine, job, validate, device)
-    _report(final, engine, rank, seen)
+    final = _final_metrics(engine, job, seam, validate, device)
+    seam.report(final, _checkpoint_writer(engine, rank, seen))
     return {"history": engine.history, "final": final}
 
 
-def _final_metrics(engine: Engine, job: StudentJob, validate, device) -> dict:
+def _final_metrics(engine: Engine, job: StudentJob, seam, validate, device) -> dict:
     """The best validation epoch's model (val_accuracy) on validation and, read once here, test;
     and where this worker ran."""
     engine.restore_best()
@@ -148,30 +225,24 @@ def _final_metrics(engine: Engine, job: StudentJob, validate, device) -> dict:
              **{k: v for k, v in last.items() if k.startswith(("val_", "train_"))}, **validate(engine.plain),
              "worker_node": ray.get_runtime_context().get_node_id(),
              "worker_gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
-    test = evaluate(engine.plain, _eval_rows(job, "test", device)(), device)
+    test = evaluate(engine.plain, _eval_rows(job, seam, "test", device)(), device)
     return {**final, **{f"test_{k}": v for k, v in test.items()}}
 
 
-def _eval_rows(job: StudentJob, split: str, device):
+def _eval_rows(job: StudentJob, seam, split: str, device):
     """``() -> batches`` of the val or test split: arrays from the object store, or (a streamed
     source) the split's rows streamed from its files and the cache at every call."""
     if job.eval:
         rows = eval_batches(ray.get(job.eval[split]), device)
         return lambda: rows
-    shard = ray.train.get_dataset_shard(split)
+    shard = seam.dataset(split)
     if job.eval_in_memory:
         rows = eval_batches(_read_columns(shard), device)
         return lambda: rows
     return lambda: shard.iter_torch_batches(batch_size=1024, device=device)
 
 
-def _device() -> torch.device:
-    """This worker's GPU when torch can use it; the CPU where Ray's GPUs are logical (tests, fake
-    autoscaler) or the worker's torch has no CUDA."""
-    return ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
-
-
-def _student_engine(job: StudentJob) -> Engine:
+def _student_engine(job: StudentJob, device) -> Engine:
     """The student model (fresh, or a copy of a teacher) and its engine with the distillation loss."""
     s = job.student
     torch.manual_seed(s.seed)
@@ -180,22 +251,28 @@ def _student_engine(job: StudentJob) -> Engine:
         inner_model(model).load_state_dict(load_teacher_files([job.init_path])[0].blob["state_dict"])
     alpha = 0.0 if s.targets == "hard" else s.alpha
     loss_fn = student_loss(job.temperature, alpha, job.num_classes, job.targets_temperature, job.rule, s.loss)
-    amp = amp_dtype(job.mixed_precision, _device())
+    amp = amp_dtype(job.mixed_precision, device)
     # one checkpoint rule for every student, soft or hard: the best validation epoch's weights
     return Engine(model, s, loss_fn, keep_best=True, amp=amp)
 
 
-def _epoch_rows(job: StudentJob, rank: int, world: int, start_epoch: int, device):
-    """``epoch -> batches`` of this worker's rows: the consistent-teaching stream, the cached shard
-    read once into memory, or the shard streamed from Ray Data every epoch."""
-    s = job.student
+def _epoch_rows(job: StudentJob, seam, start_epoch: int, device):
+    """``epoch -> batches`` of this worker's rows: the consistent-teaching stream, the rows given
+    as arrays (light path), the cached shard read once into memory, or the shard streamed from
+    Ray Data every epoch."""
+    s, rank, world = job.student, seam.rank, seam.world
     if job.stream:  # consistent teaching: every remaining epoch through one predictor pool
         sys.setswitchinterval(STREAM_SWITCH_INTERVAL_S)
         st = job.stream
         ds = consistent_stream(st.rows, worker_share(st.ids, rank, world), st.soft_targets, st.model_paths,
                                range(start_epoch, s.epochs), s.seed, st.counters)
         return EpochStream(ds.iter_batches(batch_size=None, batch_format="numpy"), s.batch_size, device).epoch
-    shard = ray.train.get_dataset_shard("train")
+    if job.train_arrays is not None:  # no Ray Data execution: the rows came with the job
+        rows = {k: to_tensor(v).to(device) for k, v in job.train_arrays.items()}
+        if job.teaching == "cached_views":
+            return lambda e: shuffled_batches(_one_view_each(rows, job, e), s.batch_size, s.seed * 1000 + e)
+        return lambda e: shuffled_batches(rows, s.batch_size, s.seed * 1000 + e)
+    shard = seam.dataset("train")
     if job.teaching == "cached_views":  # all V views of each row, read once; one of them per epoch
         rows = _read_shard(shard, device)
         return lambda e: shuffled_batches(_one_view_each(rows, job, e), s.batch_size, s.seed * 1000 + e)
@@ -232,14 +309,14 @@ def _read_columns(shard) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def _report(metrics: dict, engine: Engine, rank: int, seen: dict) -> None:
-    """A checkpoint with every report: rank 0 saves the engine's state; every rank the ids of its
-    rows and the epoch's first batch as trained on (image after augmentation, soft targets)."""
-    with tempfile.TemporaryDirectory() as d:
+def _checkpoint_writer(engine: Engine, rank: int, seen: dict) -> Callable[[str], None]:
+    """What a report's checkpoint holds: rank 0 the engine's state; every rank the ids of its rows
+    and the epoch's first batch as trained on (image after augmentation, soft targets)."""
+    def write(d: str) -> None:
         if rank == 0:
             torch.save(engine.state_dict(), os.path.join(d, "student.pt"))
         np.save(os.path.join(d, f"rows_rank{rank}.npy"),
                 np.concatenate(seen["ids"]) if seen["ids"] else np.zeros(0, np.int64))
         if seen["sample"] is not None:
             np.savez(os.path.join(d, f"first_batch_rank{rank}.npz"), **seen["sample"])
-        ray.train.report(dict(metrics), checkpoint=ray.train.Checkpoint.from_directory(d))
+    return write

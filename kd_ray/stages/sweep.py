@@ -1,27 +1,32 @@
 """Stage 4: a Ray Tune sweep of students over data fraction x targets x T x alpha x seed.
 
-Each Tune trial is a small driver (:func:`_trial`) that distils one student with
-:func:`kd_ray.stages.distill.distill` -- a TorchTrainer whose per-epoch reports reach Tune through
-``TuneReportCallback`` -- and reports the final metrics with ``ray.tune.report``. The
-teachers and the soft-target cache are computed once, before the sweep; every trial reads the
-same cache (cached mode), so the teachers' forward passes do not grow with the number of
-trials.
+Each Tune trial distils one student with :func:`kd_ray.stages.distill.distill` (:func:`_trial`)
+and reports the final metrics with ``ray.tune.report``. The teachers and the soft-target cache
+are computed once, before the sweep; every trial reads the same cache (cached mode), so the
+teachers' forward passes do not grow with the number of trials.
 
-Resources: a trial's driver only waits on its TorchTrainer, so it holds no CPU (only memory,
-see DRIVER_RESOURCES); what a trial
-holds is its Train workers (``student.num_workers`` x 1 CPU, or 1 GPU each with GPUs), and
-:func:`max_concurrent` caps the concurrent trials at what the cluster can host at once. That
-is why trials cannot deadlock by holding every CPU with drivers whose workers then never start.
+Light trials (``student.light``: one worker, the default): the student trains inside its trial's
+process, which holds the student's CPU (or GPU) and, for consistent teaching, the bundles of its
+predictor actors (:func:`trial_bundles`); ``reuse_actors`` keeps torch imported per slot; every
+validation goes to ``ray.tune.report``; its checkpoint is on storage, so a trial Tune retries
+(``student.max_failures``) resumes from it. Its rows come with the soft targets as arrays, read
+once by the driver (no Ray Data execution per trial). Several workers (DDP): the trial is a small
+driver holding no CPU (DRIVER_RESOURCES) around a TorchTrainer whose per-epoch reports reach Tune
+through ``TuneReportCallback``. :func:`max_concurrent` caps the concurrent trials at what the
+cluster can host at once, so trials cannot deadlock holding every CPU.
 
 Resume: a sweep is named after what its trials' results depend on besides their grid values
 (:func:`sweep_name`), and each trial records its final row under
 ``<storage>/<name>/sweeps/<sweep>/trials/`` before it reports. Running the sweep again runs only
 the grid's trials without a record (in a new Tune run beside the old ones), so finished trials
 are never repeated (and a grown grid runs only its new trials), and an unfinished student
-resumes from its own Train checkpoint (student run names are deterministic). This holds after
+resumes from its own checkpoint (student run names are deterministic). This holds after
 Ctrl+C and after the driver was killed outright. (``Tuner.restore`` was tried first: on Ray
 2.60 a restored grid search with ``max_concurrent_trials`` did not generate the trials it had
 not created before the interruption.)
+
+Progress: :class:`Progress` prints a line per finished trial (k of N, its setting, validation
+accuracy, elapsed, ETA) and a heartbeat while trials run long.
 """
 from __future__ import annotations
 
@@ -45,9 +50,10 @@ from kd_ray.core import storage
 from kd_ray.core.config import ConfigError, ExperimentConfig
 from kd_ray.stages.cluster import capacity, student_uses_gpu
 from kd_ray.stages.distill import check_classes, distill
+from kd_ray.stages.progress import Progress
 from kd_ray.stages.soft_targets import SoftTargets
 
-# A trial's driver only waits on its TorchTrainer: no CPU, but it reserves the memory a Train
+# A DDP trial's driver only waits on its TorchTrainer: no CPU, but it reserves the memory a Train
 # run's controller and bookkeeping take on the head (~0.5 GB each, Ray issue #65443), and Tune
 # needs a non-empty resource request.
 DRIVER_RESOURCES = {"cpu": 0, "memory": 512 * 1024**2}
@@ -112,19 +118,34 @@ def trial_config(cfg: ExperimentConfig, trial: dict) -> ExperimentConfig:
     return cfg.model_copy(update={"student": student})
 
 
-def trial_resources(cfg: ExperimentConfig, use_gpu: bool, trial: dict | None = None) -> dict[str, float]:
-    """What one trial holds while it runs: its Train workers (the driver holds nothing),
-    for consistent teaching the predictor actors its workers stream through (one pool each),
-    for a streamed source a CPU for its data tasks."""
+def trial_bundles(cfg: ExperimentConfig, use_gpu: bool, trial: dict | None = None) -> list[dict[str, float]]:
+    """What one trial holds while it runs, as placement-group bundles: its student's workers (a
+    light trial's own process is its one worker; a DDP trial's driver holds nothing), for
+    consistent teaching the predictor actors its workers stream through (one pool each), for a
+    streamed source a CPU for its data tasks."""
     n = cfg.student.num_workers
-    need = {"CPU": float(n), "GPU": float(n if use_gpu else 0)}
+    bundles = [{"CPU": 1.0, "GPU": 1.0 if use_gpu else 0.0} for _ in range(n)]
     if trial is not None and trial.get("teaching") == "consistent":
         st = cfg.soft_targets
-        need["CPU"] += n * st.actors * st.num_cpus
-        need["GPU"] += n * st.actors * st.num_gpus
+        bundles += [{"CPU": float(st.num_cpus), "GPU": float(st.num_gpus)} for _ in range(n * st.actors)]
     if cfg.data.stream:  # room for the trial's Ray Data tasks (read, decode, join): workers holding every CPU starve them
-        need["CPU"] += 1
-    return need
+        bundles.append({"CPU": 1.0, "GPU": 0.0})
+    return bundles
+
+
+def trial_resources(cfg: ExperimentConfig, use_gpu: bool, trial: dict | None = None) -> dict[str, float]:
+    """The sum of :func:`trial_bundles`."""
+    bundles = trial_bundles(cfg, use_gpu, trial)
+    return {r: sum(b[r] for b in bundles) for r in ("CPU", "GPU")}
+
+
+def _with_resources(trainable, cfg: ExperimentConfig, use_gpu: bool, trial: dict):
+    """The trainable holding what one trial like ``trial`` needs: a light trial its bundles (its
+    predictor actors and data tasks run inside them); a DDP trial's driver only memory."""
+    if not cfg.student.light:
+        return tune.with_resources(trainable, DRIVER_RESOURCES)
+    bundles = [{r: v for r, v in b.items() if v > 0} for b in trial_bundles(cfg, use_gpu, trial)]
+    return tune.with_resources(trainable, tune.PlacementGroupFactory(bundles))
 
 
 def max_concurrent(cfg: ExperimentConfig, cluster: dict[str, float], use_gpu: bool, n_trials: int,
@@ -168,15 +189,21 @@ def trial_key(trial: dict) -> str:
 
 
 # --------------------------------------------------------------------------- the trial
-def _trial(config: dict, base: ExperimentConfig, soft: SoftTargets, record_dir: str) -> None:
-    """One Tune trial: distil one student; epochs reach Tune via TuneReportCallback.
+def _trial(config: dict, base: ExperimentConfig, soft: SoftTargets, record_dir: str,
+           fail_after_epoch: int | None = None) -> None:
+    """One Tune trial: distil one student -- here (light), or with a TorchTrainer whose epochs
+    reach Tune via TuneReportCallback.
 
     The finished trial's row is written to ``record_dir`` before the final report, so a
     later run of the same sweep knows it is done whatever happens to Tune afterwards.
     """
     t0 = time.time()
     trial = config["trial"]
-    result = distill(trial_config(base, trial), soft, callbacks=[TuneReportCallback()])
+    cfg = trial_config(base, trial)
+    if cfg.student.light:
+        result = distill(cfg, soft, report=ray.tune.report, fail_after_epoch=fail_after_epoch)
+    else:
+        result = distill(cfg, soft, callbacks=[TuneReportCallback()], fail_after_epoch=fail_after_epoch)
     m = result.metrics
     row = {**trial, **{k: m[k] for k in METRIC_COLUMNS if k in m}}
     row["train_seconds"] = float(result.history["seconds"].sum()) if len(result.history) else 0.0
@@ -208,7 +235,7 @@ class SweepResult:
         return self.complete and self.diverged.empty
 
 
-def _tune_run(cfg: ExperimentConfig, trainable, group: list[dict], sweep_dir: str, callbacks: list | None,
+def _tune_run(cfg: ExperimentConfig, trainable, group: list[dict], sweep_dir: str, callbacks: list,
               use_gpu: bool, run: str) -> dict[str, dict]:
     """One Tune run over trials that hold the same resources; the rows of those that did not finish."""
     metric = cfg.sweep.metric
@@ -222,18 +249,24 @@ def _tune_run(cfg: ExperimentConfig, trainable, group: list[dict], sweep_dir: st
     print(f"[kd_ray] {len(group)} trials, up to {concurrency} at a time, each holding "
           f"{dict(trial_resources(cfg, use_gpu, group[0]))} (Tune run {run})", flush=True)
     grid = tune.Tuner(
-        trainable, param_space={"trial": tune.grid_search(group)},
+        _with_resources(trainable, cfg, use_gpu, group[0]), param_space={"trial": tune.grid_search(group)},
+        # reuse_actors: a light trial's process (torch imported, Ray connected) serves the next trial
         tune_config=tune.TuneConfig(metric=metric, mode=metric_mode(metric), scheduler=scheduler,
-                                    max_concurrent_trials=concurrency),
+                                    max_concurrent_trials=concurrency, reuse_actors=True),
         run_config=tune.RunConfig(name=run, storage_path=storage.absolute(sweep_dir), callbacks=callbacks,
-                                  verbose=1 if cfg.runtime.verbose else 0),
+                                  verbose=1 if cfg.runtime.verbose else 0,
+                                  # a light trial Tune retries resumes from its student's checkpoint
+                                  failure_config=tune.FailureConfig(
+                                      max_failures=cfg.student.max_failures if cfg.student.light else 0)),
     ).fit()
     return unfinished_rows(grid, asha=scheduler is not None)
 
 
-def run_sweep(cfg: ExperimentConfig, soft: SoftTargets, callbacks: list | None = None) -> SweepResult:
+def run_sweep(cfg: ExperimentConfig, soft: SoftTargets, callbacks: list | None = None,
+              fail_after_epoch: int | None = None) -> SweepResult:
     """Run the sweep over ``cfg.sweep``'s grid on ``soft`` (only its unfinished trials); save
-    the results table and ``sweep.json`` under ``<storage>/<name>/``."""
+    the results table and ``sweep.json`` under ``<storage>/<name>/``. ``fail_after_epoch``:
+    every trial's first attempt fails after that epoch (fault-injection tests)."""
     t0 = time.time()
     trials = trial_grid(cfg)
     check_classes(cfg.student, soft)  # before any trial starts
@@ -250,17 +283,18 @@ def run_sweep(cfg: ExperimentConfig, soft: SoftTargets, callbacks: list | None =
           f"{len(todo)} to run; metric {metric}", flush=True)
     others: dict[str, dict] = {}  # the latest Tune run's trials that did not finish
     if todo:
-        for split in ("val", "test") if soft.source is None else ():  # computed once here, shipped to every trial
-            soft.eval_arrays(split)
-        trainable = tune.with_resources(
-            tune.with_parameters(_trial, base=cfg, soft=soft, record_dir=record_dir), DRIVER_RESOURCES)
+        _read_rows_once(cfg, soft, todo)
+        trainable = tune.with_parameters(_trial, base=cfg, soft=soft, record_dir=record_dir,
+                                         fail_after_epoch=fail_after_epoch)
+        progress = Progress(len(trials), len(trials) - len(todo), describe=lambda c: trial_key(c["trial"]),
+                            metric=metric)
         # Trials that hold the same resources run in one Tune run, with the concurrency that
         # fits them (consistent-teaching trials also hold predictor actors, so fewer fit).
         groups: dict[tuple, list[dict]] = {}
         for t in todo:
             groups.setdefault(tuple(sorted(trial_resources(cfg, use_gpu, t).items())), []).append(t)
         for i, group in enumerate(groups.values()):
-            left = _tune_run(cfg, trainable, group, sweep_dir, callbacks, use_gpu,
+            left = _tune_run(cfg, trainable, group, sweep_dir, [progress, *(callbacks or [])], use_gpu,
                              time.strftime("run-%Y%m%d-%H%M%S") + (f"-{i}" if len(groups) > 1 else ""))
             for key, row in left.items():
                 if row["status"] == "stopped":  # ASHA's decision is final: recorded like a finished trial
@@ -288,6 +322,21 @@ def run_sweep(cfg: ExperimentConfig, soft: SoftTargets, callbacks: list | None =
         "init": cfg.student.init, "student_gpu": use_gpu, "test_rows": soft.manifest["rows"]["test"],
         "checkpoint_rule": "best validation epoch (val_accuracy)"})
     return SweepResult(df, out, sweep_dir, complete, time.time() - t0)
+
+
+def _read_rows_once(cfg: ExperimentConfig, soft: SoftTargets, todo: list[dict]) -> None:
+    """Read the rows every trial needs into ``soft`` on the driver, once: validation and test, and
+    for light trials the cached training rows (or views) when they fit ``student.max_in_memory_mb``;
+    ``tune.with_parameters`` then ships them to every trial in one object."""
+    if soft.source is not None:
+        return
+    for split in ("val", "test"):
+        soft.eval_arrays(split)
+    if cfg.student.light:
+        splits = {"views" if t["teaching"] == "cached_views" else "train" for t in todo if t["teaching"] != "consistent"}
+        for split in splits:
+            if soft.rows_fit(split, cfg.student.max_in_memory_mb):
+                soft.train_arrays(split)
 
 
 def finished_trials(record_dir: str) -> dict[str, dict]:

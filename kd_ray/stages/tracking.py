@@ -1,12 +1,12 @@
-"""Experiment tracking (``runtime.tracking``): each finished teacher and student, logged once by the
-process that waited for it, from the per-epoch history it returns.
+"""Experiment tracking (``runtime.tracking``): each teacher and student, logged while it trains or
+after it finished (:func:`track`), once.
 
 * ``tensorboard``: event files under ``<storage>/<name>/tensorboard/<teachers|students>/<run>/``
-  (written to a temporary folder with tensorboardX, then copied, so object stores work too).
-  Sweep trials also have Tune's own live event files in their trial folders. Logged once per run.
+  (tensorboardX; on an object store written locally and copied up after every row). A student's
+  scalars are written per validation while it trains (:class:`LiveTracker`).
 * ``mlflow``: one MLflow run per teacher and per student (so one per sweep trial) in the experiment
-  ``<name>``, with its parameters, per-epoch metrics, final metrics and the resolved config as the
-  artifact ``config.yaml``. The tracking URI is ``runtime.mlflow_uri``, by default MLflow's file
+  ``<name>``, with its parameters, per-validation metrics as they come, final metrics and the
+  resolved config as the artifact ``config.yaml``. The tracking URI is ``runtime.mlflow_uri``, by default MLflow's file
   store ``<storage>/<name>/mlruns`` (MLflow 3 keeps that store in maintenance mode and asks for
   ``MLFLOW_ALLOW_FILE_STORE``, which kd_ray sets for the URI it chose). A run is found again by its
   kd_ray key, so logging it twice leaves one run.
@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,56 +44,124 @@ def _numbers(row: dict) -> dict[str, float]:
 
 def track(cfg: ExperimentConfig, kind: str, name: str, key: str, params: dict[str, Any],
           history: list[dict], final: dict[str, Any]) -> None:
-    """Log one finished teacher or student (``kind``: "teachers" or "students")."""
-    if "tensorboard" in cfg.runtime.tracking:
-        _tensorboard(storage.join(experiment_dir(cfg), "tensorboard", kind, name), history, final)
-    if "mlflow" in cfg.runtime.tracking:
-        _mlflow(cfg, kind, name, key, params, history, final)
+    """Log one finished teacher or student (``kind``: "teachers" or "students") after the fact;
+    nothing when it was logged before."""
+    tracker = LiveTracker(cfg, kind, name, key, params)
+    if tracker.logged_before():
+        return
+    for row in history:
+        tracker.log(row)
+    tracker.finish(final)
 
 
-def _tensorboard(out: str, history: list[dict], final: dict[str, Any]) -> None:
-    from tensorboardX import SummaryWriter
+class LiveTracker:
+    """One teacher's or student's run as it trains: :meth:`log` writes each validation row
+    (TensorBoard scalars, MLflow metrics) when it comes, so ``tensorboard --logdir`` and the MLflow
+    UI follow a running sweep; :meth:`finish` adds the final metrics and closes the run.
 
-    if storage.exists(out) and storage.list_files(out):
-        return  # logged before
-    with tempfile.TemporaryDirectory() as tmp:
-        with SummaryWriter(tmp) as writer:
-            for row in history:
-                step = int(row.get("epoch", 0))
-                for k, v in _numbers(row).items():
-                    if k != "epoch":
-                        writer.add_scalar(k, v, step)
-            for k, v in _numbers(final).items():
-                writer.add_scalar(f"final/{k}", v, 0)
-        for f in Path(tmp).rglob("*"):
+    A copy travels to the process that trains (a Tune trial, a Ray task): each process opens its
+    own writers (event files named with its pid; the MLflow run found again by its kd_ray key).
+    On an object store the event file is written locally and copied up after every row."""
+
+    def __init__(self, cfg: ExperimentConfig, kind: str, name: str, key: str, params: dict[str, Any]):
+        self.cfg, self.kind, self.name, self.key, self.params = cfg, kind, name, key, params
+        self._tb = None  # (SummaryWriter, the folder it writes to)
+        self._run = None  # (MlflowClient, run id), or False: logged before
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tb": None, "_run": None}
+
+    @property
+    def tensorboard_dir(self) -> str:
+        return storage.join(experiment_dir(self.cfg), "tensorboard", self.kind, self.name)
+
+    def logged_before(self) -> bool:
+        """Whether a finished run of this key was logged already (every backend that is on)."""
+        done = []
+        if "tensorboard" in self.cfg.runtime.tracking:
+            done.append(storage.exists(self.tensorboard_dir) and bool(storage.list_files(self.tensorboard_dir)))
+        if "mlflow" in self.cfg.runtime.tracking:
+            done.append(self._mlflow() is False)
+        return bool(done) and all(done)
+
+    def log(self, row: dict) -> None:
+        step = int(row.get("epoch", 0))
+        values = {k: v for k, v in _numbers(row).items() if k != "epoch"}
+        self._scalars(values, step)
+        run = self._mlflow()
+        if run:
+            from mlflow.entities import Metric
+
+            stamp = int(time.time() * 1000)
+            run[0].log_batch(run[1], metrics=[Metric(k, v, stamp, step) for k, v in values.items()])
+
+    def finish(self, final: dict[str, Any]) -> None:
+        self._scalars({f"final/{k}": v for k, v in _numbers(final).items()}, 0)
+        if self._tb is not None:
+            self._tb[0].close()
+            self._sync()
+            self._tb = None
+        run = self._mlflow()
+        if run:
+            from mlflow.entities import Metric
+
+            client, rid = run
+            client.log_batch(rid, metrics=[Metric(f"final_{k}", v, 0, 0) for k, v in _numbers(final).items()])
+            client.log_text(rid, self.cfg.to_yaml(), "config.yaml")
+            client.set_terminated(rid)
+            self._run = False
+
+    # ------------------------------------------------------------------ TensorBoard
+    def _scalars(self, values: dict[str, float], step: int) -> None:
+        if "tensorboard" not in self.cfg.runtime.tracking:
+            return
+        if self._tb is None:
+            from tensorboardX import SummaryWriter
+
+            out = self.tensorboard_dir
+            local = storage.resolve(out)[1] if storage.is_local(out) else tempfile.mkdtemp(prefix="kd_ray_tb_")
+            self._tb = (SummaryWriter(local, filename_suffix=f".{os.getpid()}"), local)
+        writer = self._tb[0]
+        for k, v in values.items():
+            writer.add_scalar(k, v, step)
+        writer.flush()
+        self._sync()
+
+    def _sync(self) -> None:
+        """Copy the local event files up when the run's folder is on an object store."""
+        if self._tb is None or storage.is_local(self.tensorboard_dir):
+            return
+        for f in Path(self._tb[1]).rglob("*"):
             if f.is_file():
-                storage.write_bytes(storage.join(out, str(f.relative_to(tmp))), f.read_bytes())
+                storage.write_bytes(storage.join(self.tensorboard_dir, str(f.relative_to(self._tb[1]))), f.read_bytes())
 
+    # ------------------------------------------------------------------ MLflow
+    def _mlflow(self):
+        """This run's (client, run id): found by its kd_ray key, created with its parameters when new;
+        False when it finished and was logged before, or MLflow is off."""
+        if self._run is not None or "mlflow" not in self.cfg.runtime.tracking:
+            return self._run or False
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
 
-def _mlflow(cfg: ExperimentConfig, kind: str, name: str, key: str, params: dict[str, Any],
-            history: list[dict], final: dict[str, Any]) -> None:
-    from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
-
-    uri = mlflow_uri(cfg)
-    if uri.startswith("file:"):
-        os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(cfg.name)
-    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.name)
-    tag = f"tags.kd_ray_key = '{kind}/{key}'"
-    if client.search_runs([exp_id], filter_string=tag, max_results=1):
-        return  # logged before
-    run = client.create_run(exp_id, run_name=f"{kind[:-1]} {name}",
-                            tags={"kd_ray_key": f"{kind}/{key}", "kd_ray_kind": kind[:-1], "kd_ray_run": name})
-    rid = run.info.run_id
-    metrics = [Metric(k, v, 0, int(row.get("epoch", 0))) for row in history for k, v in _numbers(row).items()
-               if k != "epoch"]
-    metrics += [Metric(f"final_{k}", v, 0, 0) for k, v in _numbers(final).items()]
-    flat = [Param(k, str(v)[:500]) for k, v in sorted(params.items())]
-    for i in range(0, len(flat), 90):  # MLflow's batch limits: 100 params, 1000 metrics
-        client.log_batch(rid, params=flat[i:i + 90])
-    for i in range(0, len(metrics), 900):
-        client.log_batch(rid, metrics=metrics[i:i + 900])
-    client.log_text(rid, cfg.to_yaml(), "config.yaml")
-    client.set_terminated(rid)
+        uri = mlflow_uri(self.cfg)
+        if uri.startswith("file:"):
+            os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name(self.cfg.name)
+        exp_id = exp.experiment_id if exp else client.create_experiment(self.cfg.name)
+        tag = f"{self.kind}/{self.key}"
+        found = client.search_runs([exp_id], filter_string=f"tags.kd_ray_key = '{tag}'", max_results=1)
+        if found and found[0].info.status == "FINISHED":
+            self._run = False
+            return False
+        if found:  # a retried or resumed run goes on logging into its run
+            self._run = (client, found[0].info.run_id)
+            return self._run
+        run = client.create_run(exp_id, run_name=f"{self.kind[:-1]} {self.name}",
+                                tags={"kd_ray_key": tag, "kd_ray_kind": self.kind[:-1], "kd_ray_run": self.name})
+        flat = [Param(k, str(v)[:500]) for k, v in sorted(self.params.items())]
+        for i in range(0, len(flat), 90):  # MLflow's batch limit: 100 params
+            client.log_batch(run.info.run_id, params=flat[i:i + 90])
+        self._run = (client, run.info.run_id)
+        return self._run
