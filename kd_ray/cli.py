@@ -153,6 +153,7 @@ def run_stages(cfg: ExperimentConfig) -> bool:
     t0 = time.time()
     ensemble = soft = result = None
     for stage in cfg.runtime.stages:
+        t_stage = time.time()
         if stage == "teachers":
             ensemble = cmd_teachers(cfg)
         elif stage == "soft-targets":
@@ -162,6 +163,7 @@ def run_stages(cfg: ExperimentConfig) -> bool:
             result = cmd_sweep(cfg, soft)
         elif stage == "report":
             cmd_report(cfg)
+        print(f"[kd_ray] stage {stage} took {time.time() - t_stage:.1f} s", flush=True)
     print(f"[kd_ray] kd-ray run finished in {time.time() - t0:.1f} s wall ({' -> '.join(cfg.runtime.stages)}); "
           f"results in {experiment_dir(cfg)}")
     return result is None or result.ok

@@ -71,13 +71,32 @@ def test_soft_targets_beat_hard_labels_at_ten_percent(tiny_ensemble):
     assert list(fresh.history["train_loss"]) == list(again.history["train_loss"])
 
 
-def test_worker_failure_resumes_from_its_checkpoint(tiny_ensemble):
+@pytest.mark.parametrize("trainer", ["auto", "torch_trainer"])
+def test_worker_failure_resumes_from_its_checkpoint(tiny_ensemble, trainer):
+    """A failed attempt is retried and resumes from the last checkpoint: a light run's Ray task
+    (checkpoint on storage) and a TorchTrainer's worker (Train's checkpoint) alike."""
     base, ensemble = tiny_ensemble
-    cfg = _cfg(base, "faulty", "student.epochs=3", "student.max_failures=1")
+    cfg = _cfg(base, f"faulty_{trainer}", "student.epochs=3", "student.max_failures=1", f"student.trainer={trainer}")
     r = distill(cfg, build_soft_targets(cfg, ensemble), fail_after_epoch=1)
     h = r.history
     assert list(h["epoch"]) == [1, 2, 3]  # each epoch once: not restarted from scratch
     assert list(h["resumed_from"]) == [0, 1, 1]
+
+
+def test_light_and_torch_trainer_paths_train_the_same_student(tiny_ensemble):
+    """One worker in its own process (light) or as a TorchTrainer: one per-worker function, the same
+    rows in the same order, so the same student bit for bit on CPU."""
+    base, ensemble = tiny_ensemble
+    runs = {}
+    for trainer in ("auto", "torch_trainer"):
+        cfg = _cfg(base, f"paths_{trainer}", "student.epochs=4", "student.fraction=0.3", f"student.trainer={trainer}")
+        runs[trainer] = distill(cfg, build_soft_targets(cfg, ensemble))
+    light, train = runs["auto"], runs["torch_trainer"]
+    assert light.run_name == train.run_name  # the trainer is not part of a run's identity
+    assert list(light.history["train_loss"]) == list(train.history["train_loss"])
+    for k in ("val_accuracy", "val_nll", "test_accuracy", "test_nll", "test_fidelity", "best_epoch"):
+        assert light.metrics[k] == train.metrics[k], k
+    assert light.checkpoint_path.endswith(f"{light.run_name}/checkpoint")
 
 
 def test_two_workers_see_disjoint_halves(tiny_ensemble):

@@ -181,7 +181,7 @@ def test_bad_sweep_input_fails_before_any_work(tmp_path, capsys, override, messa
 # --------------------------------------------------------------------------- on the shared cluster
 @pytest.mark.ray
 @pytest.mark.slow
-def test_small_sweep_results_report_and_teacher_passes(tiny_ensemble):
+def test_small_sweep_results_report_and_teacher_passes(tiny_ensemble, capsys):
     from kd_ray.report import write_report
     from kd_ray.stages.counters import forward_passes
     from kd_ray.stages.soft_targets import build_soft_targets
@@ -196,6 +196,10 @@ def test_small_sweep_results_report_and_teacher_passes(tiny_ensemble):
     result = run_sweep(cfg, st)
     df = result.results
     assert result.complete and len(df) == 6 and set(df["status"]) == {"done"}
+    # progress without --verbose: a line per finished trial, k of N, its setting, its val accuracy
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[kd_ray] sweep ") and "/6 " in ln]
+    assert len(lines) == 6 and lines[-1].startswith("[kd_ray] sweep 6/6 f0.")
+    assert all("val_accuracy 0." in ln and "elapsed" in ln for ln in lines) and "ETA" in lines[0]
     assert sorted(zip(df["fraction"], df["targets"], df["loss"])) == [
         (f, t, loss) for f in (0.03, 0.1) for t, loss in (("hard", "kd"), ("soft", "kd"), ("soft", "logit_matching"))]
     for col in ("fraction", "targets", "temperature", "alpha", "seed", "test_accuracy", "test_fidelity",
@@ -374,6 +378,36 @@ def test_interrupted_sweep_finishes_the_rest_when_run_again(tiny_ensemble, inter
     assert again["wall_s"] == finished["wall_s"] and again["checkpoint_path"] == finished["checkpoint_path"]
     assert os.stat(result_json).st_mtime_ns == stamp
     assert json.load(open(os.path.join(second.path, "sweep.json")))["complete"] is True
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_failed_trial_resumes_from_its_checkpoint_and_tensorboard_follows_it_live(tiny_ensemble):
+    """A light trial that fails mid-training is retried by Tune (student.max_failures) and goes on
+    from its checkpoint; its TensorBoard scalars are on storage while it still trains."""
+    from ray import tune
+
+    from kd_ray.stages.soft_targets import build_soft_targets
+    from kd_ray.stages.sweep import run_sweep
+
+    base, ensemble = tiny_ensemble
+    cfg = _cfg(base, "retried", "sweep.fractions=[0.1]", "sweep.targets=[soft]", "sweep.seeds=[0]",
+               "student.epochs=3", "student.max_failures=1", "runtime.tracking=[tensorboard]")
+    tb = os.path.join(cfg.runtime.storage_path, cfg.name, "tensorboard", "students")
+
+    class Watch(tune.Callback):
+        live = []  # event files seen at each result the trial reported while running
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if not result.get("final"):
+                Watch.live.append(sum(len(f) for _, _, f in os.walk(tb)))
+
+    result = run_sweep(cfg, build_soft_targets(cfg, ensemble), callbacks=[Watch()], fail_after_epoch=1)
+    row = result.results.iloc[0]
+    assert result.complete and row["status"] == "done"
+    history = json.load(open(os.path.join(os.path.dirname(row["checkpoint_path"]), "result.json")))["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3] and [h["resumed_from"] for h in history] == [0, 1, 1]
+    assert Watch.live and all(n > 0 for n in Watch.live)
 
 
 @pytest.mark.ray
