@@ -45,6 +45,7 @@ from kd_ray.stages.consistent import consistent_stream
 from kd_ray.stages.counters import pass_counter
 from kd_ray.stages.datasets import from_dataset, to_dataset
 from kd_ray.stages.predictor import check_pool_resources, predict
+from kd_ray.stages.progress import Heartbeat
 
 SCHEMA_VERSION = 3  # 3: no image column (joined from the source by id)
 
@@ -313,7 +314,11 @@ def _build(cfg: ExperimentConfig, paths: list[str], teachers: list[TeacherFile],
              # so every student subset up to that fraction lies inside it
              "views": transfer.fraction(cfg.soft_targets.views_fraction, cfg.data.seed) if
              cfg.soft_targets.views and mode == "cached" else transfer.take(transfer.ids[:0])}
-    files, accuracy = _compute_cache(cfg, paths, parts, work)
+    heart = Heartbeat("soft-targets", 1).start()  # a line a minute while the teachers label the splits
+    try:
+        files, accuracy = _compute_cache(cfg, paths, parts, work)
+    finally:
+        heart.stop()
     rows = {s: len(p) for s, p in parts.items() if s != "views"}
     if "views" in files:
         rows["views"] = len(parts["views"]) * cfg.soft_targets.views

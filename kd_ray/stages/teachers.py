@@ -53,6 +53,7 @@ from kd_ray.core.train import (
 )
 from kd_ray.layout import ensemble_file, teachers_dir
 from kd_ray.stages.cluster import wait_for
+from kd_ray.stages.progress import Heartbeat
 from kd_ray.stages.sources import StreamedSource
 from kd_ray.stages.tracking import track
 
@@ -343,9 +344,16 @@ class EnsembleRun:
         results: dict[str, dict] = dict(self.reused)
         failures: dict[str, str] = {}
         pending = list(self.refs)
+        heart = Heartbeat("teachers", len(self.ids), already=len(self.reused))
+        heart.running = {f"teacher {tid}": "" for tid in self.refs.values()}
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
+            ready, pending = ray.wait(pending, num_returns=1, timeout=5.0)
+            if not ready:  # a line at least every minute while teachers train
+                heart.beat()
+                continue
             tid = self.refs[ready[0]]
+            heart.running.pop(f"teacher {tid}", None)
+            heart.last = time.time()
             try:
                 r = ray.get(ready[0])
                 results[tid] = r
