@@ -112,8 +112,12 @@ def cmd_distill(cfg: ExperimentConfig, soft=None):
           f"test accuracy {m['test_accuracy']:.4f}, fidelity {m['test_fidelity']:.4f} "
           f"(ensemble {soft.manifest['ensemble']['test_accuracy']:.4f}); checkpoint {result.checkpoint_path}"
           f"{' (reused)' if result.reused else ''}")
-    if len(cfg.data.omit_classes) == 1 and soft.source is None:  # (the bias adjustment reads the splits in memory)
-        print(f"[kd_ray] omitted class: {omitted_class_report(cfg, soft, result)}")
+    if (cfg.data.omit_classes or cfg.data.keep_classes is not None) and soft.source is None:
+        r = omitted_class_report(cfg, soft, result)  # (the bias adjustment reads the splits in memory)
+        print(f"[kd_ray] transfer set without classes {r['unseen']}: test errors {r['test_errors_before']} "
+              f"({r['class_errors_before']} on those classes) -> {r['test_errors_after']} "
+              f"({r['class_errors_after']}) of {r['test_count']} after adding {r['delta']:g} to the bias of "
+              f"{r['classes']} (chosen on validation)")
     return result
 
 

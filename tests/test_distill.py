@@ -129,6 +129,22 @@ def test_omitted_class_bias_adjustment(tiny_ensemble):
           f"{rep['class_errors_after']} of {rep['class_count']}; all test errors {rep['test_errors_before']} -> "
           f"{rep['test_errors_after']}")
     assert rep["class_errors_after"] < rep["class_errors_before"]
+    assert rep["classes"] == rep["unseen"] == [3] and rep["delta"] > 0
+
+
+def test_only_two_classes_kept_the_bias_of_both_goes_down(tiny_ensemble):
+    """The paper's 7s-and-8s experiment: a student that saw only two classes learns the others from
+    the soft targets alone; lowering the two seen classes' biases (one delta, chosen on
+    validation) brings the others out."""
+    base, ensemble = tiny_ensemble
+    cfg = _cfg(base, "keep78", "data.keep_classes=[7, 8]", "student.epochs=20")
+    st = build_soft_targets(cfg, ensemble)
+    assert set(st.transfer.labels) == {7, 8}
+    rep = omitted_class_report(cfg, st, distill(cfg, st))
+    print(f"\nonly 7s and 8s: delta {rep['delta']}, test errors {rep['test_errors_before']} -> "
+          f"{rep['test_errors_after']} of {rep['test_count']}")
+    assert rep["classes"] == [7, 8] and rep["unseen"] == [0, 1, 2, 3, 4, 5, 6, 9]
+    assert rep["delta"] < 0 and rep["test_errors_after"] < rep["test_errors_before"]
 
 
 def test_bad_inputs(tiny_ensemble):

@@ -57,8 +57,12 @@ def test_cluster_yaml_can_launch_workers_and_keeps_auth_on():
     worker_policy = (ROOT / "cluster-iam" / "worker-policy.json").read_text()
     assert "s3:PutObject" in worker_policy and "ec2:" not in worker_policy
     assert {".venv", "runs", ".git"} <= set(cfg["rsync_exclude"])
-    cidr = cfg["provider"]["security_group"]["IpPermissions"][0]["IpRanges"][0]["CidrIp"]
-    assert cidr.startswith("SET-ME") and cidr != "0.0.0.0/0"  # a value the user must set
+    # every node type names the set-up's security group and one AMI (tests/test_cluster_aws.py runs
+    # Ray's bootstrap on it); Ray would open SSH to the world on a group it makes itself
+    assert "security_group" not in cfg["provider"]
+    assert len({str(t["node_config"]["SecurityGroupIds"]) for t in types.values()}) == 1
+    assert len({t["node_config"]["ImageId"] for t in types.values()}) == 1
+    assert all("kd_ray_venv" in c for c in cfg["setup_commands"][2:5])  # a virtual environment (PEP 668)
     starts = " ".join(cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"])
     assert "RAY_AUTH_MODE=disabled" not in starts and "RAY_AUTH_MODE=token" in starts
     assert "~/.ray/auth_token" in cfg["file_mounts"].values()

@@ -51,6 +51,11 @@ def test_the_wheel_carries_the_shipped_configs(installed):
     assert "name: mine" in (work / "mine.yaml").read_text()
     missing = _run(bindir, work, "config", "show", "no_such_config")
     assert missing.returncode == 2 and "shipped configs, usable by name" in missing.stderr
+    # the licence a user's legal review looks for travels with the wheel
+    licence = subprocess.run([str(bindir / "python"), "-c", "from importlib.metadata import distribution as d; "
+                              "f = [p for p in d('kd_ray').files if p.name == 'LICENSE'][0]; print(f.read_text())"],
+                             cwd=work, capture_output=True, text=True, check=True).stdout
+    assert "Apache License" in licence and "Version 2.0, January 2004" in licence
 
 
 @pytest.mark.ray

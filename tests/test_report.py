@@ -99,3 +99,23 @@ def test_gap_uses_the_stronger_hard_baseline_chosen_on_validation_and_says_when_
     text = write_report(str(tmp_path), df, {**INFO, "test_rows": 100})
     assert "not measurable (the ensemble leads by fewer than 5 of 100 test images)" in text
     assert "| hard (inconsistent views) |" in text  # both baselines appear in the table
+
+
+def test_one_soft_setting_per_fraction_and_mode_is_chosen_on_validation(tmp_path):
+    df = _results()
+    df["teaching"] = np.where(df["targets"] == "hard", "none", "cached")
+    df["val_accuracy"] = df["test_accuracy"]
+    other = df[df["targets"] == "soft"].assign(temperature=2.0)
+    other["test_accuracy"] += 0.03  # better on test ...
+    other["val_accuracy"] -= 0.03  # ... worse on validation: T=4 is chosen
+    consistent = df[df["targets"] == "soft"].assign(teaching="consistent")  # its own mode: its own choice
+    g = gap_recovered(pd.concat([df, other, consistent], ignore_index=True), ensemble=0.90)
+    chosen = g[g["chosen"]].set_index(["fraction", "teaching"])["setting"]
+    assert chosen[(0.1, "cached")] == "soft T=4 a=0.9" and chosen[(1.0, "cached")] == "soft T=4 a=0.9"
+    assert chosen[(0.1, "consistent")] == "consistent T=4 a=0.9"
+    assert set(g.loc[~g["chosen"], "setting"]) == {"soft T=2 a=0.9"}
+    text = write_report(str(tmp_path), pd.concat([df, other], ignore_index=True), INFO)
+    row_t4 = next(ln for ln in text.splitlines() if ln.startswith("| 10% | soft T=4 a=0.9 |"))
+    row_t2 = next(ln for ln in text.splitlines() if ln.startswith("| 10% | soft T=2 a=0.9 |"))
+    assert "| chosen |" in row_t4 and "| not chosen |" in row_t2
+    assert text.index(row_t4) < text.index(row_t2)  # the chosen setting first

@@ -120,14 +120,17 @@ def test_consistent_trials_also_hold_their_predictor_actors():
     assert max_concurrent(streamed, {"CPU": 2.0}, False, 24, cached) == 1
 
 
-def test_hard_trials_early_stop_and_soft_trials_do_not():
-    cfg = load_config(None, ["sweep.hard_early_stopping_patience=7"])
+def test_hard_and_soft_trials_stop_by_the_same_rule():
+    cfg = load_config(None, ["student.early_stopping_patience=7"])
     hard = trial_config(cfg, {"fraction": 0.1, "targets": "hard", "teaching": "none", "temperature": 4.0,
                               "alpha": 0.0, "lr": 0.05, "epochs": 20, "seed": 3})
     soft = trial_config(cfg, {"fraction": 0.1, "targets": "soft", "teaching": "cached", "temperature": 2.0,
                               "alpha": 0.9, "lr": 0.05, "epochs": 20, "seed": 3})
     assert hard.student.early_stopping_patience == 7 and hard.student.fraction == 0.1 and hard.student.seed == 3
-    assert soft.student.early_stopping_patience is None and soft.student.temperature == 2.0
+    assert soft.student.early_stopping_patience == 7 and soft.student.temperature == 2.0
+    plain = trial_config(load_config(None, []), {"fraction": 0.1, "targets": "hard", "teaching": "none",
+                                                 "temperature": 4.0, "alpha": 0.0, "lr": 0.05, "epochs": 20, "seed": 3})
+    assert plain.student.early_stopping_patience is None  # by default every trial runs its budget
     assert cfg.student.fraction == 1.0  # the base config is not modified
 
 
@@ -158,7 +161,7 @@ def test_sweep_identity_ignores_the_grid_and_concurrency_but_not_the_student():
                                          "sweep.max_concurrent_trials=3"]), soft) == name
     assert sweep_name(load_config(None, ["sweep.lrs=[0.01, 0.1]"]), soft) == name  # learning rates are grid keys
     assert sweep_name(load_config(None, ["student.batch_size=32"]), soft) != name
-    assert sweep_name(load_config(None, ["sweep.hard_early_stopping_patience=3"]), soft) != name
+    assert sweep_name(load_config(None, ["student.early_stopping_patience=3"]), soft) != name
     assert sweep_name(load_config(None, ["soft_targets.jitter=2", "soft_targets.mode=cached"]), soft) != name
     assert sweep_name(load_config(None, []), SimpleNamespace(manifest={"fingerprint": "other"})) != name
 

@@ -7,6 +7,7 @@ import torch
 
 from kd_ray.core import storage
 from kd_ray.core.config import ConfigError
+from kd_ray.core.data import load_splits
 from kd_ray.core.models import build_model
 from kd_ray.stages.teachers import EnsembleError, EnsembleRun, train_ensemble
 
@@ -38,7 +39,15 @@ def test_gpu_teachers_queue_two_at_a_time_and_reuse(ray_session, digits_cfg):
                 assert a["gpu_ids"] != b["gpu_ids"]
     assert 0.5 < result.val_accuracy <= 1.0
     summary = result.summary()
-    assert list(summary.columns) == ["teacher", "model", "parameters", "val_accuracy", "epochs", "epochs_run", "seconds"]
+    assert list(summary.columns) == ["teacher", "model", "parameters", "val_accuracy", "epochs", "kept_epoch",
+                                     "epochs_run", "seconds"]
+    for t in result.teachers:  # each keeps its best validation epoch (the first of equals), as students do
+        accs = [h["val_accuracy"] for h in t["history"]]
+        assert t["kept_epoch"] == 1 + accs.index(max(accs)) and t["val_accuracy"] == max(accs)
+    val_labels = torch.from_numpy(load_splits(cfg.data).val.labels)
+    for t in result.teachers:  # ... and the saved model is that epoch's: its validation logits say so
+        kept = storage.load_torch(t["model_path"])["val_logits"].argmax(1)
+        assert t["val_accuracy"] == pytest.approx(float((kept == val_labels).float().mean()))
 
     # running again trains no epoch
     again = train_ensemble(cfg)

@@ -42,7 +42,7 @@ def test_bias_adjustment_picks_the_delta_that_fixes_the_class():
     # 4 below on the others' -> any delta in (3, 4) is perfect; the smallest on the grid is 3.25
     z = torch.tensor([[5.0, 0.0, 2.0], [0.0, 5.0, 2.0], [6.0, 0.0, 2.0], [0.0, 6.0, 2.0]])
     y = torch.tensor([2, 2, 0, 1])
-    delta = bias_adjustment(z, y, 2)
+    delta = bias_adjustment(z, y, [2])
     assert delta == 3.25
     z2 = z.clone()
     z2[:, 2] += delta
@@ -268,3 +268,10 @@ def test_buffered_batches_cover_the_stream_once_in_a_seeded_shuffled_order():
     other = np.concatenate([b["id"] for b in buffered_batches(iter(blocks), 8, 20, seed=2)])
     assert np.array_equal(ids, again) and not np.array_equal(ids, other)
     assert list(buffered_batches(iter([]), 8, 20, seed=1)) == []
+
+
+def test_bias_adjustment_lowers_the_only_classes_a_student_saw():
+    # classes 0 and 1 win everywhere by 2 (their own samples by 5): lowering both by 2.25 fixes class 2
+    z = torch.tensor([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [2.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    y = torch.tensor([0, 1, 2, 2])
+    assert bias_adjustment(z, y, [0, 1]) == -2.25

@@ -305,12 +305,11 @@ class SweepConfig(_Section):
     max_concurrent_trials: Optional[int] = Field(None, ge=1)
     metric: str = "val_accuracy"  # what the sweep (and ASHA) optimises; *_nll is minimised
     scheduler: Literal["none", "asha"] = "none"
-    # hard-label trials are the paper's baseline: early stopping on validation (best-val model)
-    hard_early_stopping_patience: Optional[int] = Field(10, gt=0)
     # soft-target trials per teaching mode (student.teaching); empty: the student's mode
     teaching: list[Literal["cached", "inconsistent", "consistent", "cached_views"]] = []
-    # epoch budgets to sweep (patience); empty: student.epochs. Hard-label trials run once, with
-    # the largest budget (they stop early on validation).
+    # epoch budgets to sweep; empty: student.epochs. The plain hard-label baseline runs once, with
+    # the largest budget. Every trial, soft or hard, keeps its best validation epoch and stops by
+    # the same rule (student.early_stopping_patience).
     epochs: list[int] = []
 
     @field_validator("fractions")

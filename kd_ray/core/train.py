@@ -308,15 +308,19 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], device) -> dict[str, fl
     return {"accuracy": correct / n, "errors": n - correct, "nll": nll / n, "fidelity": agree / n, "n": n}
 
 
-def bias_adjustment(val_logits: torch.Tensor, val_labels: torch.Tensor, cls: int,
-                    grid: np.ndarray | None = None) -> float:
-    """The paper's omitted-class fix: the delta added to class ``cls``'s logit (output bias) that
-    maximises validation accuracy (ties: the smallest |delta|)."""
-    grid = np.round(np.arange(-2.0, 20.0001, 0.25), 4) if grid is None else grid
+BIAS_GRID = np.round(np.arange(-20.0, 20.0001, 0.25), 4)
+
+
+def bias_adjustment(val_logits: torch.Tensor, val_labels: torch.Tensor, classes: list[int],
+                    grid: np.ndarray = BIAS_GRID) -> float:
+    """The paper's fix for classes a transfer set lacked or over-represented: the one delta added
+    to the logits (output biases) of ``classes`` that maximises validation accuracy (ties: the
+    smallest |delta|). Raising an omitted class's bias is a positive delta; lowering the only
+    classes a student saw (the paper's 7s and 8s) a negative one."""
     best, best_acc = 0.0, -1.0
     for d in sorted(grid, key=abs):
         z = val_logits.clone()
-        z[:, cls] += float(d)
+        z[:, list(classes)] += float(d)
         acc = float((z.argmax(1) == val_labels).float().mean())
         if acc > best_acc + 1e-12:
             best, best_acc = float(d), acc

@@ -70,7 +70,7 @@ def trial_grid(cfg: ExperimentConfig) -> list[dict]:
 
     Soft-target trials: teaching modes x losses x T x alpha x learning rates x epoch budgets x seeds.
     Hard-label trials need no teachers, T or alpha (alpha 0, the soft targets' T): the plain
-    baseline (``teaching`` "none", early stopping on validation, the largest epoch budget) and, for
+    baseline (``teaching`` "none", the largest epoch budget) and, for
     every augmenting mode the soft trials use ("inconsistent": shifts; "consistent": the same
     shifted and mixed views, with mixed labels; "cached_views": the same V cached views), a matched
     baseline with that augmentation and each epoch budget, so a gap never mixes augmentation gains
@@ -112,8 +112,6 @@ def trial_config(cfg: ExperimentConfig, trial: dict) -> ExperimentConfig:
               "alpha": trial["alpha"], "lr": trial["lr"], "seed": trial["seed"], "epochs": trial["epochs"],
               "loss": trial.get("loss", "kd"),
               "teaching": None if trial["teaching"] == "none" else trial["teaching"]}
-    if trial["targets"] == "hard" and trial["teaching"] == "none":  # the paper's baseline: early stopping
-        update["early_stopping_patience"] = cfg.sweep.hard_early_stopping_patience
     student = cfg.student.model_copy(update=update)
     return cfg.model_copy(update={"student": student})
 
@@ -173,7 +171,7 @@ def sweep_name(cfg: ExperimentConfig, soft: SoftTargets) -> str:
     name are interchangeable, so growing the grid (another seed, another fraction) runs only
     the new trials, and the concurrency can change between runs."""
     student = cfg.student.identity(exclude=set(GRID_KEYS) | {"targets"})
-    sweep = cfg.sweep.model_dump(mode="json", include={"metric", "scheduler", "hard_early_stopping_patience"})
+    sweep = cfg.sweep.model_dump(mode="json", include={"metric", "scheduler"})
     key = {"student": student, "sweep": sweep, "soft": soft.manifest["fingerprint"],
            "data_seed": cfg.data.seed, "jitter": cfg.soft_targets.jitter}
     if cfg.soft_targets.mixup > 0:  # only when used, so sweeps from before mixup keep their names

@@ -107,7 +107,8 @@ class TeacherTrainer:
         if not (storage.exists(self.meta_path) and storage.exists(self.model_path)):
             return None
         meta = storage.read_json(self.meta_path)
-        return meta if meta.get("key") == self.key and meta.get("complete") else None
+        # "kept_epoch": teachers from before the best-validation rule kept their last epoch: retrained
+        return meta if meta.get("key") == self.key and meta.get("complete") and "kept_epoch" in meta else None
 
     def _subset(self, ids: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """Row indices of this teacher's training set: a nested fraction, optionally bootstrapped."""
@@ -148,7 +149,8 @@ class TeacherTrainer:
         device = pick_device()
         torch.manual_seed(spec.seed)
         model = spec.build(self.input_shape, self.num_classes).to(device)
-        engine = Engine(model, spec, cross_entropy_loss, amp=amp_dtype(self.mixed_precision, device))
+        # a teacher keeps its best validation epoch's weights, as students do
+        engine = Engine(model, spec, cross_entropy_loss, keep_best=True, amp=amp_dtype(self.mixed_precision, device))
         if storage.exists(self.checkpoint_path):
             ckpt = storage.load_torch(self.checkpoint_path)
             if ckpt.get("key") == self.key:
@@ -183,12 +185,13 @@ class TeacherTrainer:
                 f"(epoch {e.epoch - 1}) and the other teachers' checkpoints are kept."
             ) from None
         history = engine.history
+        engine.restore_best()
         save_teacher_model(self.model_path, self.teacher_id, self.key, spec, model, self.num_classes,
                            self.input_shape, predict_logits(model, torch.from_numpy(val["image"])) if source is None else None)
         meta = {
             "teacher_id": self.teacher_id, "key": self.key, "spec": spec.model_dump(mode="json"),
             "complete": True, "epoch": spec.epochs, "history": history,
-            "val_accuracy": history[-1]["val_accuracy"] if history else float("nan"),
+            "val_accuracy": engine.best.metric if history else float("nan"), "kept_epoch": engine.best.epoch,
             "params": count_parameters(model), "model_path": self.model_path, "train_size": size,
             "device": str(device), "seconds": time.time() - started,
         }
@@ -261,7 +264,7 @@ def import_teachers(cfg: ExperimentConfig, splits: Splits) -> dict[str, dict]:
             storage.save_torch(trainer.model_path, {**blob, "teacher_id": tid, "key": key, "val_logits": val_logits})
             acc = float((val_logits.argmax(1) == yv).float().mean()) if len(yv) else float("nan")
             meta = {"teacher_id": tid, "key": key, "spec": spec.model_dump(mode="json"), "complete": True,
-                    "imported_from": spec.checkpoint, "epoch": 0, "history": [], "val_accuracy": acc,
+                    "imported_from": spec.checkpoint, "epoch": 0, "kept_epoch": 0, "history": [], "val_accuracy": acc,
                     "params": count_parameters(model),
                     "model_path": trainer.model_path, "train_size": 0, "device": "cpu",
                     "seconds": time.time() - started}
@@ -295,7 +298,7 @@ class EnsembleResult:
     def summary(self) -> pd.DataFrame:
         rows = [{"teacher": t["teacher_id"], "model": t["spec"]["model"], "parameters": t["params"],
                  "val_accuracy": round(t["val_accuracy"], 4), "epochs": t["epoch"],
-                 "epochs_run": t["epochs_run"], "seconds": round(t["end"] - t["start"], 1)} for t in self.teachers]
+                 "kept_epoch": t.get("kept_epoch", t["epoch"]), "epochs_run": t["epochs_run"], "seconds": round(t["end"] - t["start"], 1)} for t in self.teachers]
         return pd.DataFrame(rows)
 
 
