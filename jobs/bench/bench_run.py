@@ -29,6 +29,9 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(__file__))
 from common import emit  # noqa: E402
 
+# as `make` and CI: a local ray.init() with RAY_AUTH_MODE unset writes ~/.ray/auth_token, which
+# turns token authentication on for every later `ray start --head` on this machine
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 
