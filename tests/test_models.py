@@ -90,6 +90,7 @@ def test_torchvision_reference_behind_an_input_adapter():
     ("cnn", {"hidden": [8]}, "model_args.hidden: cnn takes no argument 'hidden'"),
     ("tests.fixtures.factories:tiny_net", {"depth": 2}, "model_args.depth"),
     ("timm:test_efficientnet", {"bogus": 1}, "bogus"),  # **kwargs factories: checked on the meta device
+    ("mlp", {"hidden": 5}, "model_args: mlp refuses {'hidden': 5}: 'int' object is not iterable"),  # a wrong value
 ])
 def test_bad_references_and_arguments_are_named(ref, args, words):
     from kd_ray.core.models import check_model
@@ -104,8 +105,77 @@ def test_config_errors_name_the_field_before_ray_starts():
 
     with pytest.raises(ConfigError, match=r"student\.model_args\.hidden: cnn takes no argument"):
         load_config(None, ["student.model=cnn"])
+    with pytest.raises(ConfigError, match=r"student\.model_args: mlp refuses \{'hidden': 5\}"):
+        load_config(None, ["student.model_args={hidden: 5}"])
     with pytest.raises(ConfigError, match=r"teachers\.specs\[1\]\.model: unknown model 'timm:nope'"):
         load_config(None, ["teachers.specs=[{lr: 0.1}, {model: 'timm:nope'}]"])
     # a spec that names another model does not inherit the default's model_args
     cfg = load_config(None, ["teachers.specs=[{}, {model: 'timm:test_efficientnet'}]"])
     assert cfg.teachers.resolved()[1].model_args == {}
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_pretrained_file_loads_the_backbone_and_leaves_a_new_classifier(tmp_path, fmt):
+    """A torchvision model's weights for 1,000 classes, from a file (a machine without internet):
+    every tensor that fits is loaded, the 10-class classifier is new, and the log says which."""
+    from safetensors.torch import save_file
+
+    from kd_ray.core.config import TeacherSpec
+
+    torch.manual_seed(0)
+    published = build_model("torchvision:resnet18", (3, 32, 32), 1000).state_dict()
+    path = tmp_path / f"resnet18.{fmt}"
+    if fmt == "pt":
+        torch.save({"state_dict": published}, path)  # as a training checkpoint keeps it
+    else:
+        save_file({k: v.contiguous() for k, v in published.items()}, str(path))
+    lines = []
+    spec = TeacherSpec(model="torchvision:resnet18", pretrained_file=str(path))
+    model = spec.build((3, 32, 32), 10, log=lines.append)
+    state = model.state_dict()
+    assert torch.equal(state["conv1.weight"], published["conv1.weight"])
+    assert torch.equal(state["layer4.1.bn2.running_var"], published["layer4.1.bn2.running_var"])
+    assert state["fc.weight"].shape == (10, 512)  # the data's classes, freshly initialised
+    assert "tensors loaded from" in lines[0] and "new: ['fc.bias', 'fc.weight']" in lines[0]
+    assert all(p.requires_grad for p in model.parameters())
+
+    frozen = TeacherSpec(model="torchvision:resnet18", pretrained_file=str(path), freeze_backbone=True)
+    model = frozen.build((3, 32, 32), 10, log=lines.append)
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == ["fc.bias", "fc.weight"] and "backbone frozen" in lines[-1]
+
+
+def test_pretrained_weights_behind_an_input_adapter_and_bad_files_are_named(tmp_path):
+    from kd_ray.core.config import ConfigError, StudentConfig, TeacherSpec
+    from kd_ray.core.config_files import load_config
+
+    mlp_weights = build_model("mlp", (1, 8, 8), 10, hidden=[16]).state_dict()
+    torch.save(mlp_weights, tmp_path / "mlp.pt")
+    adapted = TeacherSpec(model="mlp", model_args={"hidden": [16]}, input_adapt={"channels": 1},
+                          pretrained_file=str(tmp_path / "mlp.pt")).build((1, 8, 8), 10, log=lambda _: None)
+    assert torch.equal(adapted.model.state_dict()["3.weight"], mlp_weights["3.weight"])
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="pretrained_file: .*junk.pt is not a state dict"):
+        StudentConfig(model_args={"hidden": [16]}, pretrained_file=str(tmp_path / "junk.pt")).build((1, 8, 8), 10)
+    with pytest.raises(ValueError, match="no tensor of .* fits cnn"):
+        StudentConfig(model="cnn", model_args={}, pretrained_file=str(tmp_path / "mlp.pt")).build((1, 8, 8), 10)
+    with pytest.raises(ConfigError, match=r"student.pretrained_file: .*no file"):
+        load_config(None, [f"student.pretrained_file={tmp_path / 'missing.pt'}"])
+    with pytest.raises(ConfigError, match="freeze_backbone: needs pretrained weights"):
+        load_config(None, ["teachers.freeze_backbone=true"])
+    with pytest.raises(ValueError, match="has no published weights"):
+        StudentConfig(model_args={"hidden": [16]}, pretrained=True).build((1, 8, 8), 10)
+
+
+def test_a_runs_identity_follows_the_weights_file_content(tmp_path):
+    from kd_ray.core.config import TeacherSpec
+    from kd_ray.stages.teachers import spec_key
+
+    path = tmp_path / "w.pt"
+    torch.save(build_model("mlp", (1, 8, 8), 10, hidden=[16]).state_dict(), path)
+    spec = TeacherSpec(model_args={"hidden": [16]}, pretrained_file=str(path))
+    key = spec_key(spec, {"data": 1})
+    assert spec_key(spec, {"data": 1}) == key
+    assert spec_key(spec.model_copy(update={"pretrained_file": None}), {"data": 1}) != key
+    torch.save(build_model("mlp", (1, 8, 8), 10, hidden=[16]).state_dict(), path)  # other weights, same path
+    assert spec_key(spec, {"data": 1}) != key

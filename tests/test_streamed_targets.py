@@ -25,9 +25,10 @@ def test_thousand_classes_streamed_top_k_cache_and_student(tmp_path):
     from kd_ray.stages.streamed_targets import build_streamed_targets, student_rows
 
     data = str(tmp_path / "syn")
-    make_synthetic.write(data, rows=3000, test_rows=300, classes=1000, shard_rows=1000, seed=0)
+    make_synthetic.write(data, rows=1500, test_rows=150, classes=1000, shard_rows=500, seed=0)
     base = [f"runtime.storage_path={tmp_path / 'runs'}", "data.name=parquet", f"data.root={data}",
-            "data.image_shape=[3, 32, 32]", "soft_targets.temperature=4", "soft_targets.batch_size=512"]
+            "data.image_shape=[3, 32, 32]", "soft_targets.temperature=4", "soft_targets.batch_size=512",
+            "student.model_args={hidden: [64]}"]
     (tmp_path / "runs").mkdir()
     cfg = load_config(None, base + ["soft_targets.teacher_logits=topk", "soft_targets.top_k=32"])
     source = open_source(cfg.data, subsets=[(0.5, 0)])

@@ -6,7 +6,8 @@ later stage receives this object; none re-reads the YAML or invents a default of
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Optional
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import (
@@ -99,18 +100,46 @@ class TrainSpec(_Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     schedule: Literal["cosine", "constant"] = "cosine"
+    # Start from weights instead of a fresh initialisation: ``pretrained`` true (the model's
+    # published weights: timm / torchvision, fetched by the library) or a torchvision weights name /
+    # timm tag; ``pretrained_file`` a state dict or safetensors file, a path or URI (machines without
+    # internet). Tensors whose name and shape match are loaded; the rest (a classifier for the
+    # data's classes) stay new. ``freeze_backbone``: only the new tensors train.
+    pretrained: Union[bool, str] = False
+    pretrained_file: Optional[str] = None
+    freeze_backbone: bool = False
 
     @model_validator(mode="after")
     def _model_fits(self) -> "TrainSpec":
         check_model(self.model, self.model_args)  # before Ray starts: the reference and its arguments
+        if self.pretrained and self.pretrained_file:
+            raise ValueError("pretrained_file: give pretrained or pretrained_file, not both")
+        if self.freeze_backbone and not (self.pretrained or self.pretrained_file):
+            raise ValueError("freeze_backbone: needs pretrained weights (pretrained or pretrained_file)")
+        if self.pretrained_file and "://" not in self.pretrained_file and not Path(self.pretrained_file).is_file():
+            raise ValueError(f"pretrained_file: no file {self.pretrained_file}")
         return self
 
-    def build(self, input_shape, num_classes: int):
-        """This spec's model for data of ``input_shape`` (behind its input adapter, if any)."""
-        from kd_ray.core.models import build_model
+    def build(self, input_shape, num_classes: int, log=print):
+        """This spec's model for data of ``input_shape`` (behind its input adapter, if any), from its
+        pretrained weights when it names some (``log`` says which tensors were loaded and which are new)."""
+        from kd_ray.core.models import build_model, load_matching, published_weights, read_weights
 
         adapt = self.input_adapt.model_dump() if self.input_adapt else None
-        return build_model(self.model, input_shape, num_classes, input_adapt=adapt, **self.model_args)
+        model = build_model(self.model, input_shape, num_classes, input_adapt=adapt, **self.model_args)
+        if not (self.pretrained or self.pretrained_file):
+            return model
+        source = self.pretrained_file or f"{self.model} published weights ({self.pretrained})"
+        state = read_weights(self.pretrained_file) if self.pretrained_file else published_weights(self.model, self.pretrained)
+        loaded, new = load_matching(model, state)
+        if not loaded:
+            raise ValueError(f"pretrained_file: no tensor of {source} fits {self.model} (names or shapes differ)")
+        if self.freeze_backbone:
+            for name, p in model.named_parameters():
+                p.requires_grad_(name.removeprefix("model.") not in loaded)
+        log(f"[kd_ray] {self.model}: {len(loaded)} tensors loaded from {source}; new: {new or 'none'}"
+            + ("; backbone frozen" if self.freeze_backbone else ""))
+        return model
 
 
 class TeacherSpec(TrainSpec):
@@ -225,7 +254,7 @@ class SoftTargetsConfig(_Section):
 
 # StudentConfig fields added after runs were named: at these values they stay out of run names
 _NAMELESS_DEFAULTS = {"min_steps": None, "init": "scratch", "grad_clip_norm": None, "loss": "kd",
-                      "input_adapt": None}
+                      "input_adapt": None, "pretrained": False, "pretrained_file": None, "freeze_backbone": False}
 
 
 class StudentConfig(TrainSpec):

@@ -166,9 +166,10 @@ _CHECKED: set[str] = set()  # (ref, model_args) pairs that passed: every spec re
 def check_model(ref: str, model_args: dict[str, Any]) -> None:
     """Raise ValueError naming the argument when ``model_args`` does not fit the factory of ``ref``.
 
-    Explicit signatures are read; factories that take ``**kwargs`` (timm, torchvision) are built
-    once on the meta device (no memory, no weights) on a 3 x 32 x 32 input with 10 classes. A pair
-    that passed is not checked again in this process."""
+    Explicit signatures are read for the argument names; then every factory is built once on the
+    meta device (no memory, no weights) on a 3 x 32 x 32 input with 10 classes, so a value of the
+    wrong kind (``hidden: 5`` for a list) fails here, before Ray starts. A pair that passed is not
+    checked again in this process."""
     key = json.dumps([ref, model_args], sort_keys=True, default=str)
     if key in _CHECKED:
         return
@@ -186,12 +187,11 @@ def _check_model(ref: str, model_args: dict[str, Any]) -> None:
                 if key not in params or key in fixed:
                     raise ValueError(f"model_args.{key}: {ref} takes no argument {key!r}; it takes "
                                      f"{[p for p in params if p not in fixed]}")
-            return
     try:
         with torch.device("meta"):
             _call(ref, (3, 32, 32), 10, model_args)
-    except TypeError as e:
-        raise ValueError(f"model_args: {ref} refuses them: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"model_args: {ref} refuses {model_args}: {e}") from None
 
 
 def build_model(ref: str, input_shape: Sequence[int], num_classes: int, input_adapt: Optional[dict] = None,
@@ -211,6 +211,80 @@ def build_model(ref: str, input_shape: Sequence[int], num_classes: int, input_ad
     if input_adapt:
         model = InputAdapter(model, input_adapt.get("channels"), input_adapt.get("size"))
     return model.to(memory_format=torch.channels_last)
+
+
+def read_weights(path: str) -> dict[str, torch.Tensor]:
+    """A state dict from ``path`` (local or URI): safetensors, or a torch file holding a state dict
+    (also under ``state_dict`` or ``model``, as training checkpoints keep it). Loaded with
+    ``weights_only=True``; errors name the file."""
+    import io
+
+    from kd_ray.core import storage
+
+    try:
+        raw = storage.read_bytes(path)
+    except (OSError, FileNotFoundError) as e:
+        raise ValueError(f"pretrained_file: cannot read {path}: {e}") from None
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load as load_safetensors
+
+            state = load_safetensors(raw)
+        else:
+            state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- any unreadable file is the same error for the user
+        raise ValueError(f"pretrained_file: {path} is not a state dict or safetensors file ({e})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"pretrained_file: {path} holds no state dict of tensors")
+    return state
+
+
+def weights_digest(spec) -> str | None:
+    """What names a spec's starting weights in a run's identity: the sha256 of its
+    ``pretrained_file`` (a file replaced under the same path is other weights), else None."""
+    if not getattr(spec, "pretrained_file", None):
+        return None
+    import hashlib
+
+    from kd_ray.core import storage
+
+    return hashlib.sha256(storage.read_bytes(spec.pretrained_file)).hexdigest()
+
+
+def published_weights(ref: str, pretrained: bool | str) -> dict[str, torch.Tensor]:
+    """The published weights of a timm or torchvision model (downloaded by the library, so this
+    needs its hub): ``True`` for the default weights, or a torchvision weights name / timm tag."""
+    kind, _, name = ref.partition(":")
+    if kind == "timm":
+        import timm
+
+        tag = "" if pretrained is True else f".{pretrained}"
+        return timm.create_model(name + tag, pretrained=True).state_dict()
+    if kind == "torchvision":
+        import torchvision
+
+        choices = torchvision.models.get_model_weights(name)
+        try:
+            weights = choices.DEFAULT if pretrained is True else choices[str(pretrained)]
+        except KeyError:
+            raise ValueError(f"pretrained: {ref} has no weights {pretrained!r}; it has "
+                             f"{[w.name for w in choices]}") from None
+        return weights.get_state_dict(progress=False)
+    raise ValueError(f"pretrained: {ref} has no published weights; give pretrained_file instead")
+
+
+def load_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """Copy every tensor of ``state`` whose name and shape match into ``model`` (behind its input
+    adapter); the rest of the model keeps its fresh initialisation -- a classifier for another
+    number of classes, an input layer for other channels. Returns (loaded names, new names)."""
+    inner = inner_model(model)
+    own = inner.state_dict()
+    take = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    inner.load_state_dict(take, strict=False)
+    return sorted(take), sorted(k for k in own if k not in take)
 
 
 def inner_model(model: nn.Module) -> nn.Module:

@@ -34,7 +34,7 @@ from kd_ray.core.config import (
     StudentConfig,
 )
 from kd_ray.core.ensemble import load_teacher_files
-from kd_ray.core.models import count_parameters
+from kd_ray.core.models import count_parameters, weights_digest
 from kd_ray.core.subsets import select_fraction
 from kd_ray.core.train import (
     schedule_epochs,
@@ -70,7 +70,8 @@ class DistillResult:
 
 def run_name(cfg: ExperimentConfig, soft: SoftTargets) -> str:
     s, T, teaching = cfg.student, cfg.student_temperature(), cfg.teaching()
-    key = {"student": s.identity(), "T": T, "soft": soft.manifest["fingerprint"],
+    key = {"student": s.identity() | ({"pretrained_sha256": weights_digest(s)} if s.pretrained_file else {}),
+           "T": T, "soft": soft.manifest["fingerprint"],
            "data_seed": cfg.data.seed, "teaching": teaching,
            "jitter": cfg.soft_targets.jitter if teaching != "cached" else 0}
     if teaching == "consistent" and cfg.soft_targets.mixup > 0:

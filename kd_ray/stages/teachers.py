@@ -40,7 +40,7 @@ from kd_ray.core.ensemble import (
     save_teacher_model,
 )
 from kd_ray.core.losses import ensemble_average
-from kd_ray.core.models import count_parameters
+from kd_ray.core.models import count_parameters, weights_digest
 from kd_ray.core.subsets import select_fraction
 from kd_ray.core.train import (
     Diverged,
@@ -72,6 +72,8 @@ class EnsembleError(RuntimeError):
 def spec_key(spec: TeacherSpec, data_identity: dict) -> str:
     """What a checkpoint must match to be resumed or reused: the spec and the data."""
     learn = {k: v for k, v in spec.model_dump(mode="json").items() if k not in _PLACEMENT_FIELDS}
+    if spec.pretrained_file:  # the weights it starts from, by content
+        learn["pretrained_sha256"] = weights_digest(spec)
     blob = json.dumps({"spec": learn, "data": data_identity}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
