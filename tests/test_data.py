@@ -231,3 +231,62 @@ def test_image_encodings_decode_to_the_same_images():
         assert n == 5 * 64
         np.testing.assert_allclose(total / n, want.astype(np.float64).mean((0, 2, 3)), rtol=1e-6)
         np.testing.assert_allclose(sq / n, (want.astype(np.float64) ** 2).mean((0, 2, 3)), rtol=1e-6)
+
+
+# ------------------------------------------------------------------ Hugging Face datasets
+def _hf_dataset(n_train=40, n_test=12):
+    """A real `datasets` DatasetDict: PNG images (the Image feature: {bytes, path}) and a ClassLabel
+    with 4 names, of which the rows use 3; the test split is called "validation"."""
+    import datasets
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (n_train + n_test, 8, 8), dtype=np.uint8)
+    labels = (np.arange(n_train + n_test) % 3).astype(np.int64)
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b", "c", "d"])})
+
+    def part(lo, hi):
+        return datasets.Dataset.from_dict({"img": [Image.fromarray(p) for p in pixels[lo:hi]],
+                                           "label": labels[lo:hi].tolist()}, features=features)
+
+    return datasets.DatasetDict({"train": part(0, n_train), "validation": part(n_train, n_train + n_test)}), pixels, labels
+
+
+def test_hf_save_to_disk_and_hub_parquet_read_the_same_rows_and_ids(tmp_path):
+    import shutil
+
+    dd, _, labels = _hf_dataset()
+    dd.save_to_disk(str(tmp_path / "disk"))
+    for split, ds in dd.items():  # the hub's layout: data/<split>-00000-of-00001.parquet
+        ds.to_parquet(str(tmp_path / "hub" / "data" / f"{split}-00000-of-00001.parquet"))
+    cfg = dict(name="hf", image_column="img", test_split="validation", val_fraction=0.25)
+    disk = load_splits(DataConfig(root=str(tmp_path / "disk"), **cfg))
+    hub = load_splits(DataConfig(root=str(tmp_path / "hub"), **cfg))
+    assert disk.num_classes == 4 and disk.input_shape == (1, 8, 8)  # the label feature's names, not max + 1
+    for a, b in ((disk.train, hub.train), (disk.val, hub.val), (disk.test, hub.test)):
+        assert np.array_equal(a.ids, b.ids) and np.array_equal(a.labels, b.labels) and np.array_equal(a.images, b.images)
+    assert len(disk.test) == 12 and sorted(disk.test.labels) == sorted(labels[40:])  # the "validation" rows
+    every = np.concatenate([disk.train.ids, disk.val.ids, disk.test.ids])
+    assert len(set(every.tolist())) == 52  # ids distinct across splits
+    shutil.copytree(tmp_path / "disk", tmp_path / "copy")  # a copy elsewhere: the same ids
+    copy = load_splits(DataConfig(root=str(tmp_path / "copy"), **cfg))
+    assert np.array_equal(copy.test.ids, disk.test.ids) and np.array_equal(copy.train.ids, disk.train.ids)
+    with pytest.raises(DatasetNotFoundError, match="no 'test' split .* set data.train_split / data.test_split"):
+        load_splits(DataConfig(name="hf", root=str(tmp_path / "disk"), image_column="img"))
+    with pytest.raises(ValueError, match="column 'image' not found"):
+        load_splits(DataConfig(name="hf", root=str(tmp_path / "disk"), test_split="validation"))
+
+
+def test_the_parquet_source_reads_the_hf_image_struct_and_names_images_without_bytes(tmp_path):
+    dd, pixels, _ = _hf_dataset()
+    (tmp_path / "pq").mkdir()
+    dd["train"].to_parquet(str(tmp_path / "pq" / "train.parquet"))
+    dd["validation"].to_parquet(str(tmp_path / "pq" / "test.parquet"))
+    splits = load_splits(DataConfig(name="parquet", root=str(tmp_path / "pq"), image_column="img"))
+    assert splits.input_shape == (1, 8, 8) and len(splits.test) == 12
+    x = decode_images(pq.read_table(tmp_path / "pq" / "test.parquet").column("img"), None, "t")
+    assert np.allclose(x[:, 0], pixels[40:] / 255.0)
+    paths_only = pa.array([{"bytes": None, "path": "a.png"}], pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    with pytest.raises(ValueError, match="1 images hold only a path"):
+        decode_images(paths_only, None, "t")
+    with pytest.raises(ValueError, match="stream: an hf source is read into memory"):
+        DataConfig(name="hf", root=str(tmp_path), stream=True)

@@ -21,7 +21,7 @@ from pydantic import (
 
 from kd_ray.core.models import check_model
 
-DATASETS = ("digits", "mnist", "fashion_mnist", "kmnist", "cifar10", "cifar100", "parquet", "image_folder")
+DATASETS = ("digits", "mnist", "fashion_mnist", "kmnist", "cifar10", "cifar100", "parquet", "image_folder", "hf")
 # Metrics a sweep can optimise: validation only (the test split never chooses anything)
 METRICS = ("val_accuracy", "val_nll", "val_fidelity")
 
@@ -51,8 +51,11 @@ class DataConfig(_Section):
     download: bool = False  # torchvision sources only: download into root when missing
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)  # carved from the training set, stratified
     seed: int = 0  # seed of the validation split and of the nested fractions
-    image_column: str = "image"  # parquet sources
+    image_column: str = "image"  # parquet and hf sources
     label_column: str = "label"
+    # hf: a Hugging Face `datasets` folder (save_to_disk, or the hub's parquet files) and its split names
+    train_split: str = "train"
+    test_split: str = "test"
     image_shape: Optional[list[int]] = None  # parquet: reshape flat images to (C, H, W)
     image_size: Optional[list[int]] = None  # image_folder: resize to (H, W)
     omit_classes: list[int] = []  # transfer-set filter (the paper's omitted-digit experiment)
@@ -72,8 +75,11 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _root_when_needed(self) -> "DataConfig":
-        if self.name in ("parquet", "image_folder") and not self.root:
+        if self.name in ("parquet", "image_folder", "hf") and not self.root:
             raise ValueError(f"data.root is required for the {self.name!r} source")
+        if self.stream and self.name == "hf":
+            raise ValueError("stream: an hf source is read into memory; for data larger than memory give its parquet "
+                             "files as data.name: parquet (the {bytes, path} image column reads there too)")
         if self.stream and self.name not in ("parquet", "image_folder"):
             raise ValueError(f"stream: streamed sources are parquet or image_folder; data.name is {self.name!r}")
         return self

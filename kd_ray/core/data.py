@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import pickle
 import struct
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from kd_ray.core.images import (
     folder_images,
     folder_listing,
     image_mode,
+    path_ids,
     to_unit,
 )
 from kd_ray.core.subsets import select_fraction
@@ -261,6 +263,55 @@ def _parquet_source(cfg: "DataConfig") -> tuple[Split, Split, int]:
     return train, test, int(max(train.labels.max(), test.labels.max())) + 1
 
 
+def _hf_source(cfg: "DataConfig") -> tuple[Split, Split, int]:
+    """A Hugging Face ``datasets`` folder, local or URI: what ``DatasetDict.save_to_disk`` writes
+    (``<split>/data-*.arrow``, Arrow streams) or the hub's parquet layout (``**/<split>-*.parquet``
+    or ``**/<split>/*.parquet``). Images from the image column (the ``{bytes, path}`` struct, or
+    any form the parquet source reads), labels from the label column; ids hash (split, row), so
+    they are the same in every copy of the files; classes from the label feature's names when the
+    files carry them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, base = storage.resolve(cfg.root)
+    listing = [f for f in fs.get_file_info(pa.fs.FileSelector(base, recursive=True, allow_not_found=True))
+               if f.type.name == "File"]
+
+    def files_of(split: str) -> tuple[list[str], str]:
+        arrow = sorted(f.path for f in listing if f.path.endswith(".arrow") and f.path.rsplit("/", 2)[-2] == split)
+        if arrow:
+            return arrow, "arrow"
+        rel = [(f.path, f.path[len(base):].lstrip("/")) for f in listing if f.path.endswith(".parquet")]
+        parquet = sorted(p for p, r in rel if r.rsplit("/", 1)[-1].startswith(f"{split}-") or f"/{split}/" in f"/{r}")
+        if parquet:
+            return parquet, "parquet"
+        raise DatasetNotFoundError(f"hf: no {split!r} split under {cfg.root} (neither {split}/data-*.arrow from "
+                                   f"save_to_disk nor {split}-*.parquet); set data.train_split / data.test_split")
+
+    def read(split: str) -> tuple[Split, dict]:
+        paths, kind = files_of(split)
+        if kind == "arrow":
+            tables = []
+            for p in paths:
+                with fs.open_input_file(p) as f:
+                    tables.append(pa.ipc.open_stream(f).read_all())
+        else:
+            tables = [pq.read_table(p, filesystem=fs) for p in paths]
+        table = pa.concat_tables(tables)
+        for c in (cfg.image_column, cfg.label_column):
+            if c not in table.column_names:
+                raise ValueError(f"hf {cfg.root} ({split}): column {c!r} not found; columns are {table.column_names} "
+                                 f"(set data.image_column / data.label_column)")
+        x = decode_images(table.column(cfg.image_column), cfg.image_shape, f"hf {cfg.root} ({split})")
+        y = table.column(cfg.label_column).to_numpy().astype(np.int64)
+        ids = path_ids(f"{split}/{i}" for i in range(len(y)))
+        return Split(ids, x, y), json.loads((table.schema.metadata or {}).get(b"huggingface", b"{}"))
+
+    (train, meta), (test, _) = read(cfg.train_split), read(cfg.test_split)
+    names = meta.get("info", {}).get("features", {}).get(cfg.label_column, {}).get("names")
+    return train, test, len(names) if names else int(max(train.labels.max(), test.labels.max())) + 1
+
+
 def _image_folder_source(cfg: "DataConfig") -> tuple[Split, Split, int]:
     classes = folder_classes(cfg.root)
     listings = {s: folder_listing(cfg.root, s, classes) for s in ("train", "test")}
@@ -270,7 +321,7 @@ def _image_folder_source(cfg: "DataConfig") -> tuple[Split, Split, int]:
     return splits[0], splits[1], len(classes)
 
 
-_SOURCES = {"digits": _digits, "parquet": _parquet_source, "image_folder": _image_folder_source,
+_SOURCES = {"digits": _digits, "parquet": _parquet_source, "image_folder": _image_folder_source, "hf": _hf_source,
             **{k: _idx_source for k in _IDX}, **{k: _cifar_source for k in _CIFAR}}
 
 

@@ -3,7 +3,8 @@
 Used by the in-memory reader (:mod:`kd_ray.core.data`) and the streamed one
 (:mod:`kd_ray.stages.sources`) alike, so both make every image the same way, bit for bit.
 
-* A parquet column: numbers (flat or nested lists, tensors) or encoded PNG/JPEG bytes.
+* A parquet column: numbers (flat or nested lists, tensors) or encoded PNG/JPEG bytes (also as
+  Hugging Face's ``{bytes, path}`` image struct).
 * An image folder ``root/{train,test}/<class>/<image>``: listed (local or an object store), each
   file's id a hash of its ``split/class/name``, decoded as ``ray.data.read_images`` decodes.
 """
@@ -54,6 +55,8 @@ def raw_images(column, shape: list[int] | None, what: str) -> np.ndarray:
 
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
+    if isinstance(column, pa.Array) and pa.types.is_struct(column.type) and column.type.get_field_index("bytes") >= 0:
+        column = hf_image_bytes(column, what)
     if isinstance(column, pa.Array) and (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
         column = np.asarray(column.to_pylist(), dtype=object)
     if isinstance(column, pa.Array) and pa.types.is_fixed_size_list(column.type) and column.null_count == 0:
@@ -67,6 +70,15 @@ def raw_images(column, shape: list[int] | None, what: str) -> np.ndarray:
     elif arr.dtype == object:
         arr = np.stack([np.asarray(v) for v in arr]) if len(arr) else np.zeros((0, 1))
     return _images_to_chw(arr, shape, what)
+
+
+def hf_image_bytes(column, what: str):
+    """The encoded bytes of a Hugging Face ``Image`` column (a ``{bytes, path}`` struct per row)."""
+    data = column.field("bytes")
+    if data.null_count:
+        raise ValueError(f"{what}: {data.null_count} images hold only a path, no bytes; save the dataset with its "
+                         f"images embedded (datasets' save_to_disk / push_to_hub do) or use data.name: image_folder")
+    return data
 
 
 def _decode_encoded(values: np.ndarray, what: str) -> np.ndarray:
