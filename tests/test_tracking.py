@@ -65,3 +65,50 @@ def test_mlflow_on_an_object_store_needs_a_tracking_uri():
     cfg = load_config(None, ["runtime.storage_path=s3://bucket/runs", "runtime.tracking=[mlflow]",
                              "runtime.mlflow_uri=http://mlflow.internal:5000"])
     assert mlflow_uri(cfg) == "http://mlflow.internal:5000"
+
+
+def wandb_records(folder) -> list:
+    """The records of W&B's offline run files under ``folder`` (LevelDB log framing after a 7-byte
+    ":W&B" header: 32 KiB blocks of [crc 4, length 2, type 1] chunks, each record a protobuf)."""
+    from pathlib import Path
+
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    out = []
+    for f in sorted(Path(folder).rglob("run-*.wandb")):
+        raw, pos, buf = f.read_bytes(), 7, b""
+        while pos + 7 <= len(raw):
+            if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+                pos += 32768 - pos % 32768
+                continue
+            n, kind = int.from_bytes(raw[pos + 4:pos + 6], "little"), raw[pos + 6]
+            buf, pos = buf + raw[pos + 7:pos + 7 + n], pos + 7 + n
+            if kind in (1, 4):  # a full record, or the last chunk of one
+                out.append(Record.FromString(buf))
+                buf = b""
+    return out
+
+
+def test_wandb_offline_run_with_the_same_metrics(tmp_path, monkeypatch):
+    import json
+    import time
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = load_config(None, [f"runtime.storage_path={tmp_path}", "runtime.tracking=[wandb]",
+                             "runtime.wandb_project=kd"])
+    track(cfg, "students", "student-a", "student-a", {"lr": 0.05}, HISTORY, {"val_accuracy": 0.75})
+    deadline = time.time() + 60  # W&B's service process writes the run file after finish() returns
+    records = wandb_records(tmp_path / "digits" / "wandb")  # offline: no network, files in the experiment
+    while not any(r.WhichOneof("record_type") == "exit" for r in records):
+        assert time.time() < deadline, "no complete offline W&B run under <storage>/<name>/wandb"
+        time.sleep(0.5)
+        records = wandb_records(tmp_path / "digits" / "wandb")
+    runs = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert runs and runs[0].project == "kd" and runs[0].display_name == "student student-a"
+    history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item} for r in records
+               if r.WhichOneof("record_type") == "history"]
+    assert [(h["_step"], h["val_accuracy"]) for h in history] == [(1, 0.5), (2, 0.75)]
+    summary = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for r in records
+               if r.WhichOneof("record_type") == "summary"
+               for i in r.summary.update}
+    assert summary["final_val_accuracy"] == 0.75

@@ -422,9 +422,15 @@ class RuntimeConfig(_Section):
     # and float32 on a CPU; "fp16" also scales the loss (torch.amp.GradScaler)
     mixed_precision: Literal["auto", "off", "bf16", "fp16"] = "auto"
     # where finished teachers' and students' per-epoch metrics go (kd_ray/stages/tracking.py)
-    tracking: list[Literal["tensorboard", "mlflow"]] = ["tensorboard"]
+    tracking: list[Literal["tensorboard", "mlflow", "wandb"]] = ["tensorboard"]
     # MLflow tracking URI (a server, sqlite:///..., or a folder); None: <storage_path>/<name>/mlruns
     mlflow_uri: Optional[str] = None
+    # Weights & Biases: project and entity (None: WANDB_PROJECT / WANDB_ENTITY, else the experiment's
+    # name and your default entity); mode online, or offline (files under <storage>/<name>/wandb,
+    # `wandb sync` them later); None: WANDB_MODE, else offline
+    wandb_project: Optional[str] = None
+    wandb_entity: Optional[str] = None
+    wandb_mode: Optional[Literal["online", "offline"]] = None
     # what `kd-ray run` and jobs/pipeline.py run, in this order (a stage computes what it
     # needs from earlier ones when missing, and reuses what is finished)
     stages: list[Literal["teachers", "soft-targets", "sweep", "report"]] = ["teachers", "soft-targets", "sweep", "report"]
@@ -444,6 +450,8 @@ class RuntimeConfig(_Section):
 
         from kd_ray.core.storage import is_local
 
+        if "wandb" in self.tracking and importlib.util.find_spec("wandb") is None:
+            raise ValueError("tracking: wandb is not installed; `pip install wandb` or drop wandb")
         if "mlflow" not in self.tracking:
             return self
         if importlib.util.find_spec("mlflow") is None:

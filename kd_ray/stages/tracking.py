@@ -4,6 +4,8 @@ after it finished (:func:`track`), once.
 * ``tensorboard``: event files under ``<storage>/<name>/tensorboard/<teachers|students>/<run>/``
   (tensorboardX; on an object store written locally and copied up after every row). A student's
   scalars are written per validation while it trains (:class:`LiveTracker`).
+* ``wandb``: one Weights & Biases run per teacher and per student, with the same metrics as
+  MLflow's; offline by default (files under ``<storage>/<name>/wandb``, ``wandb sync`` later).
 * ``mlflow``: one MLflow run per teacher and per student (so one per sweep trial) in the experiment
   ``<name>``, with its parameters, per-validation metrics as they come, final metrics and the
   resolved config as the artifact ``config.yaml``. The tracking URI is ``runtime.mlflow_uri``, by default MLflow's file
@@ -67,9 +69,10 @@ class LiveTracker:
         self.cfg, self.kind, self.name, self.key, self.params = cfg, kind, name, key, params
         self._tb = None  # (SummaryWriter, the folder it writes to)
         self._run = None  # (MlflowClient, run id), or False: logged before
+        self._wandb = None  # the W&B run
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_tb": None, "_run": None}
+        return {**self.__dict__, "_tb": None, "_run": None, "_wandb": None}
 
     @property
     def tensorboard_dir(self) -> str:
@@ -88,6 +91,8 @@ class LiveTracker:
         step = int(row.get("epoch", 0))
         values = {k: v for k, v in _numbers(row).items() if k != "epoch"}
         self._scalars(values, step)
+        if "wandb" in self.cfg.runtime.tracking:
+            self._wandb_run().log(values, step=step)
         run = self._mlflow()
         if run:
             from mlflow.entities import Metric
@@ -97,6 +102,11 @@ class LiveTracker:
 
     def finish(self, final: dict[str, Any]) -> None:
         self._scalars({f"final/{k}": v for k, v in _numbers(final).items()}, 0)
+        if "wandb" in self.cfg.runtime.tracking:
+            run = self._wandb_run()
+            run.summary.update({f"final_{k}": v for k, v in _numbers(final).items()})
+            run.finish()
+            self._wandb = None
         if self._tb is not None:
             self._tb[0].close()
             self._sync()
@@ -134,6 +144,28 @@ class LiveTracker:
         for f in Path(self._tb[1]).rglob("*"):
             if f.is_file():
                 storage.write_bytes(storage.join(self.tensorboard_dir, str(f.relative_to(self._tb[1]))), f.read_bytes())
+
+    # ------------------------------------------------------------------ Weights & Biases
+    def _wandb_run(self):
+        """This run's W&B run: its id a hash of its kd_ray key, so a retried or resumed run (and
+        :meth:`finish` from another process) goes on in the same W&B run."""
+        if self._wandb is None:
+            import hashlib
+
+            import wandb
+
+            rt = self.cfg.runtime
+            out = experiment_dir(self.cfg)
+            folder = storage.resolve(out)[1] if storage.is_local(out) else tempfile.mkdtemp(prefix="kd_ray_wandb_")
+            os.makedirs(folder, exist_ok=True)
+            self._wandb = wandb.init(
+                project=rt.wandb_project or os.environ.get("WANDB_PROJECT") or self.cfg.name,
+                entity=rt.wandb_entity or os.environ.get("WANDB_ENTITY"), dir=folder,
+                mode=rt.wandb_mode or os.environ.get("WANDB_MODE") or "offline",
+                id=hashlib.sha256(f"{self.kind}/{self.key}".encode()).hexdigest()[:16], resume="allow",
+                name=f"{self.kind[:-1]} {self.name}", group=self.kind, config=self.params,
+                reinit="create_new", settings=wandb.Settings(silent=True, console="off"))
+        return self._wandb
 
     # ------------------------------------------------------------------ MLflow
     def _mlflow(self):
