@@ -162,12 +162,46 @@ def test_imported_and_timm_teachers_distil_a_timm_student_with_tracking(ray_sess
     assert len(list((exp / "tensorboard" / "students").iterdir())) == 2
     assert (exp / "config.yaml").exists()
 
-    # a mixed ensemble: the three imported teachers and a timm teacher trained here
-    argv[4] = f"teachers.specs={specs}, {{model: 'timm:test_efficientnet', epochs: 1}}]"
+    # a mixed ensemble: the three imported teachers and a timm teacher fine-tuned here from pretrained
+    # weights (a file; at a learning rate of ~0 its weights stay those it started from)
+    argv[4] = (f"teachers.specs={specs}, {{model: 'timm:test_efficientnet', epochs: 1, lr: 1.0e-12, "
+               f"pretrained_file: '{files['timm_state']}'}}]")
     argv[6] = "teachers.count=4"
     assert main(argv[:-2] + ["--set", "runtime.stages=[teachers]"]) == 0
     out = capsys.readouterr().out
     assert "1 to train, 3 complete and reused" in out and "teacher t3 done" in out
+    tuned = storage.load_torch(str(exp / "teachers" / "t3" / "model.pt"))["state_dict"]
+    start = torch.load(files["timm_state"], weights_only=True)
+    weights = [k for k in start if k in tuned and "running_" not in k and "num_batches" not in k]  # BN stats move
+    assert len(weights) > 10 and all(torch.allclose(tuned[k], start[k], atol=1e-5) for k in weights)
     assert list((exp / "tensorboard" / "teachers" / "t3").iterdir())
     runs = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
     assert [r.data.tags["kd_ray_run"] for r in runs if r.data.tags["kd_ray_kind"] == "teacher"] == ["t3"]
+
+
+@pytest.mark.slow
+def test_the_same_teachers_twice_are_bit_identical_under_load_and_say_where_they_ran(ray_session, tmp_path):
+    """Determinism on one machine: torch's threads follow the CPUs an actor holds (not the node's),
+    so extra load on the machine changes timing, never numbers; each teacher records the versions,
+    threads and CPU that produced it."""
+    import subprocess
+    import sys
+
+    from kd_ray.core.config_files import load_config
+
+    def run(where):
+        cfg = load_config(None, [f"runtime.storage_path={tmp_path / where}", "teachers.count=2", "teachers.epochs=2",
+                                 "teachers.model_args={hidden: [32]}", "teachers.jitter=1"])
+        return train_ensemble(cfg)
+
+    first = run("quiet")
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # a busy core beside the teachers
+    try:
+        second = run("loaded")
+    finally:
+        hog.kill()
+    for a, b in zip(first.teachers, second.teachers):
+        sa, sb = (storage.load_torch(t["model_path"])["state_dict"] for t in (a, b))
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+        env = b["environment"]
+        assert env["torch_threads"] == 1 and env["torch"] == torch.__version__ and env["cpu"]

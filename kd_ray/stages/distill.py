@@ -310,5 +310,6 @@ def _record(done_path: str, name: str, job: StudentJob, soft: SoftTargets, out: 
                                    "student": s.model_dump(mode="json"), "input_shape": soft.manifest["input_shape"],
                                    "normalization": soft.manifest.get("normalization", {}), "num_classes": C,
                                    "temperature": job.temperature, "soft_targets": soft.path,
-                                   "ensemble": soft.manifest["ensemble"]})
+                                   "ensemble": soft.manifest["ensemble"],
+                                   "environment": out.get("environment")})  # where it trained (rank 0)
     return DistillResult(metrics, ckpt_path, history, name)

@@ -34,6 +34,7 @@ from kd_ray.core.config import (
     StudentConfig,
 )
 from kd_ray.core.ensemble import load_teacher_files
+from kd_ray.core.environment import environment
 from kd_ray.core.models import inner_model
 from kd_ray.core.train import (
     Diverged,
@@ -213,7 +214,7 @@ def run_student(job: StudentJob, seam: TrainSeam | LightSeam) -> dict:
 
     final = _final_metrics(engine, job, seam, validate, device)
     seam.report(final, _checkpoint_writer(engine, rank, seen))
-    return {"history": engine.history, "final": final}
+    return {"history": engine.history, "final": final, "environment": environment()}
 
 
 def _final_metrics(engine: Engine, job: StudentJob, seam, validate, device) -> dict:

@@ -48,6 +48,7 @@ from ray.tune.schedulers import ASHAScheduler
 from kd_ray import layout
 from kd_ray.core import storage
 from kd_ray.core.config import ConfigError, ExperimentConfig
+from kd_ray.core.environment import environment
 from kd_ray.stages.cluster import capacity, student_uses_gpu
 from kd_ray.stages.distill import check_classes, distill
 from kd_ray.stages.progress import Progress
@@ -318,7 +319,8 @@ def run_sweep(cfg: ExperimentConfig, soft: SoftTargets, callbacks: list | None =
         "transfer_rows": soft.manifest["rows"]["train"], "seconds": round(time.time() - t0, 1),
         "jitter": cfg.soft_targets.jitter, "mixup": cfg.soft_targets.mixup, "min_steps": cfg.student.min_steps,
         "init": cfg.student.init, "student_gpu": use_gpu, "test_rows": soft.manifest["rows"]["test"],
-        "checkpoint_rule": "best validation epoch (val_accuracy)"})
+        "checkpoint_rule": "best validation epoch (val_accuracy)",
+        "environment": environment()})  # the driver's; each teacher's is in teachers/ensemble.json
     return SweepResult(df, out, sweep_dir, complete, time.time() - t0)
 
 

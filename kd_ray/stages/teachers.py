@@ -34,6 +34,7 @@ from torch import nn
 from kd_ray.core import storage
 from kd_ray.core.config import DataConfig, ExperimentConfig, TeacherSpec
 from kd_ray.core.data import Splits, load_splits
+from kd_ray.core.environment import environment
 from kd_ray.core.ensemble import (
     import_teacher,
     predict_logits,
@@ -196,6 +197,7 @@ class TeacherTrainer:
             "val_accuracy": engine.best.metric if history else float("nan"), "kept_epoch": engine.best.epoch,
             "params": count_parameters(model), "model_path": self.model_path, "train_size": size,
             "device": str(device), "seconds": time.time() - started,
+            "environment": environment(),  # where it trained: versions, threads, CPU/GPU model
         }
         storage.write_json(self.meta_path, meta)  # last: marks the teacher complete
         return {**meta, "epochs_run": spec.epochs - start_epoch, "resumed_from_epoch": start_epoch,
@@ -385,8 +387,8 @@ class EnsembleRun:
             "val_accuracy": acc, "model_paths": result.model_paths,
             "teachers": result.summary().to_dict(orient="records"),
             # where each teacher trained in this run (reused teachers: not placed)
-            "placement": {t["teacher_id"]: {"node_id": t.get("node_id"), "gpu_ids": t.get("gpu_ids", [])}
-                          for t in result.teachers},
+            "placement": {t["teacher_id"]: {"node_id": t.get("node_id"), "gpu_ids": t.get("gpu_ids", []),
+                                            "environment": t.get("environment")} for t in result.teachers},
         })
         return result
 
