@@ -25,8 +25,7 @@ Ctrl+C and after the driver was killed outright. (``Tuner.restore`` was tried fi
 2.60 a restored grid search with ``max_concurrent_trials`` did not generate the trials it had
 not created before the interruption.)
 
-Progress: :class:`Progress` prints a line per finished trial (k of N, its setting, validation
-accuracy, elapsed, ETA) and a heartbeat while trials run long.
+Progress: :class:`~kd_ray.stages.progress.Progress`, a line per finished trial and a heartbeat.
 """
 from __future__ import annotations
 
@@ -310,18 +309,22 @@ def run_sweep(cfg: ExperimentConfig, soft: SoftTargets, callbacks: list | None =
     complete = bool(df["status"].isin(["done", "stopped", "diverged"]).all())
     out = layout.experiment_dir(cfg)
     save_results(df, out)
-    e = soft.manifest["ensemble"]
     storage.write_json(storage.join(out, "sweep.json"), {
         "sweep": name, "experiment_path": sweep_dir, "metric": metric, "trials": len(trials), "complete": complete,
-        "ensemble_test_accuracy": e["test_accuracy"], "ensemble_val_accuracy": e["val_accuracy"],
-        "teacher_test_accuracy": e.get("teacher_test_accuracy", []), "teachers": len(soft.model_paths),
-        "temperature": soft.temperature, "rule": soft.manifest["rule"], "soft_targets": soft.path,
-        "transfer_rows": soft.manifest["rows"]["train"], "seconds": round(time.time() - t0, 1),
-        "jitter": cfg.soft_targets.jitter, "mixup": cfg.soft_targets.mixup, "min_steps": cfg.student.min_steps,
-        "init": cfg.student.init, "student_gpu": use_gpu, "test_rows": soft.manifest["rows"]["test"],
-        "checkpoint_rule": "best validation epoch (val_accuracy)",
-        "environment": environment()})  # the driver's; each teacher's is in teachers/ensemble.json
+        "seconds": round(time.time() - t0, 1), "student_gpu": use_gpu, **_sweep_facts(cfg, soft)})
     return SweepResult(df, out, sweep_dir, complete, time.time() - t0)
+
+
+def _sweep_facts(cfg: ExperimentConfig, soft: SoftTargets) -> dict:
+    """What the report says of a sweep besides its rows: the ensemble, the targets, the training."""
+    e = soft.manifest["ensemble"]
+    return {"ensemble_test_accuracy": e["test_accuracy"], "ensemble_val_accuracy": e["val_accuracy"],
+            "teacher_test_accuracy": e.get("teacher_test_accuracy", []), "teachers": len(soft.model_paths),
+            "temperature": soft.temperature, "rule": soft.manifest["rule"], "soft_targets": soft.path,
+            "transfer_rows": soft.manifest["rows"]["train"], "test_rows": soft.manifest["rows"]["test"],
+            "jitter": cfg.soft_targets.jitter, "mixup": cfg.soft_targets.mixup, "min_steps": cfg.student.min_steps,
+            "init": cfg.student.init, "checkpoint_rule": "best validation epoch (val_accuracy)",
+            "environment": environment()}  # the driver's; each teacher's is in teachers/ensemble.json
 
 
 def _read_rows_once(cfg: ExperimentConfig, soft: SoftTargets, todo: list[dict]) -> None:

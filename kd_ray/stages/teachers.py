@@ -34,12 +34,12 @@ from torch import nn
 from kd_ray.core import storage
 from kd_ray.core.config import DataConfig, ExperimentConfig, TeacherSpec
 from kd_ray.core.data import Splits, load_splits
-from kd_ray.core.environment import environment
 from kd_ray.core.ensemble import (
     import_teacher,
     predict_logits,
     save_teacher_model,
 )
+from kd_ray.core.environment import environment
 from kd_ray.core.losses import ensemble_average
 from kd_ray.core.models import count_parameters, weights_digest
 from kd_ray.core.subsets import select_fraction
@@ -187,21 +187,27 @@ class TeacherTrainer:
                 f"lower its lr (now {spec.lr}) or check the inputs. Its last good checkpoint "
                 f"(epoch {e.epoch - 1}) and the other teachers' checkpoints are kept."
             ) from None
-        history = engine.history
-        engine.restore_best()
-        save_teacher_model(self.model_path, self.teacher_id, self.key, spec, model, self.num_classes,
-                           self.input_shape, predict_logits(model, torch.from_numpy(val["image"])) if source is None else None)
-        meta = {
-            "teacher_id": self.teacher_id, "key": self.key, "spec": spec.model_dump(mode="json"),
-            "complete": True, "epoch": spec.epochs, "history": history,
-            "val_accuracy": engine.best.metric if history else float("nan"), "kept_epoch": engine.best.epoch,
-            "params": count_parameters(model), "model_path": self.model_path, "train_size": size,
-            "device": str(device), "seconds": time.time() - started,
-            "environment": environment(),  # where it trained: versions, threads, CPU/GPU model
-        }
-        storage.write_json(self.meta_path, meta)  # last: marks the teacher complete
+        meta = self._save(engine, None if source is not None else val, size, str(device), started)
         return {**meta, "epochs_run": spec.epochs - start_epoch, "resumed_from_epoch": start_epoch,
                 "start": started, "end": time.time()}
+
+    def _save(self, engine: Engine, val: dict | None, size: int, device: str, started: float) -> dict:
+        """The best validation epoch's model (with its validation logits, in memory) and the meta
+        that marks the teacher complete, written last."""
+        engine.restore_best()
+        model = engine.plain
+        save_teacher_model(self.model_path, self.teacher_id, self.key, self.spec, model, self.num_classes,
+                           self.input_shape, predict_logits(model, torch.from_numpy(val["image"])) if val else None)
+        meta = {
+            "teacher_id": self.teacher_id, "key": self.key, "spec": self.spec.model_dump(mode="json"),
+            "complete": True, "epoch": self.spec.epochs, "history": engine.history,
+            "val_accuracy": engine.best.metric if engine.history else float("nan"), "kept_epoch": engine.best.epoch,
+            "params": count_parameters(model), "model_path": self.model_path, "train_size": size,
+            "device": device, "seconds": time.time() - started,
+            "environment": environment(),  # where it trained: versions, threads, CPU/GPU model
+        }
+        storage.write_json(self.meta_path, meta)
+        return meta
 
 
 class TeacherActor:
