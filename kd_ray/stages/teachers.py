@@ -60,6 +60,8 @@ from kd_ray.stages.tracking import track
 
 # Fields of a spec that decide *where* it runs, not *what* it learns: changing them retrains nothing.
 _PLACEMENT_FIELDS = ("num_gpus", "num_cpus")
+# A teacher trained from scratch is keyed as before pretrained weights existed (no retraining)
+_FROM_SCRATCH = {"pretrained": False, "pretrained_file": None, "freeze_backbone": False}
 
 
 class TeacherError(RuntimeError):
@@ -72,7 +74,8 @@ class EnsembleError(RuntimeError):
 
 def spec_key(spec: TeacherSpec, data_identity: dict) -> str:
     """What a checkpoint must match to be resumed or reused: the spec and the data."""
-    learn = {k: v for k, v in spec.model_dump(mode="json").items() if k not in _PLACEMENT_FIELDS}
+    learn = {k: v for k, v in spec.model_dump(mode="json").items()
+             if k not in _PLACEMENT_FIELDS and not (k in _FROM_SCRATCH and v == _FROM_SCRATCH[k])}
     if spec.pretrained_file:  # the weights it starts from, by content
         learn["pretrained_sha256"] = weights_digest(spec)
     blob = json.dumps({"spec": learn, "data": data_identity}, sort_keys=True)
