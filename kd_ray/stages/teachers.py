@@ -56,7 +56,7 @@ from kd_ray.layout import ensemble_file, teachers_dir
 from kd_ray.stages.cluster import wait_for
 from kd_ray.stages.progress import Heartbeat
 from kd_ray.stages.sources import StreamedSource
-from kd_ray.stages.tracking import track
+from kd_ray.stages.tracking import LiveTracker
 
 # Fields of a spec that decide *where* it runs, not *what* it learns: changing them retrains nothing.
 _PLACEMENT_FIELDS = ("num_gpus", "num_cpus")
@@ -94,6 +94,7 @@ class TeacherTrainer:
     input_shape: tuple[int, ...]
     mixed_precision: str = "auto"  # runtime.mixed_precision
     progress: Any = None  # an object with .update(n) (a tqdm bar), or None
+    tracker: Any = None  # a LiveTracker: each epoch's row as it comes, the final metrics at the end
     log: list[str] = field(default_factory=list)
 
     @property
@@ -181,6 +182,8 @@ class TeacherTrainer:
             storage.save_torch(self.checkpoint_path, {"key": self.key, **engine.state_dict()})
             if self.progress is not None:
                 self.progress.update(1)
+            if self.tracker is not None:
+                self.tracker.log(row)
 
         try:
             engine.fit(spec.epochs, epoch_batches, validate, checkpoint)
@@ -191,6 +194,8 @@ class TeacherTrainer:
                 f"(epoch {e.epoch - 1}) and the other teachers' checkpoints are kept."
             ) from None
         meta = self._save(engine, None if source is not None else val, size, str(device), started)
+        if self.tracker is not None:
+            self.tracker.finish({"val_accuracy": meta["val_accuracy"], "kept_epoch": meta["kept_epoch"]})
         return {**meta, "epochs_run": spec.epochs - start_epoch, "resumed_from_epoch": start_epoch,
                 "start": started, "end": time.time()}
 
@@ -217,13 +222,15 @@ class TeacherActor:
     """One teacher in a Ray actor (made remote in :func:`_actor_class`)."""
 
     def __init__(self, teacher_id: str, spec: dict, key: str, out_dir: str, num_classes: int,
-                 input_shape: list[int], data: dict, mixed_precision: str = "auto", source: dict | None = None):
+                 input_shape: list[int], data: dict, mixed_precision: str = "auto", source: dict | None = None,
+                 experiment: dict | None = None):
         torch.set_num_threads(max(1, int(spec["num_cpus"])))
         # the actor reads its data itself, so a restart needs nothing from the object store; the
         # arguments are plain data (unpickling a config object would import torch in a second thread)
         self.teacher_id, self.data, self.source = teacher_id, DataConfig(**data), source  # source: a streamed one
         self.trainer = TeacherTrainer(teacher_id, TeacherSpec(**spec), key, out_dir, num_classes, tuple(input_shape),
                                       mixed_precision)
+        self.experiment = experiment  # the config as plain data, when runtime.tracking logs its epochs
 
     def train(self) -> dict:
         ctx = ray.get_runtime_context()
@@ -231,6 +238,10 @@ class TeacherActor:
                      "pid": os.getpid(), "torch_threads": torch.get_num_threads()}
         bar = tqdm(total=self.trainer.spec.epochs, desc=f"teacher {self.teacher_id}")
         self.trainer.progress = bar
+        if self.experiment is not None:  # live tracking from this process, epoch by epoch
+            t = self.trainer
+            t.tracker = LiveTracker(ExperimentConfig(**self.experiment), "teachers", t.teacher_id, t.key,
+                                    t.spec.model_dump(mode="json"))
         try:
             if self.source is not None:
                 out = self.trainer.run(source=StreamedSource.from_plain(self.source))
@@ -350,7 +361,8 @@ class EnsembleRun:
             actor = _actor_class().options(**options).remote(
                 tid, spec.model_dump(mode="json"), key, storage.join(out, tid),
                 self.data.num_classes, list(self.data.input_shape), cfg.data.model_dump(mode="json"),
-                cfg.runtime.mixed_precision, self.data.plain() if streamed else None)
+                cfg.runtime.mixed_precision, self.data.plain() if streamed else None,
+                cfg.model_dump(mode="json") if cfg.runtime.tracking else None)
             self.actors[tid] = actor
             self.refs[actor.train.remote()] = tid
         print(f"[kd_ray] teachers -> {out}: {len(self.refs)} to train, {len(self.reused)} complete and reused",
@@ -373,8 +385,6 @@ class EnsembleRun:
             try:
                 r = ray.get(ready[0])
                 results[tid] = r
-                if r["epochs_run"]:  # trained (or finished) in this run
-                    track(self.cfg, "teachers", tid, r["key"], r["spec"], r["history"], {"val_accuracy": r["val_accuracy"]})
                 print(f"[kd_ray] teacher {tid} done ({len(results) + len(failures)}/{len(self.ids)}): "
                       f"val accuracy {r['val_accuracy']:.4f}, {r['epochs_run']} epochs run", flush=True)
             except Exception as e:  # RayTaskError wraps the teacher's own error

@@ -180,8 +180,7 @@ class LiveTracker:
         if uri.startswith("file:"):
             os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
         client = MlflowClient(uri)
-        exp = client.get_experiment_by_name(self.cfg.name)
-        exp_id = exp.experiment_id if exp else client.create_experiment(self.cfg.name)
+        exp_id = _experiment_id(client, self.cfg.name)
         tag = f"{self.kind}/{self.key}"
         found = client.search_runs([exp_id], filter_string=f"tags.kd_ray_key = '{tag}'", max_results=1)
         if found and found[0].info.status == "FINISHED":
@@ -197,3 +196,18 @@ class LiveTracker:
             client.log_batch(run.info.run_id, params=flat[i:i + 90])
         self._run = (client, run.info.run_id)
         return self._run
+
+
+def _experiment_id(client, name: str) -> str:
+    """The MLflow experiment ``name``, created on first use (trials and teachers in several processes
+    may race to create it: the loser reads the winner's)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # noqa: BLE001 -- created by another process meanwhile
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
