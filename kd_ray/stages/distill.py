@@ -41,6 +41,7 @@ from kd_ray.core.train import (
 )
 from kd_ray.stages.cluster import student_uses_gpu
 from kd_ray.stages.counters import forward_passes, pass_counter
+from kd_ray.stages.progress import Heartbeat
 from kd_ray.stages.soft_targets import (
     SoftTargets,
     take_ids,
@@ -220,8 +221,12 @@ def _run_light(job: StudentJob, seam: LightSeam, name: str, use_gpu: bool, in_pr
         return run_student(job, seam)
     task = ray.remote(run_student).options(num_cpus=job.cpus_per_worker, num_gpus=1 if use_gpu else 0,
                                            max_retries=job.student.max_failures, retry_exceptions=True)
+    ref, heart = task.remote(job, seam), Heartbeat("student", 1)
+    heart.running = {name: ""}
     try:
-        return ray.get(task.remote(job, seam))
+        while not ray.wait([ref], timeout=5.0)[0]:  # a line a minute while it trains
+            heart.beat()
+        return ray.get(ref)
     except Exception as e:  # the task's error after its retries
         raise StudentError(f"student run {name} failed: {str(e).strip().splitlines()[-1]}") from None
 
