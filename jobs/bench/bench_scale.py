@@ -16,6 +16,8 @@ synthetic set of N training rows, C classes, 3 x 32 x 32 uint8 images (make_synt
 * student epoch on ``--student-rows`` rows (a nested fraction): kd_ray streams
   ``student_rows`` (source rows joined to the cache by id) into the training step; plain reads
   each file and its cache shard, joins by id, shuffles and trains. Same model, batch, loss.
+  Beside it, kd_ray's stream alone (the same pass with no training step): what the data side
+  delivers, so which side limits the epoch.
 * peak RSS of the driver and of the largest Ray worker process, less shared object-store pages
   (sampled every 0.2 s while kd_ray runs, before the plain loops; Ray's raylet/GCS not counted).
   The student epoch runs in the driver here, so the driver's peak is given without it and with it.
@@ -233,6 +235,11 @@ def one(n: int, args) -> dict:
         train_step(model, opt, loss_fn, batch)
         trained += len(batch["label"])
     kd_student_s = time.perf_counter() - t1
+    t1, streamed = time.perf_counter(), 0  # what limits the epoch: the same stream with no training step
+    for batch in student_rows(source, path, fraction, 0).iter_torch_batches(
+            batch_size=BATCH, local_shuffle_buffer_size=4 * BATCH, local_shuffle_seed=0):
+        streamed += len(batch["label"])
+    stream_only_s = time.perf_counter() - t1
     peak.running = False
     peak.join()
 
@@ -255,7 +262,8 @@ def one(n: int, args) -> dict:
         "student_rows": trained,
         "student_rows_per_s": {"kd_ray": round(trained / kd_student_s, 1),
                                "plain": round(plain_trained / plain_student_s, 1),
-                               "ratio": round((trained / kd_student_s) / (plain_trained / plain_student_s), 3)},
+                               "ratio": round((trained / kd_student_s) / (plain_trained / plain_student_s), 3),
+                               "kd_ray_stream_only": round(streamed / stream_only_s, 1)},
         "peak_rss_mb": {"driver_soft_targets": round(driver_targets / 1024, 1),
                         "largest_worker_soft_targets": round(worker_targets / 1024, 1),
                         "largest_worker_soft_targets_is": worker_name,
