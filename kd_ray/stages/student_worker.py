@@ -68,7 +68,7 @@ class StreamJob:
 
 @dataclass
 class StudentJob:
-    """What crosses the Ray Train boundary: one student run, typed."""
+    """What crosses into the process that trains a student (trial, task or Train worker), typed."""
 
     student: StudentConfig  # epochs already scheduled (student.min_steps)
     temperature: float  # the student's effective T
