@@ -128,3 +128,79 @@ def test_pipeline_on_s3_then_everything_reused_then_an_interrupted_sweep_finishe
     got = from_dataset(student_rows(source, path, 0.5, 0), ("id", "teacher_topk_values"))
     want = from_dataset(source.split("train", 0.5, 0), ("id",))["id"]
     assert np.array_equal(np.sort(got["id"]), np.sort(want)) and got["teacher_topk_values"].shape[1:] == (3, 4)
+
+
+class _Proxy:
+    """A TCP forwarder on 127.0.0.1 in front of the S3 server: ``down()`` refuses and cuts every
+    connection (an outage), ``up()`` serves again on the same port."""
+
+    def __init__(self, target_port: int):
+        import socket
+        import threading
+
+        self.target, self.port, self.threading, self.socket = target_port, _free_port(), threading, socket
+        self.server, self.conns = None, []
+
+    def up(self):
+        s = self.socket.socket()
+        s.setsockopt(self.socket.SOL_SOCKET, self.socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", self.port))
+        s.listen(16)
+        self.server = s
+        self.threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+
+    def down(self):
+        self.server.close()
+        for c in self.conns:
+            c.close()
+        self.conns = []
+
+    def _accept(self, server):
+        while True:
+            try:
+                client, _ = server.accept()
+            except OSError:
+                return
+            upstream = self.socket.create_connection(("127.0.0.1", self.target))
+            self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                self.threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b):
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+
+def test_an_object_store_outage_is_waited_out_then_named_in_one_line(s3, monkeypatch):
+    """Every storage call is safe to repeat: during an outage it retries with backoff; an outage
+    longer than storage.RETRY_S fails in one line naming the endpoint."""
+    import threading
+    import time
+
+    from kd_ray.core import storage
+
+    proxy = _Proxy(int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]))
+    proxy.up()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+    storage.write_json(f"{s3}/outage/before.json", {"ok": 1})
+    proxy.down()
+    threading.Timer(3.0, proxy.up).start()  # back after 3 s
+    t0 = time.monotonic()
+    storage.write_json(f"{s3}/outage/during.json", {"ok": 2})  # waits the outage out
+    assert time.monotonic() - t0 >= 2.5 and storage.read_json(f"{s3}/outage/during.json") == {"ok": 2}
+    proxy.down()
+    monkeypatch.setattr(storage, "RETRY_S", 2.0)
+    with pytest.raises(storage.StorageUnreachable) as e:
+        storage.read_json(f"{s3}/outage/before.json")
+    assert str(e.value).startswith(f"storage: s3://kd-runs at http://127.0.0.1:{proxy.port} unreachable for 2 s")
+    assert "\n" not in str(e.value)

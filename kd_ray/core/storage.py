@@ -6,13 +6,58 @@ stores a PUT is atomic per object, and multi-file results write their manifest l
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
+import time
 import uuid
 from typing import Any
 
 import pyarrow.fs as pafs
+
+# How long an object store may stay unreachable before a storage call gives up (seconds): every
+# call here is safe to repeat (reads, listings, whole-object writes, deletes), so it retries with
+# backoff, then fails with one line naming the endpoint.
+RETRY_S = float(os.environ.get("KD_RAY_STORAGE_RETRY_S", "120"))
+_TRANSIENT = ("NETWORK_CONNECTION", "Couldn't connect", "Connection refused", "curlCode", "SLOW_DOWN",
+              "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE", "HTTP status 5", "timed out", "Timeout")
+
+
+class StorageUnreachable(OSError):
+    """An object store stayed unreachable for RETRY_S seconds; the message names the endpoint."""
+
+
+def endpoint(path: str) -> str:
+    """Where ``path``'s object store is: its scheme and bucket, and a custom endpoint when one is set."""
+    scheme, _, rest = str(path).partition("://")
+    custom = os.environ.get("AWS_ENDPOINT_URL") if scheme == "s3" else None
+    return f"{scheme}://{rest.split('/', 1)[0]}" + (f" at {custom}" if custom else "")
+
+
+def _retrying(fn):
+    """Retry ``fn(path, ...)`` on an object store while its errors are transient (connection
+    refused or reset, throttling, 5xx), with backoff, for up to RETRY_S seconds."""
+    @functools.wraps(fn)
+    def call(path, *args, **kwargs):
+        if is_local(path):
+            return fn(path, *args, **kwargs)
+        deadline, delay = time.monotonic() + RETRY_S, 0.5
+        while True:
+            try:
+                return fn(path, *args, **kwargs)
+            except FileNotFoundError:
+                raise
+            except OSError as e:
+                if not any(t in str(e) for t in _TRANSIENT):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise StorageUnreachable(f"storage: {endpoint(path)} unreachable for {RETRY_S:.0f} s "
+                                             f"({str(e).splitlines()[0][:160]}); run again when it is back: "
+                                             f"finished work is kept") from None
+                time.sleep(delay)
+                delay = min(2 * delay, 8.0)
+    return call
 
 
 def is_uri(path: str) -> bool:
@@ -42,17 +87,20 @@ def is_local(path: str) -> bool:
     return not is_uri(path) or str(path).startswith("file://")
 
 
+@_retrying
 def exists(path: str) -> bool:
     fs, p = resolve(path)
     return fs.get_file_info(p).type != pafs.FileType.NotFound
 
 
+@_retrying
 def size(path: str) -> int:
     """Bytes of the file at ``path``."""
     fs, p = resolve(path)
     return int(fs.get_file_info(p).size)
 
 
+@_retrying
 def write_bytes(path: str, data: bytes) -> None:
     fs, p = resolve(path)
     parent = p.rsplit("/", 1)[0]
@@ -67,6 +115,7 @@ def write_bytes(path: str, data: bytes) -> None:
             f.write(data)
 
 
+@_retrying
 def read_bytes(path: str) -> bytes:
     fs, p = resolve(path)
     with fs.open_input_stream(p) as f:
@@ -81,12 +130,14 @@ def read_json(path: str) -> Any:
     return json.loads(read_bytes(path).decode())
 
 
+@_retrying
 def delete_dir(path: str) -> None:
     fs, p = resolve(path)
     if fs.get_file_info(p).type != pafs.FileType.NotFound:
         fs.delete_dir(p)
 
 
+@_retrying
 def list_files(path: str, suffix: str = "", sizes: bool = False) -> list:
     """Files under a folder (recursively, sorted), as paths in the same form as ``path``; with
     ``sizes``, (path, bytes) pairs from the same listing."""
@@ -99,6 +150,7 @@ def list_files(path: str, suffix: str = "", sizes: bool = False) -> list:
     return [(join(path, r), int(n)) if sizes else join(path, r) for r, n in found]
 
 
+@_retrying
 def class_folders(path: str) -> list[str]:
     """The sorted names of the folders directly under ``path`` (none when it is not a folder)."""
     fs, p = resolve(path)
@@ -137,7 +189,7 @@ def check_writable(path: str, what: str = "runtime.storage_path") -> None:
     credentials come from the standard AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)."""
     probe = join(path, f".kd_ray_probe-{uuid.uuid4().hex[:8]}")
     try:
-        write_bytes(probe, b"ok")
+        write_bytes.__wrapped__(probe, b"ok")  # no retrying: before any work, unreachable is a config error
         fs, p = resolve(probe)
         fs.delete_file(p)
     except Exception as e:  # OSError, PermissionError, pyarrow's S3 errors
