@@ -186,8 +186,8 @@ def distill(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None = N
                                                          "teaching": teaching})
     if s.light:
         ckpt_path = storage.join(runs, name, "checkpoint")
-        out = _run_light(job, LightSeam(ckpt_path, datasets, _Reporter(tracker, report)), name, use_gpu=student_uses_gpu(cfg),
-                         in_process=report is not None)
+        seam = LightSeam(ckpt_path, datasets, _Reporter(tracker, report))
+        out = _run_light(job, seam, name, use_gpu=student_uses_gpu(cfg), in_process=report is not None)
     else:
         out, ckpt_path = _run_trainer(_trainer(cfg, job, datasets, soft.mode, name, runs, callbacks), name)
     teacher_rows = forward_passes(counter).get("train", 0) if teaching == "consistent" else 0
