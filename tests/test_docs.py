@@ -65,3 +65,61 @@ def test_every_results_folder_backs_a_documented_figure():
     unused = [d.name for d in sorted((ROOT / "docs" / "results").iterdir())
               if d.is_dir() and not re.search(rf"\b{re.escape(d.name)}\b", text)]
     assert not unused, f"results folders no doc cites: {unused}"
+
+
+def _readme_table(title_start: str) -> list[list[str]]:
+    """The cells of the first markdown table after the README paragraph starting ``title_start``."""
+    text = (ROOT / "README.md").read_text()
+    rows = []
+    for line in text[text.index(title_start):].splitlines():
+        if line.startswith("|---"):
+            continue
+        if line.startswith("|"):
+            rows.append([c.strip() for c in line.strip("|").split("|")])
+        elif rows:
+            break
+    return rows[1:]
+
+
+def test_the_readme_default_run_table_is_what_its_rows_give():
+    """Every figure of the README's default-run table comes from docs/results/digits_default."""
+    import json
+
+    import pandas as pd
+
+    from kd_ray.report import gap_recovered
+
+    folder = ROOT / "docs" / "results" / "digits_default"
+    df = pd.read_csv(folder / "results.csv")
+    info = json.loads((folder / "sweep.json").read_text())
+    gaps = gap_recovered(df, info["ensemble_test_accuracy"], min_gap=5 / info["test_rows"]).set_index("fraction")
+    table = _readme_table("The default run (`kd-ray run`, digits")
+    assert len(table) == df["fraction"].nunique() == 4
+    for fraction, rows, hard, soft, gap in table:
+        f = float(fraction.rstrip(" %")) / 100
+        mine = df[df["fraction"] == f]
+        assert int(rows) == int(mine["train_rows_total"].iloc[0])
+        assert hard == f"{mine[mine['targets'] == 'hard']['test_accuracy'].mean():.4f}"
+        assert soft == f"{mine[mine['targets'] == 'soft']['test_accuracy'].mean():.4f}"
+        g = gaps.loc[f]
+        assert gap.startswith("not measurable") if pd.isna(g["gap"]) else \
+            gap == f"{100 * g['gap']:.1f} % +- {100 * g['gap_std']:.1f} %"
+
+
+def test_the_readme_mnist_line_is_what_its_rows_give():
+    import json
+
+    import pandas as pd
+
+    text = " ".join((ROOT / "README.md").read_text().split())
+    line = text[text.index("The paper's own MNIST table"):].split("Rows and commands")[0]
+    folder = ROOT / "docs" / "results"
+    df = pd.read_csv(folder / "mnist_paper" / "results.csv")
+    teacher = json.loads((folder / "mnist_paper" / "sweep.json").read_text())["teacher_test_accuracy"][0]
+    errors = {t: df[df["targets"] == t]["test_errors"].mean() for t in ("hard", "soft")}
+    assert f"teacher {round((1 - teacher) * 10000)} test errors" in line
+    assert f"hard labels {errors['hard']:g}" in line and f"T = 20 {errors['soft']:g}" in line
+    omit = (folder / "mnist_paper_omit3" / "console.log").read_text()
+    keep = (folder / "mnist_paper_keep78" / "console.log").read_text()
+    assert "test errors 280 (172 on those classes) -> 172 (45)" in omit and "makes 280 errors, 172 after" in line
+    assert "test errors 3587 (3573 on those classes) -> 1304 (1027)" in keep and "only 35.9 %, 13.0 % after" in line
