@@ -126,14 +126,15 @@ class TrainSpec(_Section):
             raise ValueError(f"pretrained_file: no file {self.pretrained_file}")
         return self
 
-    def build(self, input_shape, num_classes: int, log=print):
+    def build(self, input_shape, num_classes: int, log=print, weights: bool = True):
         """This spec's model for data of ``input_shape`` (behind its input adapter, if any), from its
-        pretrained weights when it names some (``log`` says which tensors were loaded and which are new)."""
+        pretrained weights when it names some (``log`` says which tensors were loaded and which are
+        new); ``weights=False``: the architecture alone (no file read, e.g. to count parameters)."""
         from kd_ray.core.models import build_model, load_matching, published_weights, read_weights
 
         adapt = self.input_adapt.model_dump() if self.input_adapt else None
         model = build_model(self.model, input_shape, num_classes, input_adapt=adapt, **self.model_args)
-        if not (self.pretrained or self.pretrained_file):
+        if not weights or not (self.pretrained or self.pretrained_file):
             return model
         source = self.pretrained_file or f"{self.model} published weights ({self.pretrained})"
         state = read_weights(self.pretrained_file) if self.pretrained_file else published_weights(self.model, self.pretrained)

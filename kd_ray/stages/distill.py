@@ -263,9 +263,9 @@ def _training_data(cfg: ExperimentConfig, soft: SoftTargets, job: StudentJob, id
         fits = s.max_in_memory_mb * 1024**2
         job.in_memory = rows * row_bytes / s.num_workers <= fits
         job.eval_in_memory = max(soft.manifest["rows"]["val"], soft.manifest["rows"]["test"]) * row_bytes <= fits
-    elif s.light and soft.rows_fit("views" if teaching == "cached_views" else "train", s.max_in_memory_mb):
+    elif s.light and soft.rows_fit(split := "views" if teaching == "cached_views" else "train", s.max_in_memory_mb):
         # the rows as arrays, with the job: no Ray Data execution (a sweep's driver read them once)
-        job.train_arrays = soft.train_arrays("views" if teaching == "cached_views" else "train", ids)
+        job.train_arrays = soft.train_arrays(split, ids)
     elif teaching == "cached_views":  # every view of the subset's rows; the worker picks one per epoch
         datasets["train"] = take_ids(soft.datasets["views"], ids).materialize()
         datasets["train"].context.enable_progress_bars = False
@@ -308,7 +308,7 @@ def _record(done_path: str, name: str, job: StudentJob, soft: SoftTargets, out: 
                "epochs": s.epochs, "teacher_rows": int(teacher_rows),
                # teacher forward passes during this run (each row through K teachers)
                "teacher_passes": int(teacher_rows) * len(soft.model_paths),
-               "parameters": count_parameters(s.build(soft.manifest["input_shape"], C))}
+               "parameters": count_parameters(s.build(soft.manifest["input_shape"], C, weights=False))}
     storage.write_json(done_path, {"metrics": metrics, "checkpoint_path": ckpt_path,
                                    "history": history.to_dict(orient="records"),
                                    # what export and serving need to rebuild the model
