@@ -14,11 +14,13 @@ than MIN_GAP_ERRORS test errors the ratio is noise over noise: "not measurable".
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pandas as pd
 
 from kd_ray.core import storage
+from kd_ray.core.student_losses import loss_class
 
 METRIC = "test_accuracy"
 # Below this ensemble-over-hard margin in test errors the gap is "not measurable" (without the
@@ -37,10 +39,18 @@ def _setting(row, with_epochs: bool, with_lr: bool = False) -> str:
         aug = "" if mode in ("none", "cached", None) or pd.isna(mode) else f" ({mode} views)"
         return "hard" + aug + lr + (f" {int(row['epochs'])} ep" if with_epochs and aug else "")
     mode = row.get("teaching", "cached")
-    label = f"{'soft' if mode in ('cached', None) or pd.isna(mode) else mode} T={row['temperature']:g} a={row['alpha']:g}"
-    if row.get("loss", "kd") == "logit_matching":  # T plays no part in matching logits
-        label = label.replace(f" T={row['temperature']:g}", " logit matching")
+    label = "soft" if mode in ("cached", None) or pd.isna(mode) else mode
+    loss = row.get("loss", "kd")
+    if loss_class(loss).uses_temperature:
+        label += f" T={row['temperature']:g}"
+    label += f" a={row['alpha']:g}" + ("" if loss == "kd" else " " + _loss_label(loss, row.get("loss_args")))
     return label + lr + (f" {int(row['epochs'])} ep" if with_epochs else "")
+
+
+def _loss_label(loss: str, args) -> str:
+    """A soft loss other than kd and its parameters: "dkd(nckd=8, tckd=1)", "logit matching"."""
+    args = json.loads(args) if isinstance(args, str) else {}
+    return loss.replace("_", " ") + (f"({', '.join(f'{k}={v:g}' for k, v in args.items())})" if args else "")
 
 
 def _finished(df: pd.DataFrame) -> pd.DataFrame:

@@ -161,13 +161,14 @@ def test_top_k_keeps_the_largest_logits_and_the_tails_mass_at_t1():
 
 def test_student_loss_reads_top_k_columns_as_logits():
     from kd_ray.core.losses import dense_from_top_k, resoften, top_k_logits
+    from kd_ray.core.student_losses import make_loss
     from kd_ray.core.train import student_loss
 
     z, student = torch.randn(4, 3, 20), torch.randn(4, 20)
     kept = top_k_logits(z, 4)
     batch = {"image": student, "label": torch.arange(4), "soft_targets": resoften(z, 4.0)}
     batch.update({f"teacher_topk_{k}": v for k, v in kept.items()})
-    got = student_loss(2.0, 1.0, 20, targets_T=4.0)(lambda x: x, batch)[0]
+    got = student_loss(make_loss("kd"), 2.0, 1.0, 20, targets_T=4.0)(lambda x: x, batch)[0]
     want = kd_loss(student, resoften(dense_from_top_k(kept["values"], kept["index"], kept["tail"], 20), 2.0), None,
                    2.0, 1.0)[0]
     assert torch.allclose(got, want)

@@ -19,6 +19,7 @@ def test_thousand_classes_streamed_top_k_cache_and_student(tmp_path):
 
     from kd_ray.core.config_files import load_config
     from kd_ray.core.losses import dense_from_top_k
+    from kd_ray.core.student_losses import make_loss
     from kd_ray.core.train import Engine, student_loss
     from kd_ray.stages.datasets import from_dataset
     from kd_ray.stages.sources import open_source
@@ -67,11 +68,11 @@ def test_thousand_classes_streamed_top_k_cache_and_student(tmp_path):
 
     # a student trains on the streamed rows: soft targets re-softened from the top-k logits
     model = cfg.student.build(list(source.input_shape), C)
-    engine = Engine(model, cfg.student, student_loss(4.0, 0.9, C, 4.0, "probs"))
+    engine = Engine(model, cfg.student, student_loss(make_loss("kd"), 4.0, 0.9, C, 4.0, "probs"))
     batch = {k: torch.from_numpy(np.asarray(v[:64])) for k, v in got.items()}
-    before = student_loss(4.0, 0.9, C, 4.0)(model, batch)[0].item()
+    before = student_loss(make_loss("kd"), 4.0, 0.9, C, 4.0)(model, batch)[0].item()
     engine.fit(2, lambda e: rows.iter_torch_batches(batch_size=64), lambda m: {"val_accuracy": 0.0})
-    after = student_loss(4.0, 0.9, C, 4.0)(engine.plain, batch)[0].item()
+    after = student_loss(make_loss("kd"), 4.0, 0.9, C, 4.0)(engine.plain, batch)[0].item()
     assert np.isfinite(after) and after < before
     full = dense_from_top_k(batch["teacher_topk_values"], batch["teacher_topk_index"], batch["teacher_topk_tail"], C)
     assert full.shape == (64, 3, C)

@@ -38,14 +38,20 @@ def test_grid_has_one_hard_trial_per_fraction_and_seed():
     assert len(plain) == 4 * 2 and {t["temperature"] for t in plain} == {3.0}
 
 
-def test_grid_sweeps_the_soft_loss_and_keeps_kd_trial_keys():
-    cfg = load_config(None, ["sweep.fractions=[0.1]", "sweep.losses=[kd, logit_matching]"])
+def test_grid_sweeps_each_loss_with_the_parameters_it_declares():
+    cfg = load_config(None, ["sweep.fractions=[0.1]", "sweep.losses=[kd, logit_matching, dkd]",
+                             "sweep.loss_args={nckd: [1, 8]}", "student.loss=dkd", "student.loss_args={tckd: 2}"])
     trials = trial_grid(cfg)
-    assert sorted((t["targets"], t["loss"]) for t in trials) == [("hard", "kd"), ("soft", "kd"), ("soft", "logit_matching")]
+    assert sorted((t["targets"], t["loss"], t["loss_args"]) for t in trials) == [
+        ("hard", "kd", "{}"), ("soft", "dkd", '{"nckd": 1.0, "tckd": 2.0}'), ("soft", "dkd", '{"nckd": 8.0, "tckd": 2.0}'),
+        ("soft", "kd", "{}"), ("soft", "logit_matching", "{}")]
     kd = next(t for t in trials if t["targets"] == "soft" and t["loss"] == "kd")
-    assert trial_key(kd) == "f0.1-soft-cached-T4-a0.9-lr0.05-e20-s0"  # as before the loss was a grid key
-    matching = next(t for t in trials if t["loss"] == "logit_matching")
-    assert trial_key(matching).endswith("-logit_matching") and trial_config(cfg, matching).student.loss == "logit_matching"
+    assert trial_key(kd) == "f0.1-soft-cached-T4-a0.9-lr0.05-e20-s0-kd"
+    dkd = next(t for t in trials if t["loss"] == "dkd")
+    assert trial_key(dkd).endswith("-dkd-nckd1-tckd2")
+    student = trial_config(cfg, dkd).student
+    assert student.loss == "dkd" and student.loss_args == {"nckd": 1.0, "tckd": 2.0}
+    assert len({trial_key(t) for t in trials}) == len(trials)
 
 
 def test_cached_views_get_a_matched_hard_baseline_and_need_views():

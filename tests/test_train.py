@@ -172,7 +172,7 @@ def test_paper_setting_trains_at_T20_with_the_shipped_student(clip):
 
     def loss_fn(m, b):
         logits = m(b["image"])
-        return kd_loss(logits, b["soft_targets"], b["label"], T, s.alpha)[0], logits
+        return kd_loss(logits, b["soft_targets"], b["label"], T, s.alpha)[0], logits, {}
 
     engine = Engine(build_model(s.model, (1, 28, 28), 10, **s.model_args), s, loss_fn)
 
@@ -202,9 +202,9 @@ def test_bf16_autocast_trains_on_the_cpu():
     def loss_fn(m, b):
         from kd_ray.core.train import cross_entropy_loss
 
-        loss, logits = cross_entropy_loss(m, b)
+        loss, logits, terms = cross_entropy_loss(m, b)
         seen.append(logits.dtype)
-        return loss, logits
+        return loss, logits, terms
 
     from kd_ray.core.models import build_model
     from kd_ray.core.train import Engine
@@ -221,36 +221,39 @@ def test_bf16_autocast_trains_on_the_cpu():
 
 def test_student_loss_resoftens_stored_logits_at_another_temperature():
     from kd_ray.core.losses import ensemble_average, kd_loss
+    from kd_ray.core.student_losses import make_loss
     from kd_ray.core.train import student_loss
 
     logits = torch.randn(3, 5, 10)  # K, B, C
     z = torch.randn(5, 10)
     batch = {"image": z, "label": torch.arange(5), "soft_targets": ensemble_average(logits, 4.0),
              "teacher_logits": logits.transpose(0, 1).half()}
-    same = student_loss(4.0, 1.0, 10, targets_T=4.0)(lambda x: x, batch)[0]
+    kd = make_loss("kd")
+    same = student_loss(kd, 4.0, 1.0, 10, targets_T=4.0)(lambda x: x, batch)[0]
     assert torch.equal(same, kd_loss(z, batch["soft_targets"], None, 4.0, 1.0)[0])  # the stored column
-    other = student_loss(2.0, 1.0, 10, targets_T=4.0)(lambda x: x, batch)[0]
+    other = student_loss(kd, 2.0, 1.0, 10, targets_T=4.0)(lambda x: x, batch)[0]
     assert torch.allclose(other, kd_loss(z, ensemble_average(logits, 2.0), None, 2.0, 1.0)[0], atol=2e-3)
     del batch["teacher_logits"]
     with pytest.raises(ValueError, match="soft_targets.teacher_logits"):
-        student_loss(2.0, 1.0, 10, targets_T=4.0)(lambda x: x, batch)
+        student_loss(kd, 2.0, 1.0, 10, targets_T=4.0)(lambda x: x, batch)
 
 
 def test_student_loss_matches_the_teachers_mean_logit_with_logit_matching():
     import torch.nn.functional as F
 
     from kd_ray.core.losses import logit_matching_loss
+    from kd_ray.core.student_losses import make_loss
     from kd_ray.core.train import student_loss
 
     logits = torch.randn(5, 3, 10)  # B, K, C
     z = torch.randn(5, 10)
     batch = {"image": z, "label": torch.arange(5), "teacher_logits": logits.half()}
-    loss = student_loss(4.0, 0.7, 10, kind="logit_matching")(lambda x: x, batch)[0]
+    loss = student_loss(make_loss("logit_matching"), 4.0, 0.7, 10)(lambda x: x, batch)[0]
     want = 0.7 * logit_matching_loss(z, logits.half().float().mean(1)) + 0.3 * F.cross_entropy(z, torch.arange(5))
     assert torch.allclose(loss, want)
     del batch["teacher_logits"]
-    with pytest.raises(ValueError, match="student.loss=logit_matching needs the teachers' logits"):
-        student_loss(4.0, 0.7, 10, kind="logit_matching")(lambda x: x, batch)
+    with pytest.raises(ValueError, match="student.loss=logit_matching reads the teachers' logits"):
+        student_loss(make_loss("logit_matching"), 4.0, 0.7, 10)(lambda x: x, batch)
 
 
 def test_buffered_batches_cover_the_stream_once_in_a_seeded_shuffled_order():

@@ -21,6 +21,7 @@ from kd_ray.core.config_files import load_config
 from kd_ray.core.data import load_splits
 from kd_ray.core.losses import soften
 from kd_ray.core.models import build_model
+from kd_ray.core.student_losses import make_loss
 from kd_ray.core.train import (
     Diverged,
     Engine,
@@ -70,7 +71,7 @@ def main() -> None:
         torch.manual_seed(0)
         spec = s.model_copy(update={"grad_clip_norm": clip})
         engine = Engine(build_model(spec.model, splits.input_shape, splits.num_classes, **spec.model_args), spec,
-                        student_loss(T, spec.alpha, splits.num_classes))
+                        student_loss(make_loss("kd"), T, spec.alpha, splits.num_classes))
         steps = {"done": 0}
 
         def batches(epoch: int):

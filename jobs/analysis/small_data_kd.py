@@ -74,7 +74,7 @@ def train_student(cfg, teachers, subset, test, teaching: str, seed: int) -> dict
     def loss_fn(m, b):
         logits = m(b["image"])
         target = mixed_labels(b["label"], b["mix_label"], b["mix_weight"], 10) if "mix_weight" in b else b["label"]
-        return kd_loss(logits, b["soft_targets"] if alpha > 0 else None, target, T, alpha)[0], logits
+        return kd_loss(logits, b["soft_targets"] if alpha > 0 else None, target, T, alpha)[0], logits, {}
 
     engine = Engine(model, s, loss_fn)
     engine.fit(s.epochs, batches, lambda m: {"val_accuracy": float("nan")}, report_every=s.epochs)

@@ -140,11 +140,12 @@ def student(classes: int):
     import torch
 
     from kd_ray.core.models import build_model
+    from kd_ray.core.student_losses import make_loss
     from kd_ray.core.train import student_loss
 
     torch.manual_seed(0)
     model = build_model("cnn", (3, 32, 32), classes, channels=[8, 16])
-    return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), student_loss(T, 0.9, classes, T)
+    return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), student_loss(make_loss("kd"), T, 0.9, classes, T)
 
 
 def plain_student_epoch(source, fraction: float, cache_dir: str, classes: int) -> tuple[float, int]:

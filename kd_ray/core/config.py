@@ -273,9 +273,10 @@ class StudentConfig(TrainSpec):
     # (docs/results.md, "The paper's MNIST setting"). Hard and soft trials are clipped alike.
     grad_clip_norm: Optional[float] = Field(5.0, gt=0)
     alpha: float = Field(0.9, ge=0, le=1)  # weight of the soft term
-    # the soft term: kd (T^2 * KL at temperature T) or logit_matching (the paper's high-temperature
-    # limit: squared distance of zero-mean logits to the teachers' mean logit; needs teacher logits)
-    loss: Literal["kd", "logit_matching"] = "kd"
+    # the soft term, a registered loss (kd_ray/core/student_losses: kd, logit_matching, per_teacher,
+    # dkd) and its parameters, e.g. {loss: dkd, loss_args: {nckd: 8}}
+    loss: str = "kd"
+    loss_args: dict[str, Any] = {}
     temperature: Optional[float] = Field(None, gt=0)  # None: the soft targets' temperature
     targets: Literal["soft", "hard"] = "soft"
     fraction: float = Field(1.0, gt=0, le=1)
@@ -324,6 +325,11 @@ class StudentConfig(TrainSpec):
                 del out[key]
         return out
 
+    @model_validator(mode="after")
+    def _loss_declared(self) -> "StudentConfig":
+        loss_params(self.loss, self.loss_args)
+        return self
+
     @property
     def light(self) -> bool:
         """One worker and no TorchTrainer asked for: the student trains in its trial's (or task's) process."""
@@ -336,7 +342,9 @@ class SweepConfig(_Section):
     temperatures: list[float] = []  # empty: the student's temperature
     alphas: list[float] = []  # empty: the student's alpha
     lrs: list[float] = []  # learning rates, for soft and hard trials alike; empty: the student's lr
-    losses: list[Literal["kd", "logit_matching"]] = []  # soft trials' loss; empty: the student's
+    losses: list[str] = []  # soft trials' loss; empty: the student's
+    # a grid over loss parameters, {parameter: [values]}: each applies to the swept losses that declare it
+    loss_args: dict[str, list[Any]] = {}
     seeds: list[int] = [0]
     max_concurrent_trials: Optional[int] = Field(None, ge=1)
     metric: str = "val_accuracy"  # what the sweep (and ASHA) optimises; *_nll is minimised
@@ -382,6 +390,15 @@ class SweepConfig(_Section):
             raise ValueError(f"every alpha must be in [0, 1]; got {bad}")
         return v
 
+    @field_validator("losses")
+    @classmethod
+    def _losses(cls, v: list[str]) -> list[str]:
+        from kd_ray.core.student_losses import loss_class
+
+        for name in v:
+            loss_class(name)
+        return v
+
     @field_validator("metric")
     @classmethod
     def _metric(cls, v: str) -> str:
@@ -390,6 +407,23 @@ class SweepConfig(_Section):
         if v not in METRICS:
             raise ValueError(f"unknown metric {v!r}; known metrics: {list(METRICS)}")
         return v
+
+
+def loss_params(name: str, args: dict, where: str = "loss_args") -> dict:
+    """The parameters of loss ``name`` given ``args``, defaults filled in (what names a run); a bad
+    name or argument raises one line per field (``loss_args.nckd: ...``)."""
+    from kd_ray.core.student_losses import loss_class
+
+    try:
+        cls = loss_class(name)
+    except ValueError as e:
+        raise ValueError(f"loss: {e}") from None
+    try:
+        return cls.Params(**args).model_dump(mode="json")
+    except ValidationError as e:
+        raise ValueError("\n".join(f"{where}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+                                    + (f" (loss {name} takes {sorted(cls.Params.model_fields)})"
+                                       if err["type"] == "extra_forbidden" else "") for err in e.errors())) from None
 
 
 class StorageOptions(_Section):
@@ -488,6 +522,27 @@ class ExperimentConfig(_Section):
         if not v or "/" in v or v.startswith("."):
             raise ValueError(f"name must be a plain folder name, got {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _losses(self) -> "ExperimentConfig":
+        """Each soft loss can read what it declares; each swept loss parameter is some swept loss's."""
+        from kd_ray.core.student_losses import loss_class
+
+        losses = self.sweep.losses or [self.student.loss]
+        for name in losses:
+            if loss_class(name).reads == "teacher_logits" and not self.soft_targets.keeps_logits:
+                where = "sweep.losses" if self.sweep.losses else "student.loss"
+                raise ValueError(f"{where}: {name} reads the teachers' logits, but soft_targets.teacher_logits is "
+                                 f"none: set it to dense or topk")
+        for key, values in self.sweep.loss_args.items():
+            takers = [n for n in losses if key in loss_class(n).Params.model_fields]
+            if not takers or not values:
+                raise ValueError(f"sweep.loss_args.{key}: " + ("give at least one value" if takers else
+                                 f"no swept loss ({losses}) takes it"))
+            for name in takers:
+                for v in values:
+                    loss_params(name, {key: v}, where="sweep.loss_args")
+        return self
 
     @model_validator(mode="after")
     def _teaching(self) -> "ExperimentConfig":

@@ -125,23 +125,6 @@ def kd_loss(
     return total, {"soft": soft.detach(), "hard": hard.detach()}
 
 
-def matching_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None,
-                  alpha: float) -> torch.Tensor:
-    """``alpha * logit_matching(z, mean_k v_k) + (1 - alpha) * CE(labels)``: ``student.loss:
-    logit_matching`` on an ensemble, whose logit is the teachers' mean logit ([B, K, C] -> [B, C])."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if teacher_logits.dim() != 3:
-        raise ValueError(f"matching_loss expects teacher logits of shape [B, K, C], got {tuple(teacher_logits.shape)}")
-    total = alpha * logit_matching_loss(student_logits, teacher_logits.float().mean(dim=1))
-    if alpha < 1:
-        if labels is None:
-            raise ValueError("matching_loss: alpha < 1 needs labels")
-        total = total + (1.0 - alpha) * F.cross_entropy(
-            student_logits.float(), labels.float() if labels.is_floating_point() else labels.long())
-    return total
-
-
 def mixed_labels(labels: torch.Tensor, mix_labels: torch.Tensor, weights: torch.Tensor, num_classes: int) -> torch.Tensor:
     """The label distribution of mixed images: ``w * onehot(labels) + (1 - w) * onehot(mix_labels)``, [B, C]."""
     w = weights.float().unsqueeze(1)

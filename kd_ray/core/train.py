@@ -23,14 +23,14 @@ from torch import nn
 from kd_ray.core.augment import random_shift
 from kd_ray.core.losses import (
     dense_from_top_k,
-    kd_loss,
-    matching_loss,
     mixed_labels,
     resoften,
 )
+from kd_ray.core.student_losses import Loss, Targets
 
 Batch = dict[str, torch.Tensor]
-LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
+# (model, batch) -> (loss, logits, its terms by name, detached: each logged as train_<term>)
+LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
 
 
 class Diverged(RuntimeError):
@@ -77,44 +77,53 @@ def make_scheduler(opt: torch.optim.Optimizer, spec) -> torch.optim.lr_scheduler
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
-def cross_entropy_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+def cross_entropy_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The hard-label loss (teachers)."""
     logits = model(batch["image"])
-    return nn.functional.cross_entropy(logits, batch["label"]), logits
+    return nn.functional.cross_entropy(logits, batch["label"]), logits, {}
 
 
-def student_loss(T: float, alpha: float, num_classes: int, targets_T: float | None = None,
-                 rule: str = "probs", kind: str = "kd") -> LossFn:
-    """The distillation loss on a batch ``{image, label, soft_targets?, teacher_logits?, mix_label?,
-    mix_weight?}``: ``kd_loss`` at the student's ``T`` (``kind="kd"``), or ``matching_loss`` on the
-    teachers' logits (``kind="logit_matching"``). Soft targets stored at ``targets_T`` are
-    re-softened from the batch's teacher logits when the two differ or the batch has none (a top-k
-    cache); a mixed image's label is mixed too."""
+def student_loss(loss: Loss, T: float, alpha: float, num_classes: int, targets_T: float | None = None,
+                 rule: str = "probs") -> LossFn:
+    """A student's objective on a batch ``{image, label, soft_targets?, teacher_logits?, mix_label?,
+    mix_weight?}``: ``alpha * loss(...) + (1 - alpha) * CE(label)``, ``loss`` a registered student
+    loss (:mod:`kd_ray.core.student_losses`) at the student's ``T``. It is handed what it declares it
+    reads: soft targets (stored at ``targets_T``; re-softened from the batch's teacher logits when
+    the two temperatures differ, or the cache is top-k) or the teachers' logits. A mixed image's
+    label is mixed too. Its terms come back by name, with ``hard`` (the cross-entropy)."""
     targets_T = T if targets_T is None else targets_T
 
-    def loss(model: nn.Module, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def fn(model: nn.Module, b: Batch) -> tuple[torch.Tensor, torch.Tensor, dict]:
         logits = model(b["image"])
-        if "teacher_topk_values" in b:  # soft_targets.teacher_logits: topk -> [B, K, C] with the tail
-            b = {**b, "teacher_logits": dense_from_top_k(b["teacher_topk_values"], b["teacher_topk_index"],
-                                                         b["teacher_topk_tail"], num_classes)}
         labels = mixed_labels(b["label"], b["mix_label"], b["mix_weight"], num_classes) if "mix_weight" in b else b["label"]
-        if kind == "logit_matching" and alpha > 0:
-            if "teacher_logits" not in b:
-                raise ValueError("student.loss=logit_matching needs the teachers' logits: set "
-                                 "soft_targets.teacher_logits: dense or topk")
-            return matching_loss(logits, b["teacher_logits"], labels, alpha), logits
-        soft = None
+        terms, total = {}, logits.new_zeros((), dtype=torch.float32)
         if alpha > 0:
-            if abs(T - targets_T) < 1e-12 and "soft_targets" in b:
-                soft = b["soft_targets"]
-            elif "teacher_logits" in b:
-                soft = resoften(b["teacher_logits"], T, rule)
-            else:
-                raise ValueError(f"student.temperature={T} differs from the soft targets' T={targets_T} and the "
-                                 f"cache has no teacher logits; set soft_targets.teacher_logits: dense or topk")
-        return kd_loss(logits, soft, labels, T, alpha)[0], logits
+            terms = loss(logits, Targets(T, b["label"], **_what_it_reads(loss, b, T, targets_T, rule, num_classes)))
+            total = alpha * sum(terms.values())
+        if alpha < 1:
+            hard = nn.functional.cross_entropy(logits.float(), labels.float() if labels.is_floating_point() else labels.long())
+            total, terms = total + (1.0 - alpha) * hard, {**terms, "hard": hard}
+        return total, logits, {k: v.detach() for k, v in terms.items()}
 
-    return loss
+    return fn
+
+
+def _what_it_reads(loss: Loss, b: Batch, T: float, targets_T: float, rule: str, num_classes: int) -> dict:
+    """The batch's soft targets at ``T``, or its teachers' logits [B, K, C], as ``loss`` reads."""
+    logits = b.get("teacher_logits")
+    if "teacher_topk_values" in b:  # soft_targets.teacher_logits: topk -> [B, K, C] with the tail
+        logits = dense_from_top_k(b["teacher_topk_values"], b["teacher_topk_index"], b["teacher_topk_tail"], num_classes)
+    if loss.reads == "teacher_logits":
+        if logits is None:
+            raise ValueError(f"student.loss={loss.name} reads the teachers' logits: set soft_targets.teacher_logits: "
+                             f"dense or topk")
+        return {"teacher_logits": logits}
+    if abs(T - targets_T) < 1e-12 and "soft_targets" in b:
+        return {"soft_targets": b["soft_targets"]}
+    if logits is None:
+        raise ValueError(f"student.temperature={T} differs from the soft targets' T={targets_T} and the cache has "
+                         f"no teacher logits; set soft_targets.teacher_logits: dense or topk")
+    return {"soft_targets": resoften(logits, T, rule)}
 
 
 def schedule_epochs(s, rows: int) -> int:
@@ -174,10 +183,11 @@ class Engine:
         self.model.train()
         device = next(self.plain.parameters()).device
         loss_sum = torch.zeros((), device=device)
+        term_sums: dict[str, torch.Tensor] = {}
         n = correct = 0
         for b in batches:
             with torch.autocast(device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-                loss, logits = self.loss_fn(self.model, b)
+                loss, logits, terms = self.loss_fn(self.model, b)
             self.opt.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if self.grad_clip_norm is not None:  # bounds the step when soft targets at high T pull hard
@@ -186,6 +196,8 @@ class Engine:
             self.scaler.step(self.opt)
             self.scaler.update()
             loss_sum += loss.detach() * len(logits)
+            for k, v in terms.items():
+                term_sums[k] = term_sums.get(k, 0.0) + v.float() * len(logits)
             n += len(logits)
             correct += int((logits.argmax(1) == b["label"]).sum())
         self.sched.step()
@@ -193,7 +205,8 @@ class Engine:
         train_loss = float(loss_sum) / max(n, 1)
         if not math.isfinite(train_loss):
             raise Diverged(self.epoch, train_loss)
-        return {"train_loss": train_loss, "train_accuracy": correct / max(n, 1), "train_rows": n}
+        return {"train_loss": train_loss, "train_accuracy": correct / max(n, 1), "train_rows": n,
+                **{f"train_{k}": float(v) / max(n, 1) for k, v in term_sums.items()}}
 
     def fit(self, epochs: int, batches_for: Callable[[int], Iterable[Batch]],
             evaluate: Callable[[nn.Module], dict], on_report: Callable[[dict], None] = lambda row: None,

@@ -35,6 +35,7 @@ from kd_ray.core.config import (
 )
 from kd_ray.core.ensemble import load_teacher_files
 from kd_ray.core.models import count_parameters, weights_digest
+from kd_ray.core.student_losses import loss_class
 from kd_ray.core.subsets import select_fraction
 from kd_ray.core.train import (
     schedule_epochs,
@@ -147,9 +148,9 @@ def _check_temperature(cfg: ExperimentConfig, soft: SoftTargets) -> None:
         raise ValueError(f"student.temperature={T} differs from the soft targets' {soft.temperature}: "
                          f"set soft_targets.teacher_logits: dense or topk to re-soften")
     keeps = cfg.soft_targets.keeps_logits if teaching == "consistent" else soft.manifest["keep_teacher_logits"]
-    if s.targets == "soft" and s.alpha > 0 and s.loss == "logit_matching" and not keeps:
-        raise ValueError("student.loss=logit_matching matches the teachers' logits, but the soft targets keep "
-                         "none: set soft_targets.teacher_logits: dense or topk")
+    if s.targets == "soft" and s.alpha > 0 and loss_class(s.loss).reads == "teacher_logits" and not keeps:
+        raise ValueError(f"student.loss={s.loss} reads the teachers' logits, but the soft targets keep "
+                         f"none: set soft_targets.teacher_logits: dense or topk")
 
 
 def distill(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None = None,

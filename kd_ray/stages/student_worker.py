@@ -36,6 +36,7 @@ from kd_ray.core.config import (
 from kd_ray.core.ensemble import load_teacher_files
 from kd_ray.core.environment import environment
 from kd_ray.core.models import inner_model
+from kd_ray.core.student_losses import make_loss
 from kd_ray.core.train import (
     Diverged,
     Engine,
@@ -251,7 +252,8 @@ def _student_engine(job: StudentJob, device) -> Engine:
     if job.init_path:  # student.init: teacher (a resumed run's checkpoint overrides it)
         inner_model(model).load_state_dict(load_teacher_files([job.init_path])[0].blob["state_dict"])
     alpha = 0.0 if s.targets == "hard" else s.alpha
-    loss_fn = student_loss(job.temperature, alpha, job.num_classes, job.targets_temperature, job.rule, s.loss)
+    loss_fn = student_loss(make_loss(s.loss, s.loss_args), job.temperature, alpha, job.num_classes,
+                           job.targets_temperature, job.rule)
     amp = amp_dtype(job.mixed_precision, device)
     # one checkpoint rule for every student, soft or hard: the best validation epoch's weights
     return Engine(model, s, loss_fn, keep_best=True, amp=amp)

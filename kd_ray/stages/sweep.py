@@ -30,6 +30,7 @@ Progress: :class:`~kd_ray.stages.progress.Progress`, a line per finished trial a
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import time
@@ -46,8 +47,9 @@ from ray.tune.schedulers import ASHAScheduler
 
 from kd_ray import layout
 from kd_ray.core import storage
-from kd_ray.core.config import ConfigError, ExperimentConfig
+from kd_ray.core.config import ConfigError, ExperimentConfig, loss_params
 from kd_ray.core.environment import environment
+from kd_ray.core.student_losses import loss_class
 from kd_ray.stages.cluster import capacity, student_uses_gpu
 from kd_ray.stages.distill import check_classes, distill
 from kd_ray.stages.progress import Progress
@@ -57,7 +59,7 @@ from kd_ray.stages.soft_targets import SoftTargets
 # run's controller and bookkeeping take on the head (~0.5 GB each, Ray issue #65443), and Tune
 # needs a non-empty resource request.
 DRIVER_RESOURCES = {"cpu": 0, "memory": 512 * 1024**2}
-GRID_KEYS = ("fraction", "targets", "teaching", "temperature", "alpha", "lr", "epochs", "seed", "loss")
+GRID_KEYS = ("fraction", "targets", "teaching", "temperature", "alpha", "lr", "epochs", "seed", "loss", "loss_args")
 # the columns of results.parquet after the grid keys (final metrics of each student)
 METRIC_COLUMNS = ("test_accuracy", "test_errors", "test_nll", "test_fidelity", "val_accuracy", "val_errors",
                   "val_nll", "val_fidelity", "train_accuracy", "epoch", "best_epoch", "train_rows_total",
@@ -68,7 +70,8 @@ METRIC_COLUMNS = ("test_accuracy", "test_errors", "test_nll", "test_fidelity", "
 def trial_grid(cfg: ExperimentConfig) -> list[dict]:
     """Every trial of the sweep, as dicts of GRID_KEYS, in a fixed order.
 
-    Soft-target trials: teaching modes x losses x T x alpha x learning rates x epoch budgets x seeds.
+    Soft-target trials: teaching modes x losses (each with the grid of the parameters it declares,
+    ``sweep.loss_args``) x T x alpha x learning rates x epoch budgets x seeds.
     Hard-label trials need no teachers, T or alpha (alpha 0, the soft targets' T): the plain
     baseline (``teaching`` "none", the largest epoch budget) and, for
     every augmenting mode the soft trials use ("inconsistent": shifts; "consistent": the same
@@ -82,23 +85,22 @@ def trial_grid(cfg: ExperimentConfig) -> list[dict]:
     teachings = sw.teaching or [cfg.teaching("soft")]
     budgets = sw.epochs or [cfg.student.epochs]
     lrs = sw.lrs or [cfg.student.lr]
-    losses = sw.losses or [cfg.student.loss]
     trials = []
     for fraction in sw.fractions:
         for targets in sw.targets:
             if targets == "soft":
-                grid = [(m, T, a, lr, e, loss) for m in teachings for loss in losses for T in temps
+                grid = [(m, T, a, lr, e, loss) for m in teachings for loss in loss_settings(cfg) for T in temps
                         for a in alphas for lr in lrs for e in budgets]
-            else:  # a hard trial has no soft term: its loss is kd's with alpha 0
-                T0 = cfg.soft_targets.temperature
-                grid = [("none", T0, 0.0, lr, max(budgets), "kd") for lr in lrs]
-                grid += [(m, T0, 0.0, lr, e, "kd") for m in teachings
+            else:  # a hard trial has no soft term: kd's objective with alpha 0
+                T0, none = cfg.soft_targets.temperature, ("kd", "{}")
+                grid = [("none", T0, 0.0, lr, max(budgets), none) for lr in lrs]
+                grid += [(m, T0, 0.0, lr, e, none) for m in teachings
                          if m in ("inconsistent", "consistent", "cached_views") for lr in lrs for e in budgets]
-            for teaching, T, alpha, lr, epochs, loss in grid:
+            for teaching, T, alpha, lr, epochs, (loss, loss_args) in grid:
                 for seed in sw.seeds:
                     t = {"fraction": float(fraction), "targets": targets, "teaching": teaching,
                          "temperature": float(T), "alpha": float(alpha), "lr": float(lr), "epochs": int(epochs),
-                         "seed": int(seed), "loss": loss}
+                         "seed": int(seed), "loss": loss, "loss_args": loss_args}
                     if t not in trials:
                         trials.append(t)
     if not trials:
@@ -106,11 +108,24 @@ def trial_grid(cfg: ExperimentConfig) -> list[dict]:
     return trials
 
 
+def loss_settings(cfg: ExperimentConfig) -> list[tuple[str, str]]:
+    """(loss, its parameters as canonical JSON) of the soft trials: every swept loss (default: the
+    student's) with the grid of ``sweep.loss_args`` over the parameters that loss declares."""
+    out = []
+    for loss in cfg.sweep.losses or [cfg.student.loss]:
+        base = dict(cfg.student.loss_args) if loss == cfg.student.loss else {}
+        axes = {k: v for k, v in cfg.sweep.loss_args.items() if k in loss_class(loss).Params.model_fields}
+        for values in itertools.product(*axes.values()):
+            args = loss_params(loss, {**base, **dict(zip(axes, values))})
+            out.append((loss, json.dumps(args, sort_keys=True)))
+    return out
+
+
 def trial_config(cfg: ExperimentConfig, trial: dict) -> ExperimentConfig:
     """The experiment config of one trial: the student section with the trial's values."""
     update = {"fraction": trial["fraction"], "targets": trial["targets"], "temperature": trial["temperature"],
               "alpha": trial["alpha"], "lr": trial["lr"], "seed": trial["seed"], "epochs": trial["epochs"],
-              "loss": trial.get("loss", "kd"),
+              "loss": trial["loss"], "loss_args": json.loads(trial["loss_args"]),
               "teaching": None if trial["teaching"] == "none" else trial["teaching"]}
     student = cfg.student.model_copy(update=update)
     return cfg.model_copy(update={"student": student})
@@ -181,9 +196,10 @@ def sweep_name(cfg: ExperimentConfig, soft: SoftTargets) -> str:
 
 
 def trial_key(trial: dict) -> str:
-    loss = "" if trial.get("loss", "kd") == "kd" else f"-{trial['loss']}"  # kd keeps older sweeps' keys
+    args = "".join(f"-{k}{v:g}" if isinstance(v, (int, float)) else f"-{k}{v}"
+                   for k, v in json.loads(trial["loss_args"]).items())
     return (f"f{trial['fraction']:g}-{trial['targets']}-{trial['teaching']}-T{trial['temperature']:g}"
-            f"-a{trial['alpha']:g}-lr{trial['lr']:g}-e{trial['epochs']}-s{trial['seed']}{loss}")
+            f"-a{trial['alpha']:g}-lr{trial['lr']:g}-e{trial['epochs']}-s{trial['seed']}-{trial['loss']}{args}")
 
 
 # --------------------------------------------------------------------------- the trial
@@ -378,7 +394,6 @@ def results_frame(rows: list[dict]) -> pd.DataFrame:
     for c in ("status", "error", "run_name", "checkpoint_path", "trial_path"):
         df[c] = df[c].fillna("").astype(str)
     df["reused"] = df["reused"].fillna(False).astype(bool)
-    df["loss"] = df["loss"].fillna("kd").astype(str)  # trials recorded before student.loss existed
     return df
 
 
