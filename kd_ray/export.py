@@ -35,7 +35,8 @@ def best_student(run_dir: str) -> tuple[str, dict]:
     if storage.exists(storage.join(run_dir, "result.json")):
         return run_dir, {"chosen": "the given student run"}
     if storage.exists(storage.join(run_dir, "results.parquet")):
-        from kd_ray.stages.sweep import GRID_KEYS, read_results
+        from kd_ray.core.grid import GRID_KEYS
+        from kd_ray.stages.sweep import read_results
 
         df = read_results(run_dir)
         done = df[df["status"] == "done"]

@@ -5,12 +5,12 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CORE = sorted(p for p in (ROOT / "kd_ray" / "core").glob("*.py"))
+CORE = sorted(p for p in (ROOT / "kd_ray" / "core").rglob("*.py"))
 
 
 def test_every_core_module_imports_with_ray_unimportable():
     # a meta-path finder that refuses `ray` and its submodules, then every core module is imported
-    modules = [f"kd_ray.core.{p.stem}" for p in CORE if p.stem != "__init__"]
+    modules = [".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__") for p in CORE]
     code = (
         "import sys, importlib.abc\n"
         "class NoRay(importlib.abc.MetaPathFinder):\n"

@@ -169,7 +169,7 @@ def test_pretrained_weights_behind_an_input_adapter_and_bad_files_are_named(tmp_
 
 def test_a_runs_identity_follows_the_weights_file_content(tmp_path):
     from kd_ray.core.config import TeacherSpec
-    from kd_ray.stages.teachers import spec_key
+    from kd_ray.stages.teacher_worker import spec_key
 
     path = tmp_path / "w.pt"
     torch.save(build_model("mlp", (1, 8, 8), 10, hidden=[16]).state_dict(), path)

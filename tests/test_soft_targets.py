@@ -39,6 +39,19 @@ def _rows(ds):
     return {c: np.stack(df[c].to_numpy())[order] for c in df.columns}
 
 
+def _check_schema(rows: dict, K: int, C: int) -> None:
+    """Every cached column is declared in kd_ray.core.schema, with its dtype and shape (the image is the source's)."""
+    from kd_ray.core.schema import CACHE_COLUMNS
+
+    for name, values in rows.items():
+        if name == "image":
+            continue
+        assert name in CACHE_COLUMNS, f"{name} is not declared in kd_ray/core/schema.py"
+        dtype, shape, _ = CACHE_COLUMNS[name]
+        assert values.dtype == np.dtype(dtype), (name, values.dtype)
+        assert values.shape[1:] == {"": (), "[C]": (C,), "[K, C]": (K, C), "[K]": (K,)}.get(shape, values.shape[1:]), name
+
+
 @pytest.mark.parametrize("rule", ["probs", "logits"])
 def test_averaged_soft_targets_in_batches_equal_one_whole_pass(rule):
     """The plain-PyTorch path the analysis scripts and benchmarks share: batching a split (so CNN
@@ -62,7 +75,7 @@ def test_soft_targets_equal_direct_computation_and_are_computed_once(tiny_ensemb
     cfg = _cfg(base, f"exact_{rule}", f"soft_targets.rule={rule}", "soft_targets.temperature=3")
     splits = load_splits(cfg.data)
     st = build_soft_targets(cfg, ensemble, splits)
-    assert st.built and st.mode == "cached"
+    assert st.built
     rows = _rows(st.datasets["train"])
     n = len(splits.train)
     assert len(rows["id"]) == n and np.array_equal(np.sort(rows["id"]), np.sort(splits.train.ids))  # each id once
@@ -71,6 +84,7 @@ def test_soft_targets_equal_direct_computation_and_are_computed_once(tiny_ensemb
     assert np.abs(rows["soft_targets"] - want).max() <= 1e-6
     assert np.allclose(rows["soft_targets"].sum(1), 1.0, atol=1e-6)
     assert rows["teacher_logits"].shape == (n, 3, 10) and rows["teacher_logits"].dtype == np.float16
+    _check_schema(rows, 3, 10)
     assert 0.5 < st.manifest["ensemble"]["test_accuracy"] <= 1
     assert st.manifest["rule"] == rule and st.temperature == 3.0
 
@@ -78,7 +92,7 @@ def test_soft_targets_equal_direct_computation_and_are_computed_once(tiny_ensemb
     again = build_soft_targets(cfg, ensemble, splits)
     assert not again.built and again.path == st.path
     for _ in range(3):
-        assert again.epoch_dataset(0).count() == n
+        assert again.cached_rows().count() == n
     passes = forward_passes(cfg.name)
     assert passes == {"train": n, "val": len(splits.val), "test": len(splits.test)}
 
@@ -166,17 +180,28 @@ def test_fingerprint_staleness_and_broken_caches(tiny_ensemble, tmp_path):
     assert rebuilt.built and rebuilt.datasets["train"].count() == len(rebuilt.transfer)
 
 
-def test_streaming_recomputes_each_epoch_on_the_students_view(tiny_ensemble):
+def _stream(st, cfg, epoch: int, seed: int):
+    """Consistent teaching's stream over the whole transfer set for one epoch."""
+    import ray
+
+    from kd_ray.stages.consistent import consistent_stream
+
+    rows = st.transfer_rows()
+    return consistent_stream(ray.put(rows), np.arange(len(rows["id"])), cfg.soft_targets, st.model_paths, [epoch],
+                             seed, [cfg.name])
+
+
+def test_consistent_teaching_recomputes_each_epoch_on_the_students_view(tiny_ensemble):
     base, ensemble = tiny_ensemble
     cfg = _cfg(base, "stream", "soft_targets.jitter=1", "soft_targets.temperature=2")
     st = build_soft_targets(cfg, ensemble)
-    assert st.mode == "streaming"
     splits = load_splits(cfg.data)
     n = len(splits.train)
+    assert forward_passes(cfg.name)["train"] == n  # the cache: the transfer set labelled once
     order = np.argsort(splits.train.ids)
     views = []
     for epoch in range(2):
-        rows = _rows(st.epoch_dataset(epoch, seed=5))
+        rows = _rows(_stream(st, cfg, epoch, seed=5))
         assert np.array_equal(rows["id"], splits.train.ids[order])
         # the teachers' soft targets are those of the very image the student receives
         want, _ = _direct(ensemble, rows["image"].astype(np.float32), 2.0, "probs")
@@ -184,7 +209,7 @@ def test_streaming_recomputes_each_epoch_on_the_students_view(tiny_ensemble):
         assert not np.array_equal(rows["image"], splits.train.images[order])  # augmented
         views.append(rows["image"])
     assert not np.array_equal(views[0], views[1])  # a fresh view each epoch
-    assert forward_passes(cfg.name)["train"] == 2 * n
+    assert forward_passes(cfg.name)["train"] == n + 2 * n  # and each epoch's views once
 
 
 def test_mixup_alone_streams_mixed_unshifted_views(tiny_ensemble):
@@ -194,9 +219,8 @@ def test_mixup_alone_streams_mixed_unshifted_views(tiny_ensemble):
     # function matching without shifts (soft_targets.jitter 0): augmentation by mixup alone
     cfg = _cfg(base, "mixonly", "soft_targets.mixup=1.0", "soft_targets.temperature=2")
     st = build_soft_targets(cfg, ensemble)
-    assert st.mode == "streaming"
     src = st.transfer_rows()
-    rows = _rows(st.epoch_dataset(0, seed=5))
+    rows = _rows(_stream(st, cfg, 0, seed=5))
     pos = np.array([src["id"].tolist().index(i) for i in rows["id"].tolist()])  # stream positions
     partner, lam = seeded_mixup(len(src["id"]), 1.0, seed=5, epoch=0)
     # each view is the row mixed with its seeded partner, neither shifted
@@ -279,11 +303,12 @@ def test_views_cache_labels_each_view_once_and_rebuilds_it_exactly(tiny_ensemble
     from kd_ray.core.augment import view_shift
 
     base, ensemble = tiny_ensemble
-    cfg = _cfg(base, "views", "soft_targets.views=4", "soft_targets.jitter=1", "soft_targets.mode=cached")
+    cfg = _cfg(base, "views", "soft_targets.views=4", "soft_targets.jitter=1")
     st = build_soft_targets(cfg, ensemble)
     n, V = len(st.transfer), 4
     assert st.manifest["rows"]["views"] == n * V and forward_passes(cfg.name)["views"] == n * V
     rows = _rows(st.datasets["views"])  # ids sorted; each id's V views
+    _check_schema(rows, 3, 10)
     assert sorted(zip(rows["id"], rows["view"])) == sorted((i, v) for i in st.transfer.ids for v in range(V))
     # every stored view, rebuilt from its source image, gets the stored soft targets from the teachers
     images = view_shift(_images_by_id(st.transfer, rows["id"]), rows["id"], rows["view"], 1, st.manifest["view_seed"])
@@ -294,11 +319,11 @@ def test_views_cache_labels_each_view_once_and_rebuilds_it_exactly(tiny_ensemble
     assert not build_soft_targets(cfg, ensemble).built
     for change in ("soft_targets.views=2", "soft_targets.jitter=2", "soft_targets.mixup=0.5"):
         other = build_soft_targets(_cfg(base, "views", "soft_targets.views=4", "soft_targets.jitter=1",
-                                        "soft_targets.mode=cached", change), ensemble)
+                                        change), ensemble)
         assert other.built and other.path != st.path
     # views of a nested fraction only: V x its rows labelled, the same views of those rows
     part = build_soft_targets(_cfg(base, "views_part", "soft_targets.views=4", "soft_targets.jitter=1",
-                                   "soft_targets.mode=cached", "soft_targets.views_fraction=0.3"), ensemble)
+                                   "soft_targets.views_fraction=0.3"), ensemble)
     kept = st.transfer.fraction(0.3, base.data.seed).ids
     assert part.path != st.path and part.manifest["rows"]["views"] == len(kept) * V
     assert forward_passes("views_part")["views"] == len(kept) * V

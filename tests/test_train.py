@@ -158,12 +158,13 @@ def test_paper_setting_trains_at_T20_with_the_shipped_student(clip):
     from kd_ray.core.config_files import load_config
     from kd_ray.core.losses import kd_loss, soften
     from kd_ray.core.models import build_model
+    from kd_ray.core.plan import plan_student
     from kd_ray.core.train import Diverged, Engine
 
     x, y, z = _confident_teacher()
     assert float((torch.softmax(z, 1).max(1).values >= 0.999).float().mean()) > 0.5 and float(x.max()) > 2.8
     cfg = load_config("mnist_paper")
-    T, s = cfg.student_temperature(), cfg.student.model_copy(update={"epochs": 2})
+    T, s = plan_student(cfg).temperature, cfg.student.model_copy(update={"epochs": 2})
     assert T == 20 and s.lr == 0.05
     if clip is None:
         s = s.model_copy(update={"grad_clip_norm": None})

@@ -21,6 +21,7 @@ from kd_ray.core.config_files import load_config
 from kd_ray.core.data import load_splits
 from kd_ray.core.losses import soften
 from kd_ray.core.models import build_model
+from kd_ray.core.plan import plan_student
 from kd_ray.core.student_losses import make_loss
 from kd_ray.core.train import (
     Diverged,
@@ -63,7 +64,7 @@ def main() -> None:
     print(f"teacher: {t.epochs} epochs in {time.time() - t0:.0f} s, val accuracy {accuracy(teacher.plain)['val_accuracy']:.4f}, "
           f"rows with top-1 probability >= 0.999: {confident:.3f}", flush=True)
 
-    T, s = cfg.student_temperature(), cfg.student.model_copy(update={"epochs": args.student_epochs})
+    T, s = plan_student(cfg).temperature, cfg.student.model_copy(update={"epochs": args.student_epochs})
     rows["soft_targets"] = soften(logits, T)
     out = {"teacher_val_accuracy": accuracy(teacher.plain)["val_accuracy"], "confident_rows": confident, "T": T}
     for name, clip, warmup in [("none", None, 0), ("clip 1", 1.0, 0), ("clip 5", 5.0, 0), ("clip 10", 10.0, 0),

@@ -32,6 +32,7 @@ from kd_ray.core.data import load_splits
 from kd_ray.core.ensemble import averaged_soft_targets, load_ensemble
 from kd_ray.core.losses import kd_loss, mixed_labels
 from kd_ray.core.models import build_model
+from kd_ray.core.plan import plan_student
 from kd_ray.core.subsets import select_fraction
 from kd_ray.core.train import (
     Engine,
@@ -46,7 +47,7 @@ from kd_ray.layout import ensemble_paths
 def train_student(cfg, teachers, subset, test, teaching: str, seed: int) -> dict[str, float]:
     """The sweep trial's student in one process: the same engine, model, optimiser, schedule, loss and views."""
     s = cfg.student
-    T, alpha = cfg.student_temperature(), (0.0 if teaching == "hard" else s.alpha)
+    T, alpha = plan_student(cfg).temperature, (0.0 if teaching == "hard" else s.alpha)
     st = cfg.soft_targets
     torch.manual_seed(seed)
     model = build_model(s.model, list(subset.images.shape[1:]), 10, **s.model_args)

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from kd_ray.core import plan
 from kd_ray.core.config import ConfigError, ExperimentConfig, field_line
 
 
@@ -56,9 +57,14 @@ def _format_errors(e: ValidationError, source: str) -> str:
 def build_config(raw: dict[str, Any], overrides: list[str] | None = None, source: str = "<dict>") -> ExperimentConfig:
     merged = apply_overrides(raw or {}, overrides or [])
     try:
-        return ExperimentConfig.model_validate(merged)
+        cfg = ExperimentConfig.model_validate(merged)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, source)) from None
+    try:
+        plan.check(cfg)  # the cross-field policy
+    except ValueError as e:
+        raise ConfigError(f"invalid config ({source}):\n  {e}") from None
+    return cfg
 
 
 DEFAULT_CONFIG = "digits"  # the shipped config `kd-ray` uses when none is given

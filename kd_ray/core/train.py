@@ -26,6 +26,7 @@ from kd_ray.core.losses import (
     mixed_labels,
     resoften,
 )
+from kd_ray.core.schema import TEACHER_LOGIT_COLUMNS
 from kd_ray.core.student_losses import Loss, Targets
 
 Batch = dict[str, torch.Tensor]
@@ -111,8 +112,9 @@ def student_loss(loss: Loss, T: float, alpha: float, num_classes: int, targets_T
 def _what_it_reads(loss: Loss, b: Batch, T: float, targets_T: float, rule: str, num_classes: int) -> dict:
     """The batch's soft targets at ``T``, or its teachers' logits [B, K, C], as ``loss`` reads."""
     logits = b.get("teacher_logits")
-    if "teacher_topk_values" in b:  # soft_targets.teacher_logits: topk -> [B, K, C] with the tail
-        logits = dense_from_top_k(b["teacher_topk_values"], b["teacher_topk_index"], b["teacher_topk_tail"], num_classes)
+    topk = TEACHER_LOGIT_COLUMNS["topk"]
+    if topk[0] in b:  # soft_targets.teacher_logits: topk -> [B, K, C] with the tail (kd_ray.core.schema)
+        logits = dense_from_top_k(*(b[c] for c in topk), num_classes)
     if loss.reads == "teacher_logits":
         if logits is None:
             raise ValueError(f"student.loss={loss.name} reads the teachers' logits: set soft_targets.teacher_logits: "

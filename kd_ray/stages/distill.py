@@ -14,9 +14,7 @@ It returns the final metrics, the checkpoint path and the per-epoch history.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -35,6 +33,7 @@ from kd_ray.core.config import (
 )
 from kd_ray.core.ensemble import load_teacher_files
 from kd_ray.core.models import count_parameters, weights_digest
+from kd_ray.core.plan import StudentPlan, digest, plan_student, student_identity
 from kd_ray.core.student_losses import loss_class
 from kd_ray.core.subsets import select_fraction
 from kd_ray.core.train import (
@@ -70,18 +69,14 @@ class DistillResult:
         return self.metrics.get("diverged_epoch")
 
 
-def run_name(cfg: ExperimentConfig, soft: SoftTargets) -> str:
-    s, T, teaching = cfg.student, cfg.student_temperature(), cfg.teaching()
-    key = {"student": s.identity() | ({"pretrained_sha256": weights_digest(s)} if s.pretrained_file else {}),
-           "T": T, "soft": soft.manifest["fingerprint"],
-           "data_seed": cfg.data.seed, "teaching": teaching,
-           "jitter": cfg.soft_targets.jitter if teaching != "cached" else 0}
-    if teaching == "consistent" and cfg.soft_targets.mixup > 0:
-        key["mixup"] = cfg.soft_targets.mixup
-    key = json.dumps(key, sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
-    mode = ("" if teaching == "cached" else f"{teaching}-") + ("" if s.init == "scratch" else f"from-{s.init}-")
-    return f"student-{s.targets}-{mode}f{s.fraction:g}-T{T:g}-a{s.alpha:g}-e{s.epochs}-s{s.seed}-{digest}"
+def run_name(plan: StudentPlan, soft: SoftTargets) -> str:
+    """A student run's folder: readable settings and the digest of its identity (:func:`plan.student_identity`)."""
+    s = plan.student
+    weights = weights_digest(s) if s.pretrained_file else None
+    key = digest(student_identity(plan, soft.manifest["fingerprint"], weights), 10)
+    init = "" if s.init == "scratch" else f"from-{s.init}-"
+    return (f"student-{s.targets}-{plan.teaching.name}-{init}f{s.fraction:g}-T{plan.temperature:g}-a{s.alpha:g}"
+            f"-e{s.epochs}-s{s.seed}-{key}")
 
 
 def check_classes(s: StudentConfig, soft: SoftTargets) -> None:
@@ -110,45 +105,42 @@ def subset_ids(soft: SoftTargets, fraction: float, seed: int) -> np.ndarray:
     return select_fraction(soft.transfer.ids, soft.transfer.labels, fraction, seed)
 
 
-def _training_ids(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None) -> tuple[np.ndarray | None, int]:
+def _training_ids(plan: StudentPlan, soft: SoftTargets, ids: np.ndarray | None) -> tuple[np.ndarray | None, int]:
     """The transfer-set ids this student trains on (None for a streamed source, whose subset is
     decided row by row) and their number, after the checks that need no Ray."""
-    s, teaching = cfg.student, cfg.teaching()
+    s, mode = plan.student, plan.teaching
     check_classes(s, soft)
-    _check_temperature(cfg, soft)
+    _check_targets(plan, soft)
     if soft.source is not None:
         if ids is not None:
             raise ValueError("a streamed source (data.stream) trains students on student.fraction; explicit ids need "
                              "the source in memory")
-        rows = soft.source.count(s.fraction if s.fraction < 1 else None, cfg.data.seed, transfer=True)
+        rows = soft.source.count(s.fraction if s.fraction < 1 else None, plan.data_seed, transfer=True)
         if rows == 0:
             raise ValueError("the student's training subset is empty (check data.omit_classes / data.keep_classes)")
         return None, rows
-    if teaching != "consistent" and soft.mode == "streaming":
-        raise ValueError(f"student.teaching={teaching} reads cached soft targets, but {soft.path} is a "
-                         f"streaming-mode cache (no transfer rows): set soft_targets.mode: cached")
-    if teaching == "cached_views" and "views" not in soft.datasets:
-        raise ValueError(f"student.teaching=cached_views trains on cached views, but {soft.path} has none: "
+    if mode.split == "views" and "views" not in soft.datasets:
+        raise ValueError(f"student.teaching={mode.name} trains on cached views, but {soft.path} has none: "
                          f"set soft_targets.views (e.g. 8)")
-    ids = subset_ids(soft, s.fraction, cfg.data.seed) if ids is None else np.asarray(ids, dtype=np.int64)
+    ids = subset_ids(soft, s.fraction, plan.data_seed) if ids is None else np.asarray(ids, dtype=np.int64)
     ids = ids[np.isin(ids, soft.transfer.ids)]
     if len(ids) == 0:
         raise ValueError("the student's training subset is empty: no requested id is in the transfer set")
     covered = float(soft.manifest.get("views_fraction", 1.0))
-    if teaching == "cached_views" and not np.isin(ids, subset_ids(soft, covered, cfg.data.seed)).all():
+    if mode.split == "views" and not np.isin(ids, subset_ids(soft, covered, plan.data_seed)).all():
         raise ValueError(f"the student trains on rows the views cache does not hold ({soft.path} labels "
                          f"soft_targets.views_fraction={covered:g} of the transfer set): raise views_fraction")
     return ids, len(ids)
 
 
-def _check_temperature(cfg: ExperimentConfig, soft: SoftTargets) -> None:
-    """A student whose T differs from the cache's needs kept logits; logit matching needs them too."""
-    s, T, teaching = cfg.student, cfg.student_temperature(), cfg.teaching()
-    if s.targets == "soft" and s.alpha > 0 and abs(T - soft.temperature) > 1e-12 and not soft.manifest["keep_teacher_logits"]:
+def _check_targets(plan: StudentPlan, soft: SoftTargets) -> None:
+    """A student whose T differs from the cache's needs kept logits, as does a loss that reads them."""
+    s, T = plan.student, plan.temperature
+    keeps = soft.manifest["teacher_logits"] != "none"
+    if plan.soft and abs(T - soft.temperature) > 1e-12 and not keeps:
         raise ValueError(f"student.temperature={T} differs from the soft targets' {soft.temperature}: "
                          f"set soft_targets.teacher_logits: dense or topk to re-soften")
-    keeps = cfg.soft_targets.keeps_logits if teaching == "consistent" else soft.manifest["keep_teacher_logits"]
-    if s.targets == "soft" and s.alpha > 0 and loss_class(s.loss).reads == "teacher_logits" and not keeps:
+    if plan.soft and loss_class(s.loss).reads == "teacher_logits" and not keeps:
         raise ValueError(f"student.loss={s.loss} reads the teachers' logits, but the soft targets keep "
                          f"none: set soft_targets.teacher_logits: dense or topk")
 
@@ -163,9 +155,10 @@ def distill(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None = N
     ``report``: this process is a Tune trial; a one-worker student trains here and every
     validation goes to ``report``. ``callbacks``: Train callbacks of a TorchTrainer run.
     """
-    s, T, teaching = cfg.student, cfg.student_temperature(), cfg.teaching()
-    ids, rows = _training_ids(cfg, soft, ids)
-    name = run_name(cfg, soft)
+    plan = plan_student(cfg)
+    s = plan.student
+    ids, rows = _training_ids(plan, soft, ids)
+    name = run_name(plan, soft)
     runs = layout.students_dir(layout.experiment_dir(cfg))
     done_path = storage.join(runs, name, "result.json")
     if storage.exists(done_path):
@@ -173,25 +166,25 @@ def distill(cfg: ExperimentConfig, soft: SoftTargets, ids: np.ndarray | None = N
         return DistillResult(done["metrics"], done["checkpoint_path"], pd.DataFrame(done["history"]), name, reused=True)
 
     s = s.model_copy(update={"epochs": schedule_epochs(s, rows)})  # what the workers train
+    plan = replace(plan, student=s)
     # Validation and test rows go to the workers as arrays in the object store: every worker
     # evaluates on all of them (a Ray Data pass per split costs seconds of start-up per run).
-    job = StudentJob(student=s, temperature=T, targets_temperature=soft.temperature, rule=soft.manifest["rule"],
-                     num_classes=soft.num_classes, input_shape=soft.manifest["input_shape"], teaching=teaching,
-                     jitter=cfg.soft_targets.jitter, init_path=init_teacher_path(s, soft),
+    job = StudentJob(plan=plan, targets_temperature=soft.temperature, rule=soft.manifest["rule"],
+                     num_classes=soft.num_classes, input_shape=soft.manifest["input_shape"],
+                     init_path=init_teacher_path(s, soft),
                      eval={} if soft.source else {split: ray.put(soft.eval_arrays(split)) for split in ("val", "test")},
                      fail_after_epoch=fail_after_epoch, mixed_precision=cfg.runtime.mixed_precision,
                      views=int(soft.manifest.get("views", 0)), view_seed=int(soft.manifest.get("view_seed", 0)))
     counter = f"{cfg.name}/{name}"  # this run's teacher passes (consistent teaching)
     datasets = _training_data(cfg, soft, job, ids, rows, counter)
-    tracker = LiveTracker(cfg, "students", name, name, {**s.model_dump(mode="json"), "temperature": T,
-                                                         "teaching": teaching})
+    tracker = LiveTracker(cfg, "students", name, name, s.model_dump(mode="json"))
     if s.light:
         ckpt_path = storage.join(runs, name, "checkpoint")
         seam = LightSeam(ckpt_path, datasets, _Reporter(tracker, report))
         out = _run_light(job, seam, name, use_gpu=student_uses_gpu(cfg), in_process=report is not None)
     else:
-        out, ckpt_path = _run_trainer(_trainer(cfg, job, datasets, soft.mode, name, runs, callbacks), name)
-    teacher_rows = forward_passes(counter).get("train", 0) if teaching == "consistent" else 0
+        out, ckpt_path = _run_trainer(_trainer(cfg, job, datasets, name, runs, callbacks), name)
+    teacher_rows = forward_passes(counter).get("train", 0) if plan.teaching.teacher_passes else 0
     result = _record(done_path, name, job, soft, out, rows, teacher_rows, ckpt_path)
     if not s.light:  # a light run logged every validation as it came
         for row in result.history.to_dict(orient="records"):
@@ -249,8 +242,8 @@ def _training_data(cfg: ExperimentConfig, soft: SoftTargets, job: StudentJob, id
     """The Ray Datasets the workers read for ``job`` (setting where its rows come from): the
     consistent-teaching stream, a streamed source joined to its cache, every stored view of the
     subset's rows, or the cached subset."""
-    s, teaching, datasets = job.student, job.teaching, {}
-    if teaching == "consistent":
+    s, mode, datasets = job.student, job.plan.teaching, {}
+    if mode.view == "stream":
         # the subset's rows go to the predictor actors once, through the object store; the
         # workers send (epoch, position) rows and get back the view and its soft targets
         job.stream = StreamJob(ray.put(soft.transfer_rows(ids)), ids, cfg.soft_targets, soft.model_paths,
@@ -264,14 +257,14 @@ def _training_data(cfg: ExperimentConfig, soft: SoftTargets, job: StudentJob, id
         fits = s.max_in_memory_mb * 1024**2
         job.in_memory = rows * row_bytes / s.num_workers <= fits
         job.eval_in_memory = max(soft.manifest["rows"]["val"], soft.manifest["rows"]["test"]) * row_bytes <= fits
-    elif s.light and soft.rows_fit(split := "views" if teaching == "cached_views" else "train", s.max_in_memory_mb):
+    elif s.light and soft.rows_fit(mode.split, s.max_in_memory_mb):
         # the rows as arrays, with the job: no Ray Data execution (a sweep's driver read them once)
-        job.train_arrays = soft.train_arrays(split, ids)
-    elif teaching == "cached_views":  # every view of the subset's rows; the worker picks one per epoch
+        job.train_arrays = soft.train_arrays(mode.split, ids)
+    elif mode.split == "views":  # every view of the subset's rows; the worker picks one per epoch
         datasets["train"] = take_ids(soft.datasets["views"], ids).materialize()
         datasets["train"].context.enable_progress_bars = False
     else:
-        datasets["train"] = soft.epoch_dataset(0, ids=ids).materialize()
+        datasets["train"] = soft.cached_rows(ids).materialize()
         # A dataset carries the DataContext it was made with into the workers: without progress
         # bars, or every epoch of every worker prints one.
         datasets["train"].context.enable_progress_bars = False
@@ -279,7 +272,7 @@ def _training_data(cfg: ExperimentConfig, soft: SoftTargets, job: StudentJob, id
     return datasets
 
 
-def _trainer(cfg: ExperimentConfig, job: StudentJob, datasets: dict, soft_mode: str, name: str, runs: str,
+def _trainer(cfg: ExperimentConfig, job: StudentJob, datasets: dict, name: str, runs: str,
              callbacks: list | None) -> TorchTrainer:
     """The Ray Train run of one student: its workers, GPUs, failure budget and checkpoints."""
     s = job.student
@@ -287,7 +280,7 @@ def _trainer(cfg: ExperimentConfig, job: StudentJob, datasets: dict, soft_mode: 
         train_loop_per_worker, train_loop_config={"job": job}, datasets=datasets,
         # one worker reads the whole dataset itself (no split-coordinator actor to start)
         dataset_config=ray.train.DataConfig(
-            datasets_to_split=["train"] if soft_mode == "cached" and s.num_workers > 1 else []),
+            datasets_to_split=["train"] if "train" in datasets and s.num_workers > 1 else []),
         scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=student_uses_gpu(cfg)),
         # one worker needs no collective: gloo also runs where the GPUs are logical (tests) or a
         # worker's torch has no CUDA; several GPU workers use NCCL
@@ -304,8 +297,9 @@ def _record(done_path: str, name: str, job: StudentJob, soft: SoftTargets, out: 
     """The finished run's metrics, written to ``result.json`` (what a rerun, export and serving read)."""
     s, C = job.student, soft.num_classes
     history = pd.DataFrame(out["history"])
-    metrics = {**out["final"], "train_rows_total": int(rows), "temperature": job.temperature, "alpha": s.alpha,
-               "targets": s.targets, "fraction": s.fraction, "seed": s.seed, "teaching": job.teaching, "init": s.init,
+    metrics = {**out["final"], "train_rows_total": int(rows), "temperature": job.plan.temperature, "alpha": s.alpha,
+               "targets": s.targets, "fraction": s.fraction, "seed": s.seed, "teaching": s.teaching, "init": s.init,
+               "loss": s.loss, "loss_args": job.plan.loss_args,
                "epochs": s.epochs, "teacher_rows": int(teacher_rows),
                # teacher forward passes during this run (each row through K teachers)
                "teacher_passes": int(teacher_rows) * len(soft.model_paths),
@@ -315,7 +309,7 @@ def _record(done_path: str, name: str, job: StudentJob, soft: SoftTargets, out: 
                                    # what export and serving need to rebuild the model
                                    "student": s.model_dump(mode="json"), "input_shape": soft.manifest["input_shape"],
                                    "normalization": soft.manifest.get("normalization", {}), "num_classes": C,
-                                   "temperature": job.temperature, "soft_targets": soft.path,
+                                   "temperature": job.plan.temperature, "soft_targets": soft.path,
                                    "ensemble": soft.manifest["ensemble"],
                                    "environment": out.get("environment")})  # where it trained (rank 0)
     return DistillResult(metrics, ckpt_path, history, name)

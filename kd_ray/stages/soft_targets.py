@@ -3,20 +3,18 @@
 ``source {id, image, label} -> map_batches(EnsemblePredictor, actor pool)
 -> {id, image, label, soft_targets[C], ensemble_pred, teacher_logits[K, C]?}``
 
-* **cached** (default without augmentation): computed once, written as parquet under
-  ``<storage>/<name>/soft_targets/<fingerprint>/{train,val,test}/`` with ``manifest.json``
-  written last. The cache keeps ids, labels and targets, not the images: reading it joins each
-  row to its source image by id. The fingerprint covers the teachers' checkpoint bytes, T, the rule, whether
-  logits are kept and the data's identity; a cache is used only when its manifest matches
-  and every file it lists reads back with the listed row count, else it is rebuilt.
-* **streaming** (default with augmentation): the transfer set is augmented and run through
-  the teachers again for every epoch (:mod:`kd_ray.stages.consistent`), so teacher and student see
-  the same view ("consistent teaching"). Validation and test predictions are still cached.
+Computed once, written as parquet under
+``<storage>/<name>/soft_targets/<fingerprint>/{train,val,test,views}/`` with ``manifest.json``
+written last. The cache keeps ids, labels and targets, not the images: reading it joins each
+row to its source image by id. The fingerprint is the digest of :func:`kd_ray.core.plan.cache_identity`
+(the teachers' checkpoint bytes, the data, how targets are made and kept, the views); a cache
+is used only when its manifest matches and every file it lists reads back with the listed row
+count, else it is rebuilt. Every cache holds the transfer set's soft targets, whatever the
+teaching mode: consistent teaching (:mod:`kd_ray.stages.consistent`) labels its views again every
+epoch, and reads the cache's rows only for a sweep's plain hard baseline and the cache's figures.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -40,14 +38,14 @@ from kd_ray.core.ensemble import (
     load_teacher_files,
 )
 from kd_ray.core.losses import top_k_logits
+from kd_ray.core.plan import cache_identity, digest
 from kd_ray.core.rows import SPLITS
-from kd_ray.stages.consistent import consistent_stream
 from kd_ray.stages.counters import pass_counter
 from kd_ray.stages.datasets import from_dataset, to_dataset
 from kd_ray.stages.predictor import check_pool_resources, predict
 from kd_ray.stages.progress import Heartbeat
 
-SCHEMA_VERSION = 3  # 3: no image column (joined from the source by id)
+SCHEMA_VERSION = 4  # 3: no image column (joined from the source by id); 4: identities declared in kd_ray.core.plan
 
 
 def view_seed(cfg: ExperimentConfig) -> int:
@@ -76,23 +74,8 @@ def expand_views(batch: dict[str, np.ndarray], views: int, max_shift: int, seed:
 
 # --------------------------------------------------------------------------- the stage
 def fingerprint(teachers: list[TeacherFile], cfg: ExperimentConfig, identity: dict, transfer_rows: int) -> str:
-    st = cfg.soft_targets
-    blob = {
-        "schema": SCHEMA_VERSION, "teachers": [t.sha256 for t in teachers], "temperature": st.temperature,
-        "rule": st.rule, "keep_teacher_logits": st.keeps_logits, "data": identity,
-        "transfer": {"omit_classes": cfg.data.omit_classes, "keep_classes": cfg.data.keep_classes, "rows": transfer_rows},
-    }
-    if st.precision != "float32":  # named only when not the default, so float32 caches keep their names
-        blob["precision"] = st.precision
-    if st.teacher_logits == "topk":  # likewise; such a cache keeps no dense soft targets (see _top_k_columns)
-        blob["top_k"], blob["targets"] = st.top_k, "from top-k"
-    if st.views:  # the views and their augmentation
-        blob["views"] = {"count": st.views, "jitter": st.jitter, "seed": view_seed(cfg)}
-        if st.views_fraction < 1:  # named only when not all rows, so existing caches keep their names
-            blob["views"]["fraction"] = st.views_fraction
-        if st.mixup > 0:  # likewise: mixed views
-            blob["views"]["mixup"] = st.mixup
-    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
+    return digest(cache_identity(cfg, [t.sha256 for t in teachers], identity, transfer_rows, view_seed(cfg),
+                                 SCHEMA_VERSION), 20)
 
 
 def work_dir(path: str) -> str:
@@ -144,7 +127,6 @@ class SoftTargets:
     """What the student stage consumes."""
 
     cfg: ExperimentConfig
-    mode: str
     path: str
     manifest: dict
     model_paths: list[str]
@@ -165,7 +147,7 @@ class SoftTargets:
 
     def describe(self) -> str:
         e = self.manifest["ensemble"]
-        return (f"{self.mode} mode, T={self.temperature:g}, rule={self.manifest['rule']}, "
+        return (f"T={self.temperature:g}, rule={self.manifest['rule']}, "
                 f"{self.manifest['rows']['train']} transfer rows, ensemble val accuracy {e['val_accuracy']:.4f}, "
                 f"test accuracy {e['test_accuracy']:.4f}, {'built' if self.built else 'reused'} at {self.path}")
 
@@ -195,15 +177,10 @@ class SoftTargets:
         """The un-augmented transfer rows ``{id, image, label}`` as numpy arrays, optionally a subset."""
         return (self.transfer if ids is None else self.transfer.take(ids)).columns()
 
-    def epoch_dataset(self, epoch: int, seed: int = 0, ids: np.ndarray | None = None):
-        """The training rows for one epoch: the cache (cached mode) or a fresh augmented
-        pass through the teachers (streaming mode). ``ids`` restricts to a subset."""
-        if self.mode == "cached":
-            ds = self.datasets["train"]
-            return ds if ids is None else take_ids(ds, ids)
-        rows = self.transfer_rows(ids)
-        return consistent_stream(ray.put(rows), np.arange(len(rows["id"])), self.cfg.soft_targets, self.model_paths,
-                                 [epoch], seed, [self.cfg.name])
+    def cached_rows(self, ids: np.ndarray | None = None):
+        """The cached transfer rows (a Ray Dataset), optionally only those of ``ids``."""
+        ds = self.datasets["train"]
+        return ds if ids is None else take_ids(ds, ids)
 
 
 def take_ids(ds, ids: np.ndarray):
@@ -304,16 +281,13 @@ def _build(cfg: ExperimentConfig, paths: list[str], teachers: list[TeacherFile],
            fp: str, path: str, t0: float) -> dict:
     """Label the transfer set (cached mode), val, test and the views; publish the cache at
     ``path`` with its manifest (written last) and return the manifest."""
-    mode = cfg.soft_targets.resolved_mode
     storage.delete_dir(path)  # stale, partial or corrupt: rebuild from scratch
     work = work_dir(path)
-    # streaming mode recomputes the transfer set per epoch, so only val/test go to the cache
-    parts = {"train": transfer if mode == "cached" else transfer.take(transfer.ids[:0]),
-             "val": splits.val, "test": splits.test,
+    parts = {"train": transfer, "val": splits.val, "test": splits.test,
              # the views cache labels a nested fraction (all rows by default) under the data seed,
              # so every student subset up to that fraction lies inside it
              "views": transfer.fraction(cfg.soft_targets.views_fraction, cfg.data.seed) if
-             cfg.soft_targets.views and mode == "cached" else transfer.take(transfer.ids[:0])}
+             cfg.soft_targets.views else transfer.take(transfer.ids[:0])}
     heart = Heartbeat("soft-targets", 1).start()  # a line a minute while the teachers label the splits
     try:
         files, accuracy = _compute_cache(cfg, paths, parts, work)
@@ -326,10 +300,9 @@ def _build(cfg: ExperimentConfig, paths: list[str], teachers: list[TeacherFile],
     size = {s: sum(storage.size(storage.join(work, f)) for f in files[s]) for s in files}
     bytes_per_row = {s: round(size[s] / rows[s], 1) for s in files if rows[s]}
     manifest = {
-        "schema": SCHEMA_VERSION, "fingerprint": fp, "mode": mode, "temperature": cfg.soft_targets.temperature,
+        "schema": SCHEMA_VERSION, "fingerprint": fp, "temperature": cfg.soft_targets.temperature,
         "rule": cfg.soft_targets.rule, "averaging": "mean of softmax(z_k/T)" if cfg.soft_targets.rule == "probs"
-        else "softmax(mean_k z_k / T)", "keep_teacher_logits": cfg.soft_targets.keeps_logits,
-        "teacher_logits": cfg.soft_targets.teacher_logits, "top_k": cfg.soft_targets.top_k,
+        else "softmax(mean_k z_k / T)", "teacher_logits": cfg.soft_targets.teacher_logits, "top_k": cfg.soft_targets.top_k,
         "precision": cfg.soft_targets.precision,
         "teachers": [{"path": t.path, "sha256": t.sha256} for t in teachers], "num_classes": splits.num_classes,
         "input_shape": list(splits.input_shape), "normalization": splits.normalization, "data": splits.identity(), "files": files, "rows": rows,
@@ -363,7 +336,6 @@ def build_soft_targets(cfg: ExperimentConfig, ensemble, splits: Splits | None = 
         raise ValueError("the transfer set is empty (check data.omit_classes / data.keep_classes)")
     check_pool_resources(cfg)
     pass_counter(cfg.name)
-    mode = cfg.soft_targets.resolved_mode
     fp = fingerprint(teachers, cfg, splits.identity(), len(transfer))
     root = layout.soft_targets_dir(cfg)
     path = storage.join(root, fp)
@@ -373,4 +345,4 @@ def build_soft_targets(cfg: ExperimentConfig, ensemble, splits: Splits | None = 
         manifest = _build(cfg, paths, teachers, splits, transfer, fp, path, t0)
     sources = {"train": transfer, "val": splits.val, "test": splits.test, "views": transfer}
     datasets = {split: read_cache_split(path, files, sources[split]) for split, files in manifest["files"].items() if files}
-    return SoftTargets(cfg, mode, path, manifest, paths, transfer, built, datasets)
+    return SoftTargets(cfg, path, manifest, paths, transfer, built, datasets)

@@ -27,6 +27,7 @@ from kd_ray.core.config import ExperimentConfig
 from kd_ray.core.ensemble import load_teacher_files
 from kd_ray.core.images import IMAGE_EXTENSIONS
 from kd_ray.core.rows import SPLITS
+from kd_ray.core.schema import TARGET_COLUMNS
 from kd_ray.stages.counters import pass_counter
 from kd_ray.stages.predictor import EnsemblePredictor, check_pool_resources, predict
 from kd_ray.stages.soft_targets import (
@@ -41,9 +42,6 @@ from kd_ray.stages.soft_targets import (
 )
 from kd_ray.stages.sources import StreamedSource
 
-# what a student's rows take from the cache: the targets, and the ensemble's prediction (fidelity)
-TARGET_COLUMNS = ("soft_targets", "teacher_logits", "teacher_topk_values", "teacher_topk_index", "teacher_topk_tail",
-                  "ensemble_pred")
 
 
 def shard_name(path: str) -> str:
@@ -112,7 +110,7 @@ def build_streamed_targets(cfg: ExperimentConfig, model_paths: list[str], source
     path = storage.join(layout.soft_targets_dir(cfg), fp)
     manifest = read_valid_cache(path, fp)
     if manifest is not None:
-        return SoftTargets(cfg, "cached", path, manifest, list(model_paths), None, False, source=source)
+        return SoftTargets(cfg, path, manifest, list(model_paths), None, False, source=source)
     storage.delete_dir(path)
     work = work_dir(path)
     # teacher_logits: none still takes each teacher's top-1 (their accuracies), then drops it
@@ -124,16 +122,15 @@ def build_streamed_targets(cfg: ExperimentConfig, model_paths: list[str], source
     rows = {split: parquet_rows(work, files[split]) for split in SPLITS}
     size = sum(storage.size(storage.join(work, f)) for f in files["train"])
     manifest = {
-        "schema": SCHEMA_VERSION, "fingerprint": fp, "mode": "cached", "streamed": True,
-        "temperature": st.temperature, "rule": st.rule, "keep_teacher_logits": st.keeps_logits,
-        "teacher_logits": st.teacher_logits, "top_k": st.top_k, "precision": st.precision,
+        "schema": SCHEMA_VERSION, "fingerprint": fp, "streamed": True,
+        "temperature": st.temperature, "rule": st.rule, "teacher_logits": st.teacher_logits, "top_k": st.top_k, "precision": st.precision,
         "teachers": [{"path": t.path, "sha256": t.sha256} for t in teachers], "num_classes": num_classes,
         "input_shape": list(source.input_shape), "normalization": source.normalization, "data": identity,
         "files": files, "rows": rows, "ensemble": _accuracies(work, files),
         "bytes_per_row": {"train": round(size / max(rows["train"], 1), 1)}, "seconds": round(time.time() - t0, 2),
     }
     publish(work, path, manifest)
-    return SoftTargets(cfg, "cached", path, manifest, list(model_paths), None, True, source=source)
+    return SoftTargets(cfg, path, manifest, list(model_paths), None, True, source=source)
 
 
 @functools.lru_cache(maxsize=2)

@@ -36,6 +36,7 @@ from kd_ray.core.config import (
 from kd_ray.core.ensemble import load_teacher_files
 from kd_ray.core.environment import environment
 from kd_ray.core.models import inner_model
+from kd_ray.core.plan import StudentPlan
 from kd_ray.core.student_losses import make_loss
 from kd_ray.core.train import (
     Diverged,
@@ -71,14 +72,11 @@ class StreamJob:
 class StudentJob:
     """What crosses into the process that trains a student (trial, task or Train worker), typed."""
 
-    student: StudentConfig  # epochs already scheduled (student.min_steps)
-    temperature: float  # the student's effective T
+    plan: StudentPlan  # the student resolved on the driver; its epochs already scheduled (student.min_steps)
     targets_temperature: float  # the T of the stored soft targets (re-softened when it differs)
     rule: str
     num_classes: int
     input_shape: list[int]
-    teaching: str  # ExperimentConfig.teaching()
-    jitter: int
     eval: dict[str, Any]  # ObjectRefs of the val and test arrays {image, label, ensemble_pred}; {}: streamed
     init_path: str | None = None  # student.init: teacher
     stream: StreamJob | None = None
@@ -90,6 +88,10 @@ class StudentJob:
     mixed_precision: str = "auto"  # runtime.mixed_precision
     views: int = 0  # cached_views teaching: the cache's V views per row ...
     view_seed: int = 0  # ... and the seed their shifts are a function of
+
+    @property
+    def student(self) -> StudentConfig:
+        return self.plan.student
 
 
 class TrainSeam:
@@ -187,8 +189,8 @@ def run_student(job: StudentJob, seam: TrainSeam | LightSeam) -> dict:
     def batches(epoch: int):
         seen["ids"], seen["sample"] = [], None
         for b in epoch_rows(epoch):
-            if job.teaching == "inconsistent":  # the student alone sees the shifted view
-                b["image"] = seeded_shift(b["image"], b["id"], job.jitter, s.seed, epoch)
+            if job.plan.teaching.view == "shift":  # the student alone sees the shifted view
+                b["image"] = seeded_shift(b["image"], b["id"], job.plan.jitter, s.seed, epoch)
             if seen["sample"] is None:
                 seen["sample"] = {k: b[k].cpu().numpy() for k in ("id", "image", "soft_targets", "mix_weight") if k in b}
             seen["ids"].append(b["id"].cpu().numpy())
@@ -251,8 +253,8 @@ def _student_engine(job: StudentJob, device) -> Engine:
     model = s.build(job.input_shape, job.num_classes)
     if job.init_path:  # student.init: teacher (a resumed run's checkpoint overrides it)
         inner_model(model).load_state_dict(load_teacher_files([job.init_path])[0].blob["state_dict"])
-    alpha = 0.0 if s.targets == "hard" else s.alpha
-    loss_fn = student_loss(make_loss(s.loss, s.loss_args), job.temperature, alpha, job.num_classes,
+    alpha = s.alpha if job.plan.soft else 0.0
+    loss_fn = student_loss(make_loss(s.loss, job.plan.loss_args), job.plan.temperature, alpha, job.num_classes,
                            job.targets_temperature, job.rule)
     amp = amp_dtype(job.mixed_precision, device)
     # one checkpoint rule for every student, soft or hard: the best validation epoch's weights
@@ -272,11 +274,11 @@ def _epoch_rows(job: StudentJob, seam, start_epoch: int, device):
         return EpochStream(ds.iter_batches(batch_size=None, batch_format="numpy"), s.batch_size, device).epoch
     if job.train_arrays is not None:  # no Ray Data execution: the rows came with the job
         rows = {k: to_tensor(v).to(device) for k, v in job.train_arrays.items()}
-        if job.teaching == "cached_views":
+        if job.plan.teaching.view == "cached_view":
             return lambda e: shuffled_batches(_one_view_each(rows, job, e), s.batch_size, s.seed * 1000 + e)
         return lambda e: shuffled_batches(rows, s.batch_size, s.seed * 1000 + e)
     shard = seam.dataset("train")
-    if job.teaching == "cached_views":  # all V views of each row, read once; one of them per epoch
+    if job.plan.teaching.view == "cached_view":  # all V views of each row, read once; one of them per epoch
         rows = _read_shard(shard, device)
         return lambda e: shuffled_batches(_one_view_each(rows, job, e), s.batch_size, s.seed * 1000 + e)
     if job.in_memory:  # the shard, read once, reshuffled every epoch
@@ -294,7 +296,7 @@ def _one_view_each(rows: dict[str, torch.Tensor], job: StudentJob, epoch: int) -
     keep = rows["view"] == want
     out = {k: v[keep] for k, v in rows.items()}
     mixed = (out.pop("mix_image"), out.pop("mix_id"), out["mix_weight"]) if "mix_image" in out else None
-    out["image"] = cached_view(out["image"], out["id"], out["view"], job.jitter, job.view_seed, mixed)
+    out["image"] = cached_view(out["image"], out["id"], out["view"], job.plan.jitter, job.view_seed, mixed)
     return out
 
 

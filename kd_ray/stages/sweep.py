@@ -29,9 +29,6 @@ Progress: :class:`~kd_ray.stages.progress.Progress`, a line per finished trial a
 """
 from __future__ import annotations
 
-import hashlib
-import itertools
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -47,9 +44,11 @@ from ray.tune.schedulers import ASHAScheduler
 
 from kd_ray import layout
 from kd_ray.core import storage
-from kd_ray.core.config import ConfigError, ExperimentConfig, loss_params
+from kd_ray.core.config import ConfigError, ExperimentConfig
 from kd_ray.core.environment import environment
-from kd_ray.core.student_losses import loss_class
+from kd_ray.core.grid import GRID_KEYS, trial_config, trial_grid, trial_key, trial_teaching
+from kd_ray.core.models import weights_digest
+from kd_ray.core.plan import digest, sweep_identity
 from kd_ray.stages.cluster import capacity, student_uses_gpu
 from kd_ray.stages.distill import check_classes, distill
 from kd_ray.stages.progress import Progress
@@ -59,7 +58,6 @@ from kd_ray.stages.soft_targets import SoftTargets
 # run's controller and bookkeeping take on the head (~0.5 GB each, Ray issue #65443), and Tune
 # needs a non-empty resource request.
 DRIVER_RESOURCES = {"cpu": 0, "memory": 512 * 1024**2}
-GRID_KEYS = ("fraction", "targets", "teaching", "temperature", "alpha", "lr", "epochs", "seed", "loss", "loss_args")
 # the columns of results.parquet after the grid keys (final metrics of each student)
 METRIC_COLUMNS = ("test_accuracy", "test_errors", "test_nll", "test_fidelity", "val_accuracy", "val_errors",
                   "val_nll", "val_fidelity", "train_accuracy", "epoch", "best_epoch", "train_rows_total",
@@ -67,70 +65,6 @@ METRIC_COLUMNS = ("test_accuracy", "test_errors", "test_nll", "test_fidelity", "
 
 
 # --------------------------------------------------------------------------- pure helpers
-def trial_grid(cfg: ExperimentConfig) -> list[dict]:
-    """Every trial of the sweep, as dicts of GRID_KEYS, in a fixed order.
-
-    Soft-target trials: teaching modes x losses (each with the grid of the parameters it declares,
-    ``sweep.loss_args``) x T x alpha x learning rates x epoch budgets x seeds.
-    Hard-label trials need no teachers, T or alpha (alpha 0, the soft targets' T): the plain
-    baseline (``teaching`` "none", the largest epoch budget) and, for
-    every augmenting mode the soft trials use ("inconsistent": shifts; "consistent": the same
-    shifted and mixed views, with mixed labels; "cached_views": the same V cached views), a matched
-    baseline with that augmentation and each epoch budget, so a gap never mixes augmentation gains
-    with distillation gains.
-    """
-    sw = cfg.sweep
-    temps = sw.temperatures or [cfg.student_temperature()]
-    alphas = sw.alphas or [cfg.student.alpha]
-    teachings = sw.teaching or [cfg.teaching("soft")]
-    budgets = sw.epochs or [cfg.student.epochs]
-    lrs = sw.lrs or [cfg.student.lr]
-    trials = []
-    for fraction in sw.fractions:
-        for targets in sw.targets:
-            if targets == "soft":
-                grid = [(m, T, a, lr, e, loss) for m in teachings for loss in loss_settings(cfg) for T in temps
-                        for a in alphas for lr in lrs for e in budgets]
-            else:  # a hard trial has no soft term: kd's objective with alpha 0
-                T0, none = cfg.soft_targets.temperature, ("kd", "{}")
-                grid = [("none", T0, 0.0, lr, max(budgets), none) for lr in lrs]
-                grid += [(m, T0, 0.0, lr, e, none) for m in teachings
-                         if m in ("inconsistent", "consistent", "cached_views") for lr in lrs for e in budgets]
-            for teaching, T, alpha, lr, epochs, (loss, loss_args) in grid:
-                for seed in sw.seeds:
-                    t = {"fraction": float(fraction), "targets": targets, "teaching": teaching,
-                         "temperature": float(T), "alpha": float(alpha), "lr": float(lr), "epochs": int(epochs),
-                         "seed": int(seed), "loss": loss, "loss_args": loss_args}
-                    if t not in trials:
-                        trials.append(t)
-    if not trials:
-        raise ConfigError("sweep: the grid is empty; give at least one fraction, target kind and seed")
-    return trials
-
-
-def loss_settings(cfg: ExperimentConfig) -> list[tuple[str, str]]:
-    """(loss, its parameters as canonical JSON) of the soft trials: every swept loss (default: the
-    student's) with the grid of ``sweep.loss_args`` over the parameters that loss declares."""
-    out = []
-    for loss in cfg.sweep.losses or [cfg.student.loss]:
-        base = dict(cfg.student.loss_args) if loss == cfg.student.loss else {}
-        axes = {k: v for k, v in cfg.sweep.loss_args.items() if k in loss_class(loss).Params.model_fields}
-        for values in itertools.product(*axes.values()):
-            args = loss_params(loss, {**base, **dict(zip(axes, values))})
-            out.append((loss, json.dumps(args, sort_keys=True)))
-    return out
-
-
-def trial_config(cfg: ExperimentConfig, trial: dict) -> ExperimentConfig:
-    """The experiment config of one trial: the student section with the trial's values."""
-    update = {"fraction": trial["fraction"], "targets": trial["targets"], "temperature": trial["temperature"],
-              "alpha": trial["alpha"], "lr": trial["lr"], "seed": trial["seed"], "epochs": trial["epochs"],
-              "loss": trial["loss"], "loss_args": json.loads(trial["loss_args"]),
-              "teaching": None if trial["teaching"] == "none" else trial["teaching"]}
-    student = cfg.student.model_copy(update=update)
-    return cfg.model_copy(update={"student": student})
-
-
 def trial_bundles(cfg: ExperimentConfig, use_gpu: bool, trial: dict | None = None) -> list[dict[str, float]]:
     """What one trial holds while it runs, as placement-group bundles: its student's workers (a
     light trial's own process is its one worker; a DDP trial's driver holds nothing), for
@@ -138,7 +72,7 @@ def trial_bundles(cfg: ExperimentConfig, use_gpu: bool, trial: dict | None = Non
     streamed source a CPU for its data tasks."""
     n = cfg.student.num_workers
     bundles = [{"CPU": 1.0, "GPU": 1.0 if use_gpu else 0.0} for _ in range(n)]
-    if trial is not None and trial.get("teaching") == "consistent":
+    if trial is not None and trial_teaching(trial).teacher_passes:
         st = cfg.soft_targets
         bundles += [{"CPU": float(st.num_cpus), "GPU": float(st.num_gpus)} for _ in range(n * st.actors)]
     if cfg.data.stream:  # room for the trial's Ray Data tasks (read, decode, join): workers holding every CPU starve them
@@ -170,7 +104,7 @@ def max_concurrent(cfg: ExperimentConfig, cluster: dict[str, float], use_gpu: bo
     if room < 1:
         have = {r: cluster.get(r, 0.0) for r in need}
         raise ConfigError(f"one sweep trial needs {need} (student.num_workers={cfg.student.num_workers}"
-                          + (", plus its predictor actors" if trial and trial.get("teaching") == "consistent" else "")
+                          + (", plus its predictor actors" if trial and trial_teaching(trial).teacher_passes else "")
                           + f") but the cluster has {have}; lower student.num_workers or add resources")
     cap = cfg.sweep.max_concurrent_trials or room
     return max(1, min(cap, room, n_trials))
@@ -181,25 +115,12 @@ def metric_mode(metric: str) -> str:
 
 
 def sweep_name(cfg: ExperimentConfig, soft: SoftTargets) -> str:
-    """What a trial's result depends on besides its own grid values: the student config, the
-    soft targets, the data seed, the augmentation's shift, and how trials are stopped. Trials of sweeps with the same
-    name are interchangeable, so growing the grid (another seed, another fraction) runs only
-    the new trials, and the concurrency can change between runs."""
-    student = cfg.student.identity(exclude=set(GRID_KEYS) | {"targets"})
-    sweep = cfg.sweep.model_dump(mode="json", include={"metric", "scheduler"})
-    key = {"student": student, "sweep": sweep, "soft": soft.manifest["fingerprint"],
-           "data_seed": cfg.data.seed, "jitter": cfg.soft_targets.jitter}
-    if cfg.soft_targets.mixup > 0:  # only when used, so sweeps from before mixup keep their names
-        key["mixup"] = cfg.soft_targets.mixup
-    key = json.dumps(key, sort_keys=True)
-    return "sweep-" + hashlib.sha256(key.encode()).hexdigest()[:10]
-
-
-def trial_key(trial: dict) -> str:
-    args = "".join(f"-{k}{v:g}" if isinstance(v, (int, float)) else f"-{k}{v}"
-                   for k, v in json.loads(trial["loss_args"]).items())
-    return (f"f{trial['fraction']:g}-{trial['targets']}-{trial['teaching']}-T{trial['temperature']:g}"
-            f"-a{trial['alpha']:g}-lr{trial['lr']:g}-e{trial['epochs']}-s{trial['seed']}-{trial['loss']}{args}")
+    """The digest of :func:`kd_ray.core.plan.sweep_identity`. Trials of sweeps with the same name are
+    interchangeable, so growing the grid (another seed, another fraction) runs only the new
+    trials, and the concurrency can change between runs."""
+    s = cfg.student
+    weights = weights_digest(s) if s.pretrained_file else None
+    return "sweep-" + digest(sweep_identity(cfg, soft.manifest["fingerprint"], GRID_KEYS, weights), 10)
 
 
 # --------------------------------------------------------------------------- the trial
@@ -352,7 +273,7 @@ def _read_rows_once(cfg: ExperimentConfig, soft: SoftTargets, todo: list[dict]) 
     for split in ("val", "test"):
         soft.eval_arrays(split)
     if cfg.student.light:
-        splits = {"views" if t["teaching"] == "cached_views" else "train" for t in todo if t["teaching"] != "consistent"}
+        splits = {trial_teaching(t).split for t in todo} - {"none"}
         for split in splits:
             if soft.rows_fit(split, cfg.student.max_in_memory_mb):
                 soft.train_arrays(split)
