@@ -74,7 +74,8 @@ def cmd_teachers(cfg: ExperimentConfig):
         from kd_ray.stages.sources import experiment_source
 
         init_ray(cfg)
-        return train_ensemble(cfg, experiment_source(cfg))
+        source = experiment_source(cfg)
+        return train_ensemble(cfg, source, import_teachers(cfg, source))
     splits = load_splits(cfg.data)
     imported = import_teachers(cfg, splits)  # before Ray starts: a teacher file that does not fit fails here
     init_ray(cfg)

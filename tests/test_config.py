@@ -106,17 +106,19 @@ def test_bad_set_syntax():
         load_config(None, ["student.alpha"])
 
 
-def test_a_streamed_source_is_parquet_or_a_folder_with_cached_teaching_and_teachers_trained_here():
+def test_a_streamed_source_is_parquet_or_a_folder_and_says_which_modes_need_memory():
     stream = ["data.name=parquet", "data.root=s3://bucket/data", "data.stream=true"]
     assert load_config(None, stream).data.stream
     assert load_config(None, ["data.name=image_folder", "data.root=/images", "data.stream=true"]).data.stream
     with pytest.raises(ConfigError, match=r"streamed sources are parquet or image_folder; data.name is 'digits'"):
         load_config(None, ["data.stream=true"])
-    with pytest.raises(ConfigError, match=r"data.stream: consistent teaching does not stream: the predictor pool"):
-        load_config(None, [*stream, "sweep.teaching=[cached, consistent]", "soft_targets.jitter=1"])
+    shifts = load_config(None, [*stream, "sweep.teaching=[cached, inconsistent, consistent]", "soft_targets.jitter=1"])
+    assert shifts.sweep.teaching == ["cached", "inconsistent", "consistent"]
+    with pytest.raises(ConfigError, match=r"data.stream: consistent teaching does not stream: a mixed view's partner"):
+        load_config(None, [*stream, "sweep.teaching=[consistent]", "soft_targets.mixup=1.0"])
+    with pytest.raises(ConfigError, match=r"data.stream: cached_views teaching does not stream"):
+        load_config(None, [*stream, "sweep.teaching=[cached_views]", "soft_targets.views=2", "soft_targets.jitter=1"])
     with pytest.raises(ConfigError, match=r"data.stream: a views cache rebuilds views"):
         load_config(None, [*stream, "soft_targets.views=2", "soft_targets.jitter=1"])
-    with pytest.raises(ConfigError, match=r"data.stream: teachers.bootstrap needs the source in memory"):
-        load_config(None, [*stream, "teachers.bootstrap=true"])
-    with pytest.raises(ConfigError, match=r"data.stream: teachers.specs\[1\].checkpoint"):
-        load_config(None, [*stream, "teachers.specs=[{}, {checkpoint: t.pt}]"])
+    # bootstrapped and imported teachers stream too (a Poisson(1) resample; checked on a few rows)
+    assert load_config(None, [*stream, "teachers.bootstrap=true"]).teachers.bootstrap

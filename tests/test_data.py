@@ -290,3 +290,14 @@ def test_the_parquet_source_reads_the_hf_image_struct_and_names_images_without_b
         decode_images(paths_only, None, "t")
     with pytest.raises(ValueError, match="stream: an hf source is read into memory"):
         DataConfig(name="hf", root=str(tmp_path), stream=True)
+
+
+def test_a_streamed_bootstrap_draws_poisson_counts_per_id():
+    from kd_ray.core.subsets import bootstrap_counts
+
+    ids = np.arange(200_000)
+    c = bootstrap_counts(ids, 3)
+    assert np.array_equal(c, bootstrap_counts(ids, 3))  # a pure function of (seed, id): the same in every process
+    assert np.array_equal(c[::-1], bootstrap_counts(ids[::-1], 3))  # and of the row, not its position
+    assert abs(c.mean() - 1) < 0.01 and abs((c == 0).mean() - np.exp(-1)) < 0.005  # as n draws with replacement
+    assert not np.array_equal(c, bootstrap_counts(ids, 4))  # each teacher its own resample

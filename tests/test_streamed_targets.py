@@ -123,3 +123,83 @@ def test_streamed_pipeline_teachers_cache_sweep_and_report(digits_cfg, tmp_path)
     assert trial["train_rows_total"] == len(select_fraction(memory.train.ids, memory.train.labels, 0.5, 0))
     assert trial["test_accuracy"] > 0.3 and trial["test_fidelity"] > 0.3  # 10 classes; 3 short epochs
     assert (tmp_path / "runs" / "streamed" / "summary.md").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_teacher_kinds_and_augmenting_modes_on_a_streamed_source(digits_cfg, tmp_path):
+    """A streamed source (an image folder) with bootstrapped, fine-tuned and imported teachers, and
+    in the augmenting modes: consistent teaching labels each epoch's views read from the files, and
+    they equal the in-memory path's views and soft targets for the same ids; inconsistent teaching
+    shifts the streamed rows in the worker, by the same seeded function."""
+    import ray
+
+    from kd_ray.core.augment import seeded_shift
+    from kd_ray.core.config import DataConfig
+    from kd_ray.core.data import load_splits
+    from kd_ray.stages.consistent import consistent_stream, streamed_consistent
+    from kd_ray.stages.counters import forward_passes
+    from kd_ray.stages.datasets import from_dataset
+    from kd_ray.stages.distill import distill
+    from kd_ray.stages.soft_targets import build_soft_targets
+    from kd_ray.stages.sources import experiment_source
+    from kd_ray.stages.streamed_targets import build_streamed_targets
+    from kd_ray.stages.teachers import import_teachers, train_ensemble
+    from tests.fixtures.factories import digits_folder
+
+    root = digits_folder(tmp_path / "digits")
+    data = ["data.name=image_folder", f"data.root={root}"]
+    cfg = digits_cfg(*data, "data.stream=true", "name=streamedaug", "soft_targets.jitter=1", "student.fraction=0.5",
+                     "student.epochs=3", "student.lr=0.1", "student.model_args={hidden: [64]}", "sweep.fractions=[0.5]",
+                     "teachers.specs=[{}, {bootstrap: true}]")
+    source = experiment_source(cfg)
+    trained = train_ensemble(cfg, source)  # the second teacher on a Poisson(1) resample of the stream
+    assert [t["spec"]["bootstrap"] for t in trained.teachers] == [False, True]
+    assert all(t["val_accuracy"] > 0.5 for t in trained.teachers)
+    # on a streamed source, a teacher fine-tuned from pretrained weights and an imported one (checked on a
+    # few validation rows; its accuracy from the cache's pass)
+    imported = cfg.model_copy(update={"name": "streamedimport", "teachers": cfg.teachers.model_copy(update={
+        "specs": [{"pretrained_file": trained.model_paths[0]}, {"checkpoint": trained.model_paths[1]}]})})
+    got = import_teachers(imported, source)
+    assert list(got) == ["t1"] and np.isnan(got["t1"]["val_accuracy"])
+    ensemble = train_ensemble(imported, source, got)
+    tuned = ensemble.teachers[0]
+    assert tuned["spec"]["pretrained_file"] == trained.model_paths[0] and tuned["val_accuracy"] > 0.5
+    soft = build_streamed_targets(imported, ensemble.model_paths, source)
+    assert soft.manifest["ensemble"]["teacher_val_accuracy"][1] > 0.5  # measured by the soft-target pass
+    cfg = imported
+    memory = load_splits(DataConfig(**{**cfg.data.model_dump(), "stream": False}))
+    in_memory = build_soft_targets(digits_cfg(*data, "name=streamedaug_memory"), ensemble)
+
+    # one epoch of views: the streamed path's equal the in-memory path's, id by id
+    st = cfg.soft_targets
+    streamed = from_dataset(streamed_consistent(source, 0.5, cfg.data.seed, 0, 1, st, ensemble.model_paths, [1], 3,
+                                                [cfg.name]), ("id", "image", "soft_targets"))
+    ids = np.sort(streamed["id"])
+    assert len(ids) == source.count(0.5, cfg.data.seed, transfer=True)
+    rows = in_memory.transfer_rows(ids)
+    held = from_dataset(consistent_stream(ray.put(rows), np.arange(len(ids)), st, ensemble.model_paths, [1], 3,
+                                          [cfg.name]), ("id", "image", "soft_targets"))
+    a, b = np.argsort(streamed["id"]), np.argsort(held["id"])
+    assert np.array_equal(streamed["id"][a], held["id"][b])
+    assert np.abs(streamed["image"][a] - held["image"][b]).max() < 1e-4  # normalisation agrees to ~1e-5
+    assert np.abs(streamed["soft_targets"][a] - held["soft_targets"][b]).max() < 1e-3
+    assert not np.allclose(streamed["image"][a], rows["image"][np.argsort(rows["id"])], atol=1e-3)  # shifted
+
+    # a consistent student on the stream: the teachers label every epoch's views
+    before = forward_passes(cfg.name).get("train", 0)
+    r = distill(cfg.model_copy(update={"student": cfg.student.model_copy(update={"teaching": "consistent"})}), soft)
+    n = len(ids)
+    assert r.metrics["teaching"] == "consistent" and list(r.history["train_rows"]) == [n, n, n]
+    assert forward_passes(cfg.name)["train"] - before == 3 * n
+    assert r.metrics["teacher_passes"] == 3 * n * len(ensemble.model_paths) and r.metrics["test_accuracy"] > 0.3
+
+    # an inconsistent student: the streamed rows shifted in the worker as the in-memory path shifts them
+    inc = cfg.model_copy(update={"student": cfg.student.model_copy(update={"teaching": "inconsistent"})})
+    r = distill(inc, soft)
+    assert r.metrics["teaching"] == "inconsistent" and r.metrics["teacher_passes"] == 0
+    first = np.load(f"{r.checkpoint_path}/first_batch_rank0.npz")  # the last epoch's first batch, as trained on
+    order = np.argsort(memory.train.ids)
+    plain = memory.train.images[order[np.searchsorted(memory.train.ids, first["id"], sorter=order)]]
+    want = seeded_shift(plain, first["id"], 1, inc.student.seed, inc.student.epochs - 1)
+    assert np.abs(first["image"] - want).max() < 1e-4 and np.abs(first["image"] - plain).max() > 0.1

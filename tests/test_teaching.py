@@ -9,8 +9,10 @@ def test_each_mode_declares_its_views_cache_split_passes_and_baseline():
     assert got == {"cached": ("stored", "train", False, False), "inconsistent": ("shift", "train", False, True),
                    "consistent": ("stream", "none", True, True), "cached_views": ("cached_view", "views", False, True)}
     assert all(t.doc for t in TEACHINGS.values())
-    assert TEACHINGS["cached"].streamed_source is None  # the one mode a streamed source serves today
-    assert all(TEACHINGS[n].streamed_source for n in ("inconsistent", "consistent", "cached_views"))
+    st = load_config(None, ["soft_targets.jitter=1"]).soft_targets
+    streams = {n: t.streamed_source(st) is None for n, t in TEACHINGS.items()}
+    assert streams == {"cached": True, "inconsistent": True, "consistent": True, "cached_views": False}
+    assert "mixup" in TEACHINGS["consistent"].streamed_source(st.model_copy(update={"mixup": 1.0}))
 
 
 def test_what_each_mode_needs_of_the_soft_targets():

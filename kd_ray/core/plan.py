@@ -130,8 +130,9 @@ def _check_teaching(cfg: ExperimentConfig) -> None:
         lack = mode.needs(st)
         if lack:
             raise ValueError(f"teaching: {mode.name} teaching ({mode.doc}): {lack}")
-        if cfg.data.stream and mode.streamed_source:
-            raise ValueError(f"data.stream: {mode.name} teaching does not stream: {mode.streamed_source}")
+        why = mode.streamed_source(st) if cfg.data.stream else None
+        if why:
+            raise ValueError(f"data.stream: {mode.name} teaching does not stream: {why}")
     views_fractions = (cfg.sweep.fractions if "cached_views" in cfg.sweep.teaching else []) + (
         [cfg.student.fraction] if cfg.student.teaching == "cached_views" else [])
     if views_fractions and max(views_fractions) > st.views_fraction:
@@ -141,11 +142,6 @@ def _check_teaching(cfg: ExperimentConfig) -> None:
         if st.views:
             raise ValueError("data.stream: a views cache rebuilds views from the source image in memory; set "
                              "soft_targets.views: 0 or data.stream: false")
-        for i, spec in enumerate(cfg.teachers.resolved()):
-            if spec.bootstrap or spec.checkpoint:
-                where = f"teachers.specs[{i}]" if cfg.teachers.specs else "teachers"
-                raise ValueError(f"data.stream: {where}.{'bootstrap' if spec.bootstrap else 'checkpoint'} needs the "
-                                 f"source in memory; drop it or set data.stream: false")
 
 
 def _check_losses(cfg: ExperimentConfig) -> None:

@@ -77,3 +77,17 @@ def in_fraction(ids: np.ndarray, labels: np.ndarray, thresholds: dict[int, tuple
         th_h = np.uint64(th_h)
         keep[m] = (h[m] < th_h) | ((h[m] == th_h) & (ids[m] <= th_id))
     return keep
+
+
+# the salt that keeps a bootstrap's draws apart from the subsets' hashes under the same seed
+BOOTSTRAP_SALT = 0x5EED_B007
+_POISSON1_CDF = np.cumsum([math.exp(-1) / math.factorial(k) for k in range(20)])
+
+
+def bootstrap_counts(ids: np.ndarray, seed: int) -> np.ndarray:
+    """How many times each row appears in a streamed bootstrap resample: Poisson(1) draws, a pure
+    function of (seed, id) (the online bootstrap of Oza & Russell 2001). Over n rows the resample
+    has n rows on average and leaves out ~e^-1 of them, as n draws with replacement do; the
+    in-memory bootstrap draws exactly n."""
+    u = (stable_hash(ids, seed ^ BOOTSTRAP_SALT) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    return np.searchsorted(_POISSON1_CDF, u, side="right").astype(np.int64)

@@ -28,7 +28,7 @@ class Teaching:
     matched_baseline: bool  # a sweep adds a hard baseline trained on the same views
     identity: tuple[str, ...]  # soft_targets fields that name its runs (beside the cache's own fingerprint)
     needs: Callable[[object], str | None]  # the SoftTargetsConfig -> what it lacks for this mode (one line) or None
-    streamed_source: str | None  # None: works on a streamed source (data.stream); else why not
+    streamed_source: Callable[[object], str | None]  # the SoftTargetsConfig -> why it cannot stream (data.stream), or None
     doc: str
 
     def hard_mode(self, st) -> "Teaching":
@@ -43,21 +43,32 @@ def _augments(st) -> str | None:
         "parameter (e.g. 1.0), or both")
 
 
-_IN_MEMORY = "views are rebuilt from the source image in memory; set data.stream: false"
+def _streams(st) -> None:
+    return None
+
+
+def _stream_without_mixup(st) -> str | None:
+    return None if st.mixup == 0 else ("a mixed view's partner is drawn from the whole subset, held in memory; set "
+                                       "soft_targets.mixup: 0 or data.stream: false")
+
+
+def _views_in_memory(st) -> str:
+    return "the views cache rebuilds each view from the source image in memory; set data.stream: false"
+
 
 TEACHINGS: dict[str, Teaching] = {t.name: t for t in (
-    Teaching("cached", "stored", "train", False, False, (), lambda st: None, None,
+    Teaching("cached", "stored", "train", False, False, (), lambda st: None, _streams,
              "the cached soft targets of the un-augmented images, no augmentation"),
     Teaching("inconsistent", "shift", "train", False, True, ("jitter",),
              lambda st: None if st.jitter > 0 else "set soft_targets.jitter to the largest shift in pixels (e.g. 1)",
-             _IN_MEMORY, "the cached soft targets, but the student alone sees a shifted image"),
+             _streams, "the cached soft targets, but the student alone sees a shifted image"),
     Teaching("consistent", "stream", "none", True, True, ("jitter", "mixup"), _augments,
-             "the predictor pool labels views of rows held in memory; set data.stream: false",
+             _stream_without_mixup,
              "every epoch the teachers label the very view the student trains on (Beyer et al. 2022)"),
     Teaching("cached_views", "cached_view", "views", False, True, (),  # the views cache's fingerprint names them
              lambda st: None if st.views > 0 and not _augments(st) else
              "set soft_targets.views to their number (e.g. 8) and soft_targets.jitter and/or soft_targets.mixup",
-             _IN_MEMORY, "each epoch one of the V cached views of each row: consistent, with no teacher passes"),
+             _views_in_memory, "each epoch one of the V cached views of each row: consistent, with no teacher passes"),
 )}
 # the sweep's name for its plain hard-label baseline: the stored rows, no augmentation ("cached", alpha 0)
 PLAIN = "none"

@@ -4,6 +4,8 @@
 seeded order, turned by a :class:`ConsistentTeacher` actor pool into the shifted (and mixed) view
 of each transfer row with the ensemble's soft targets on that view. A Train worker iterates it
 (:mod:`kd_ray.stages.student_worker`); :func:`worker_share` gives each worker its rows.
+:func:`streamed_consistent` is the same for a streamed source (``data.stream``): each epoch's
+rows come from the files, are shifted by the same seeded function and labelled on that view.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from kd_ray.core.augment import mix, seeded_mixup, seeded_shift
 from kd_ray.core.config import SoftTargetsConfig
 from kd_ray.core.subsets import stable_hash
 from kd_ray.stages.predictor import EnsemblePredictor, predict
+from kd_ray.stages.sources import StreamedSource
 
 
 class ConsistentTeacher(EnsemblePredictor):
@@ -85,3 +88,51 @@ def consistent_stream(rows_ref, positions: np.ndarray, st: SoftTargetsConfig, mo
     ds.context.enable_progress_bars = False
     return predict(ds, model_paths, st, "train", counters, predictor=ConsistentTeacher,
                    rows=[rows_ref], max_shift=st.jitter, seed=seed, mixup=st.mixup, pool=positions)
+
+
+class StreamedConsistentTeacher(EnsemblePredictor):
+    """Consistent teaching on a streamed source. Rows in: a subset's source rows, tagged with their
+    ``epoch``. Rows out: the same rows in a seeded order within each epoch's part of the batch,
+    each image shifted as (seed, epoch, id) decides -- the view the in-memory path makes of that
+    row -- with the teachers' soft targets on it."""
+
+    def __init__(self, max_shift: int, seed: int, **kwargs):
+        super().__init__(**kwargs)
+        self.max_shift, self.seed = max_shift, seed
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        parts = []
+        for e in dict.fromkeys(batch["epoch"].tolist()):  # epochs in stream order, each shuffled in place
+            m = np.flatnonzero(batch["epoch"] == e)
+            m = m[np.random.default_rng([self.seed, e, int(batch["id"][m[0]])]).permutation(len(m))]
+            part = {k: np.asarray(v)[m] for k, v in batch.items()}
+            part["image"] = seeded_shift(part["image"], part["id"], self.max_shift, self.seed, int(e))
+            parts.append(part)
+        return super().__call__({k: np.concatenate([p[k] for p in parts]) for k in batch})
+
+
+def _epoch_rows(batch: dict[str, np.ndarray], epoch: int, rank: int, world: int) -> dict[str, np.ndarray]:
+    """A streamed block -> this worker's rows of it, tagged with the epoch."""
+    keep = np.flatnonzero(stable_hash(batch["id"], 0) % np.uint64(world) == np.uint64(rank)) if world > 1 else None
+    out = {k: (v if keep is None else v[keep]) for k, v in batch.items()}
+    out["epoch"] = np.full(len(out["id"]), epoch, np.int64)
+    return out
+
+
+def streamed_consistent(source: StreamedSource, fraction: float, data_seed: int, rank: int, world: int,
+                        st: SoftTargetsConfig, model_paths: list[str], epochs: Sequence[int], seed: int,
+                        counters: Sequence[str]):
+    """:func:`consistent_stream` for a streamed source: per epoch, this worker's rows of the
+    subset (``fraction`` under ``data_seed``) read from the files in a block order seeded by (seed,
+    epoch), shuffled within each block and shifted and labelled by a
+    :class:`StreamedConsistentTeacher` pool; epochs in order, one pool for all of them."""
+    parts = []
+    for e in epochs:
+        rows = source.split("train", fraction if fraction < 1 else None, data_seed, transfer=True)
+        parts.append(rows.randomize_block_order(seed=seed * 100_003 + e).map_batches(
+            _epoch_rows, fn_kwargs={"epoch": e, "rank": rank, "world": world}, batch_format="numpy"))
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    ds.context.execution_options.preserve_order = True
+    ds.context.enable_progress_bars = False
+    return predict(ds, model_paths, st, "train", counters, predictor=StreamedConsistentTeacher,
+                   max_shift=st.jitter, seed=seed)

@@ -243,21 +243,25 @@ def _training_data(cfg: ExperimentConfig, soft: SoftTargets, job: StudentJob, id
     consistent-teaching stream, a streamed source joined to its cache, every stored view of the
     subset's rows, or the cached subset."""
     s, mode, datasets = job.student, job.plan.teaching, {}
-    if mode.view == "stream":
-        # the subset's rows go to the predictor actors once, through the object store; the
-        # workers send (epoch, position) rows and get back the view and its soft targets
-        job.stream = StreamJob(ray.put(soft.transfer_rows(ids)), ids, cfg.soft_targets, soft.model_paths,
-                               [cfg.name, counter])
-        pass_counter(counter)
-    elif soft.source is not None:  # a streamed source: its rows joined to the cache, val and test too
-        for split in ("train", "val", "test"):
+    if soft.source is not None:  # a streamed source: its rows joined to the cache, val and test too
+        for split in ("train", "val", "test") if mode.view != "stream" else ("val", "test"):
             datasets[split] = student_rows(soft.source, soft.path, s.fraction, cfg.data.seed, split)
             datasets[split].context.enable_progress_bars = False
         row_bytes = 4 * int(np.prod(soft.manifest["input_shape"])) + soft.manifest["bytes_per_row"]["train"]
         fits = s.max_in_memory_mb * 1024**2
         job.in_memory = rows * row_bytes / s.num_workers <= fits
         job.eval_in_memory = max(soft.manifest["rows"]["val"], soft.manifest["rows"]["test"]) * row_bytes <= fits
-    elif s.light and soft.rows_fit(mode.split, s.max_in_memory_mb):
+    if mode.view == "stream":
+        # the subset's rows go to the predictor actors once, through the object store (a streamed
+        # source's: read from its files every epoch); the workers get back each view and its targets
+        rows_ref = None if soft.source is not None else ray.put(soft.transfer_rows(ids))
+        job.stream = StreamJob(rows_ref, ids, cfg.soft_targets, soft.model_paths, [cfg.name, counter],
+                               source=soft.source.plain() if soft.source is not None else None,
+                               fraction=s.fraction, data_seed=cfg.data.seed)
+        pass_counter(counter)
+    if mode.view == "stream" or soft.source is not None:
+        return datasets
+    if s.light and soft.rows_fit(mode.split, s.max_in_memory_mb):
         # the rows as arrays, with the job: no Ray Data execution (a sweep's driver read them once)
         job.train_arrays = soft.train_arrays(mode.split, ids)
     elif mode.split == "views":  # every view of the subset's rows; the worker picks one per epoch

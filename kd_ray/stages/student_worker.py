@@ -49,7 +49,8 @@ from kd_ray.core.train import (
     student_loss,
     to_tensor,
 )
-from kd_ray.stages.consistent import consistent_stream, worker_share
+from kd_ray.stages.consistent import consistent_stream, streamed_consistent, worker_share
+from kd_ray.stages.sources import StreamedSource
 
 # A consistent-teaching worker iterates its stream itself, so Ray Data's scheduling thread runs in
 # the worker's process; a short switch interval hands the GIL back to the training thread sooner
@@ -59,13 +60,17 @@ STREAM_SWITCH_INTERVAL_S = 1e-4
 
 @dataclass
 class StreamJob:
-    """Consistent teaching: the subset's rows (object store) and the predictor pool that labels each view."""
+    """Consistent teaching: the subset's rows (object store) or, for a streamed source, the source
+    and the subset its rows come from; and the predictor pool that labels each view."""
 
-    rows: Any  # ObjectRef of {id, image, label}
-    ids: np.ndarray
+    rows: Any  # ObjectRef of {id, image, label}; None for a streamed source
+    ids: np.ndarray | None
     soft_targets: SoftTargetsConfig
     model_paths: list[str]
     counters: list[str]  # pass counters: the experiment's and this run's
+    source: dict | None = None  # a streamed source (StreamedSource.plain()) ...
+    fraction: float = 1.0  # ... and the nested fraction of its transfer set, under the data seed
+    data_seed: int = 0
 
 
 @dataclass
@@ -268,9 +273,13 @@ def _epoch_rows(job: StudentJob, seam, start_epoch: int, device):
     s, rank, world = job.student, seam.rank, seam.world
     if job.stream:  # consistent teaching: every remaining epoch through one predictor pool
         sys.setswitchinterval(STREAM_SWITCH_INTERVAL_S)
-        st = job.stream
-        ds = consistent_stream(st.rows, worker_share(st.ids, rank, world), st.soft_targets, st.model_paths,
-                               range(start_epoch, s.epochs), s.seed, st.counters)
+        st, epochs = job.stream, range(start_epoch, s.epochs)
+        if st.source is None:
+            ds = consistent_stream(st.rows, worker_share(st.ids, rank, world), st.soft_targets, st.model_paths,
+                                   epochs, s.seed, st.counters)
+        else:
+            ds = streamed_consistent(StreamedSource.from_plain(st.source), st.fraction, st.data_seed, rank, world,
+                                     st.soft_targets, st.model_paths, epochs, s.seed, st.counters)
         return EpochStream(ds.iter_batches(batch_size=None, batch_format="numpy"), s.batch_size, device).epoch
     if job.train_arrays is not None:  # no Ray Data execution: the rows came with the job
         rows = {k: to_tensor(v).to(device) for k, v in job.train_arrays.items()}

@@ -22,7 +22,7 @@ from kd_ray.core.ensemble import predict_logits, save_teacher_model
 from kd_ray.core.environment import environment
 from kd_ray.core.models import count_parameters, weights_digest
 from kd_ray.core.plan import digest, teacher_identity
-from kd_ray.core.subsets import select_fraction
+from kd_ray.core.subsets import bootstrap_counts, select_fraction
 from kd_ray.core.train import (
     Diverged,
     Engine,
@@ -80,7 +80,8 @@ class TeacherTrainer:
         return meta if meta.get("key") == self.key and meta.get("complete") and "kept_epoch" in meta else None
 
     def _subset(self, ids: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """Row indices of this teacher's training set: a nested fraction, optionally bootstrapped."""
+        """Row indices of this teacher's training set: a nested fraction, optionally bootstrapped
+        (n draws with replacement; a streamed source's resample: :func:`bootstrap_counts`)."""
         rows = np.arange(len(ids))
         if self.spec.fraction < 1:
             rows = rows[np.isin(ids, select_fraction(ids, labels, self.spec.fraction, self.spec.seed))]
@@ -101,6 +102,9 @@ class TeacherTrainer:
 
         def epoch_batches(epoch: int):
             blocks = source.iter_rows("train", fraction, spec.seed, order_seed=spec.seed * 7919 + epoch)
+            if spec.bootstrap:  # each row k ~ Poisson(1) times, k a function of (seed, id): the same every epoch
+                blocks = ({c: np.repeat(v, bootstrap_counts(b["id"], spec.seed), axis=0) for c, v in b.items()}
+                          for b in blocks)
             return streamed_teacher_batches(spec, blocks, epoch, device)
 
         return source.count(fraction, spec.seed), epoch_batches, lambda: source.iter_rows("val")

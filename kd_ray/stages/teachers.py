@@ -93,34 +93,43 @@ def teacher_ids(specs: list[TeacherSpec]) -> list[str]:
     return [f"t{i}" for i in range(len(specs))]
 
 
-def import_teachers(cfg: ExperimentConfig, splits: Splits) -> dict[str, dict]:
+def import_teachers(cfg: ExperimentConfig, data: Splits | StreamedSource) -> dict[str, dict]:
     """The imported teachers (specs with a ``checkpoint``), checked and stored as complete teachers
-    under ``<storage>/<name>/teachers/<id>/``; plain PyTorch, run before Ray starts. The source file
-    is only read: an imported teacher is never trained or overwritten."""
+    under ``<storage>/<name>/teachers/<id>/``; plain PyTorch, in the driver (before Ray starts for
+    data in memory). The source file is only read: an imported teacher is never trained or
+    overwritten. A streamed source's teachers are checked on a few validation rows; their
+    accuracies come from the soft-target pass, which labels every row anyway."""
     out: dict[str, dict] = {}
     specs = cfg.teachers.resolved()
-    xv, yv = torch.from_numpy(splits.val.images), torch.from_numpy(splits.val.labels)
+    if isinstance(data, StreamedSource):  # one block of validation rows, read here: enough to check the files
+        probe = next(data.iter_rows("val"))
+        xv, yv = torch.from_numpy(probe["image"][:2]), None
+    else:
+        xv, yv = torch.from_numpy(data.val.images), torch.from_numpy(data.val.labels)
     for i, (tid, spec) in enumerate(zip(teacher_ids(specs), specs)):
         if not spec.checkpoint:
             continue
         field = f"teachers.specs[{i}].checkpoint" if cfg.teachers.specs else "teachers.checkpoint"
         started = time.time()
-        blob, model, val_logits = import_teacher(spec, field, splits.num_classes, splits.input_shape, xv)
-        key = spec_key(spec, {**splits.identity(), "sha256": blob["sha256"]})
-        trainer = TeacherTrainer(tid, spec, key, storage.join(teachers_dir(cfg), tid), splits.num_classes,
-                                 splits.input_shape)
+        blob, model, val_logits = import_teacher(spec, field, data.num_classes, data.input_shape, xv)
+        key = spec_key(spec, {**data.identity(), "sha256": blob["sha256"]})
+        trainer = TeacherTrainer(tid, spec, key, storage.join(teachers_dir(cfg), tid), data.num_classes,
+                                 data.input_shape)
         meta = trainer.completed()
         if meta is None:
+            if yv is None:  # streamed: no validation logits kept (as for teachers trained on the stream)
+                val_logits = val_logits[:0]
             storage.save_torch(trainer.model_path, {**blob, "teacher_id": tid, "key": key, "val_logits": val_logits})
-            acc = float((val_logits.argmax(1) == yv).float().mean()) if len(yv) else float("nan")
+            acc = float((val_logits.argmax(1) == yv).float().mean()) if yv is not None and len(yv) else float("nan")
             meta = {"teacher_id": tid, "key": key, "spec": spec.model_dump(mode="json"), "complete": True,
                     "imported_from": spec.checkpoint, "epoch": 0, "kept_epoch": 0, "history": [], "val_accuracy": acc,
                     "params": count_parameters(model),
                     "model_path": trainer.model_path, "train_size": 0, "device": "cpu",
                     "seconds": time.time() - started}
             storage.write_json(trainer.meta_path, meta)
-        print(f"[kd_ray] teacher {tid} imported from {spec.checkpoint}: val accuracy {meta['val_accuracy']:.4f}",
-              flush=True)
+        acc = ("val accuracy: the soft-target pass measures it" if np.isnan(meta["val_accuracy"])
+               else f"val accuracy {meta['val_accuracy']:.4f}")
+        print(f"[kd_ray] teacher {tid} imported from {spec.checkpoint}: {acc}", flush=True)
         out[tid] = {**meta, "epochs_run": 0, "resumed_from_epoch": 0, "start": started, "end": time.time()}
     return out
 
@@ -164,7 +173,7 @@ class EnsembleRun:
         specs = cfg.teachers.resolved()
         self.ids = teacher_ids(specs)
         if imported is None:
-            imported = {} if streamed else import_teachers(cfg, self.data)  # (streamed: the config refuses imports)
+            imported = import_teachers(cfg, self.data)
         self.reused: dict[str, dict] = dict(imported)
         todo = [(tid, spec) for tid, spec in zip(self.ids, specs) if tid not in self.reused]
         check_resources(cfg, [spec for _, spec in todo], [tid for tid, _ in todo])
