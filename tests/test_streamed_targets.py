@@ -129,9 +129,11 @@ def test_streamed_pipeline_teachers_cache_sweep_and_report(digits_cfg, tmp_path)
 @pytest.mark.slow
 def test_teacher_kinds_and_augmenting_modes_on_a_streamed_source(digits_cfg, tmp_path):
     """A streamed source (an image folder) with bootstrapped, fine-tuned and imported teachers, and
-    in the augmenting modes: consistent teaching labels each epoch's views read from the files, and
+    in every augmenting mode: consistent teaching labels each epoch's views read from the files, and
     they equal the in-memory path's views and soft targets for the same ids; inconsistent teaching
-    shifts the streamed rows in the worker, by the same seeded function."""
+    shifts the streamed rows in the worker, by the same seeded function; the views cache is built by
+    one streamed pass over V views, equal to the in-memory one, and a cached_views student trains on
+    the views rebuilt from the streamed rows."""
     import ray
 
     from kd_ray.core.augment import seeded_shift
@@ -203,3 +205,35 @@ def test_teacher_kinds_and_augmenting_modes_on_a_streamed_source(digits_cfg, tmp
     plain = memory.train.images[order[np.searchsorted(memory.train.ids, first["id"], sorter=order)]]
     want = seeded_shift(plain, first["id"], 1, inc.student.seed, inc.student.epochs - 1)
     assert np.abs(first["image"] - want).max() < 1e-4 and np.abs(first["image"] - plain).max() > 0.1
+
+    # cached views on the stream: V views of every row labelled in one more streamed pass, equal to the
+    # in-memory views cache (view by view), and a cached_views student trains on one of them per epoch
+    import pyarrow.parquet as pq
+
+    from kd_ray.core.augment import chosen_views, view_shift
+
+    V = 3
+    views = cfg.model_copy(update={"soft_targets": cfg.soft_targets.model_copy(update={"views": V}),
+                                   "student": cfg.student.model_copy(update={"teaching": "cached_views"})})
+    vsoft = build_streamed_targets(views, ensemble.model_paths, source)
+    total = source.count(transfer=True)
+    assert vsoft.manifest["rows"]["views"] == V * total and vsoft.manifest["bytes_per_row"]["views"] > 0
+    streamed_views = pq.read_table(storage.join(vsoft.path, "views"), columns=["id", "view", "soft_targets"])
+    vmem = build_soft_targets(digits_cfg(*data, "name=streamedaug_memory", "soft_targets.jitter=1",
+                                         f"soft_targets.views={V}"), ensemble).train_arrays("views")
+    key = lambda ids, v: ids.astype(np.int64) * V + v  # noqa: E731
+    got_key = key(streamed_views.column("id").to_numpy(), streamed_views.column("view").to_numpy())
+    assert np.array_equal(np.sort(got_key), np.sort(key(vmem["id"], vmem["view"])))
+    got = np.stack(streamed_views.column("soft_targets").to_numpy(zero_copy_only=False))[np.argsort(got_key)]
+    want = vmem["soft_targets"][np.argsort(key(vmem["id"], vmem["view"]))]
+    assert np.abs(got - want).max() < 1e-3
+
+    r = distill(views, vsoft)
+    assert r.metrics["teaching"] == "cached_views" and r.metrics["teacher_passes"] == 0
+    assert list(r.history["train_rows"]) == [n, n, n] and r.metrics["test_accuracy"] > 0.3
+    first = np.load(f"{r.checkpoint_path}/first_batch_rank0.npz")  # the last epoch's first batch
+    v = chosen_views(first["id"], V, views.student.seed, views.student.epochs - 1)
+    plain = memory.train.images[order[np.searchsorted(memory.train.ids, first["id"], sorter=order)]]
+    assert np.abs(first["image"] - view_shift(plain, first["id"], v, 1, vsoft.manifest["view_seed"])).max() < 1e-4
+    at = np.searchsorted(np.sort(key(vmem["id"], vmem["view"])), key(first["id"], v))
+    assert np.abs(first["soft_targets"] - want[at]).max() < 1e-3  # the targets of that very view

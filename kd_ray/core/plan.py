@@ -138,10 +138,9 @@ def _check_teaching(cfg: ExperimentConfig) -> None:
     if views_fractions and max(views_fractions) > st.views_fraction:
         raise ValueError(f"soft_targets.views_fraction: cached_views students train on fractions up to "
                          f"{max(views_fractions):g} but the views cache holds {st.views_fraction:g} of the rows: raise it")
-    if cfg.data.stream:
-        if st.views:
-            raise ValueError("data.stream: a views cache rebuilds views from the source image in memory; set "
-                             "soft_targets.views: 0 or data.stream: false")
+    if cfg.data.stream and st.views and st.mixup:
+        raise ValueError("data.stream: a mixed view's partner is drawn from the whole views fraction, held in memory; "
+                         "set soft_targets.mixup: 0 (or views: 0) or data.stream: false")
 
 
 def _check_losses(cfg: ExperimentConfig) -> None:

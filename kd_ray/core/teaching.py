@@ -52,10 +52,6 @@ def _stream_without_mixup(st) -> str | None:
                                        "soft_targets.mixup: 0 or data.stream: false")
 
 
-def _views_in_memory(st) -> str:
-    return "the views cache rebuilds each view from the source image in memory; set data.stream: false"
-
-
 TEACHINGS: dict[str, Teaching] = {t.name: t for t in (
     Teaching("cached", "stored", "train", False, False, (), lambda st: None, _streams,
              "the cached soft targets of the un-augmented images, no augmentation"),
@@ -68,7 +64,7 @@ TEACHINGS: dict[str, Teaching] = {t.name: t for t in (
     Teaching("cached_views", "cached_view", "views", False, True, (),  # the views cache's fingerprint names them
              lambda st: None if st.views > 0 and not _augments(st) else
              "set soft_targets.views to their number (e.g. 8) and soft_targets.jitter and/or soft_targets.mixup",
-             _views_in_memory, "each epoch one of the V cached views of each row: consistent, with no teacher passes"),
+             _stream_without_mixup, "each epoch one of the V cached views of each row: consistent, with no teacher passes"),
 )}
 # the sweep's name for its plain hard-label baseline: the stored rows, no augmentation ("cached", alpha 0)
 PLAIN = "none"

@@ -46,7 +46,7 @@ from kd_ray.stages.soft_targets import (
     SoftTargets,
     take_ids,
 )
-from kd_ray.stages.streamed_targets import student_rows
+from kd_ray.stages.streamed_targets import student_rows, student_views
 from kd_ray.stages.student_worker import LightSeam, StreamJob, StudentJob, run_student, train_loop_per_worker
 from kd_ray.stages.tracking import LiveTracker
 
@@ -119,7 +119,7 @@ def _training_ids(plan: StudentPlan, soft: SoftTargets, ids: np.ndarray | None) 
         if rows == 0:
             raise ValueError("the student's training subset is empty (check data.omit_classes / data.keep_classes)")
         return None, rows
-    if mode.split == "views" and "views" not in soft.datasets:
+    if mode.split == "views" and not soft.manifest["files"].get("views"):
         raise ValueError(f"student.teaching={mode.name} trains on cached views, but {soft.path} has none: "
                          f"set soft_targets.views (e.g. 8)")
     ids = subset_ids(soft, s.fraction, plan.data_seed) if ids is None else np.asarray(ids, dtype=np.int64)
@@ -244,10 +244,18 @@ def _training_data(cfg: ExperimentConfig, soft: SoftTargets, job: StudentJob, id
     subset's rows, or the cached subset."""
     s, mode, datasets = job.student, job.plan.teaching, {}
     if soft.source is not None:  # a streamed source: its rows joined to the cache, val and test too
-        for split in ("train", "val", "test") if mode.view != "stream" else ("val", "test"):
+        for split in ("val", "test"):
             datasets[split] = student_rows(soft.source, soft.path, s.fraction, cfg.data.seed, split)
-            datasets[split].context.enable_progress_bars = False
-        row_bytes = 4 * int(np.prod(soft.manifest["input_shape"])) + soft.manifest["bytes_per_row"]["train"]
+        if mode.split == "views":  # each row with all V views' targets; the worker keeps one per epoch
+            datasets["train"] = student_views(soft.source, soft.path, job.views, s.fraction, cfg.data.seed)
+            job.views_axis = True
+        elif mode.view != "stream":
+            datasets["train"] = student_rows(soft.source, soft.path, s.fraction, cfg.data.seed, "train")
+        for ds in datasets.values():
+            ds.context.enable_progress_bars = False
+        per_row = soft.manifest["bytes_per_row"]["views"] * job.views if job.views_axis else \
+            soft.manifest["bytes_per_row"]["train"]
+        row_bytes = 4 * int(np.prod(soft.manifest["input_shape"])) + per_row
         fits = s.max_in_memory_mb * 1024**2
         job.in_memory = rows * row_bytes / s.num_workers <= fits
         job.eval_in_memory = max(soft.manifest["rows"]["val"], soft.manifest["rows"]["test"]) * row_bytes <= fits

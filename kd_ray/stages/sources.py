@@ -328,6 +328,8 @@ def _assemble(cfg: DataConfig, files, num_classes: int, shape, mean, std, counte
 def experiment_subsets(cfg: ExperimentConfig) -> list[tuple[float, int]]:
     """Every (fraction, seed) an experiment reads: its teachers' fractions and its students'."""
     students = set(cfg.sweep.fractions) | {cfg.student.fraction}
+    if cfg.soft_targets.views:  # the rows the views cache labels
+        students.add(cfg.soft_targets.views_fraction)
     return sorted({(s.fraction, s.seed) for s in cfg.teachers.resolved()} | {(f, cfg.data.seed) for f in students})
 
 

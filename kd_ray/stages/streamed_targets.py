@@ -33,10 +33,12 @@ from kd_ray.stages.predictor import EnsemblePredictor, check_pool_resources, pre
 from kd_ray.stages.soft_targets import (
     SCHEMA_VERSION,
     SoftTargets,
+    expand_views,
     fingerprint,
     parquet_rows,
     publish,
     read_valid_cache,
+    view_seed,
     work_dir,
     write_split,
 )
@@ -64,7 +66,8 @@ class StreamedPredictor(EnsemblePredictor):
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = super().__call__(batch)
         del out["image"]
-        out["split"] = np.asarray(SPLITS, dtype=object)[out["split"]]
+        if "split" in out:  # the views pass has none: every view is of a training row
+            out["split"] = np.asarray(SPLITS, dtype=object)[out["split"]]
         out["shard"] = np.array([shard_name(p) for p in out.pop("path")], dtype=object)
         if "teacher_topk_index" in out:  # top-k: sorted, so each teacher's prediction comes first
             out["teacher_pred"] = out["teacher_topk_index"][:, :, 0].astype(np.int16)
@@ -119,18 +122,34 @@ def build_streamed_targets(cfg: ExperimentConfig, model_paths: list[str], source
                        [cfg.name], keep=keep, predictor=StreamedPredictor, drop_logits=st.teacher_logits == "none")
     written = write_split(labelled, work, "rows", partition_cols=["split", "shard"])
     files = {split: [f for f in written if f"/split={split}/" in f] for split in SPLITS}
-    rows = {split: parquet_rows(work, files[split]) for split in SPLITS}
-    size = sum(storage.size(storage.join(work, f)) for f in files["train"])
+    if st.views:  # V labelled views of every row of the views fraction: a second pass
+        files["views"] = write_split(_views(cfg, model_paths, source, keep, k), work, "views", partition_cols=["shard"])
+    rows = {split: parquet_rows(work, f) for split, f in files.items()}
+    size = {split: sum(storage.size(storage.join(work, f)) for f in files[split]) for split in files}
     manifest = {
         "schema": SCHEMA_VERSION, "fingerprint": fp, "streamed": True,
         "temperature": st.temperature, "rule": st.rule, "teacher_logits": st.teacher_logits, "top_k": st.top_k, "precision": st.precision,
         "teachers": [{"path": t.path, "sha256": t.sha256} for t in teachers], "num_classes": num_classes,
         "input_shape": list(source.input_shape), "normalization": source.normalization, "data": identity,
         "files": files, "rows": rows, "ensemble": _accuracies(work, files),
-        "bytes_per_row": {"train": round(size / max(rows["train"], 1), 1)}, "seconds": round(time.time() - t0, 2),
+        "bytes_per_row": {split: round(size[split] / max(rows[split], 1), 1) for split in ("train", "views") if split in files},
+        "seconds": round(time.time() - t0, 2), "views": st.views, "view_jitter": st.jitter, "view_seed": view_seed(cfg),
+        "views_fraction": st.views_fraction,
     }
     publish(work, path, manifest)
     return SoftTargets(cfg, path, manifest, list(model_paths), None, True, source=source)
+
+
+def _views(cfg: ExperimentConfig, model_paths: list[str], source: StreamedSource, keep: str, k: int):
+    """The views pass: each row of the views fraction (the data seed's) -> its V shifted views
+    (``expand_views``, as the in-memory cache makes them), labelled and shaped into cache rows."""
+    st = cfg.soft_targets
+    rows = source.split("train", st.views_fraction if st.views_fraction < 1 else None, cfg.data.seed, paths=True,
+                        transfer=True)
+    views = rows.map_batches(expand_views, fn_kwargs={"views": st.views, "max_shift": st.jitter, "seed": view_seed(cfg)},
+                             batch_format="numpy", batch_size=max(1, st.batch_size // st.views))
+    return predict(views, model_paths, st.model_copy(update={"top_k": k}), "views", [cfg.name], keep=keep,
+                   predictor=StreamedPredictor, drop_logits=st.teacher_logits == "none")
 
 
 @functools.lru_cache(maxsize=2)
@@ -185,3 +204,48 @@ def student_rows(source: StreamedSource, cache: str, fraction: float = 1.0, seed
     else:
         rows = source.split(split, paths=True)
     return rows.map_batches(attach_targets, fn_kwargs={"cache": cache, "split": split}, batch_format="numpy")
+
+
+@functools.lru_cache(maxsize=2)
+def _shard_views(folder: str, views: int) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+    """One shard's views: the table, its keys ``id * V + view`` and their sort order."""
+    fs, path = storage.resolve(folder)
+    table = pq.read_table(path, filesystem=fs)
+    table = table.select([c for c in table.column_names if c in ("id", "view") or c in TARGET_COLUMNS])
+    keys = table.column("id").to_numpy() * views + table.column("view").to_numpy()
+    return table, keys, np.argsort(keys)
+
+
+def attach_views(batch: dict[str, np.ndarray], cache: str, views: int) -> dict[str, np.ndarray]:
+    """Source rows (with ``path``) -> the same rows with the targets of all V of their views,
+    each target column with a view axis after the row's ([B, V, ...]), read per source file from
+    ``cache``'s ``views/shard=<file>/`` folder; a student's worker keeps one view per epoch."""
+    paths = batch.pop("path")
+    names = np.array([shard_name(p) for p in paths], dtype=object)
+    parts: dict[str, list] = {}
+    order = []
+    for name in dict.fromkeys(names):
+        rows = np.flatnonzero(names == name)
+        table, keys, sorter = _shard_views(storage.join(cache, "views", f"shard={name}"), views)
+        want = (batch["id"][rows][:, None] * views + np.arange(views)).ravel()
+        at = sorter[np.minimum(np.searchsorted(keys, want, sorter=sorter), len(keys) - 1)]
+        if not np.array_equal(keys[at], want):
+            raise ValueError(f"soft-target cache {cache}: the views of shard {name} lack rows of the student's subset; "
+                             f"raise soft_targets.views_fraction or delete the cache to rebuild it")
+        taken = table.take(pa.array(at))
+        for c in taken.column_names:
+            if c not in ("id", "view"):
+                v = rows_numpy(taken.column(c))
+                parts.setdefault(c, []).append(v.reshape(len(rows), views, *v.shape[1:]))
+        order.append(rows)
+    order = np.concatenate(order)
+    out = {k: v[order] for k, v in batch.items()}
+    for c, v in parts.items():
+        out[c] = np.concatenate(v)
+    return out
+
+
+def student_views(source: StreamedSource, cache: str, views: int, fraction: float = 1.0, seed: int = 0):
+    """A cached_views student's rows, streamed: its subset's source rows, each with its V views' targets."""
+    rows = source.split("train", fraction if fraction < 1 else None, seed, paths=True, transfer=True)
+    return rows.map_batches(attach_views, fn_kwargs={"cache": cache, "views": views}, batch_format="numpy")

@@ -37,6 +37,7 @@ from kd_ray.core.ensemble import load_teacher_files
 from kd_ray.core.environment import environment
 from kd_ray.core.models import inner_model
 from kd_ray.core.plan import StudentPlan
+from kd_ray.core.schema import TARGET_COLUMNS
 from kd_ray.core.student_losses import make_loss
 from kd_ray.core.train import (
     Diverged,
@@ -93,6 +94,7 @@ class StudentJob:
     mixed_precision: str = "auto"  # runtime.mixed_precision
     views: int = 0  # cached_views teaching: the cache's V views per row ...
     view_seed: int = 0  # ... and the seed their shifts are a function of
+    views_axis: bool = False  # a streamed source's rows carry all V views' targets ([B, V, ...])
 
     @property
     def student(self) -> StudentConfig:
@@ -287,6 +289,12 @@ def _epoch_rows(job: StudentJob, seam, start_epoch: int, device):
             return lambda e: shuffled_batches(_one_view_each(rows, job, e), s.batch_size, s.seed * 1000 + e)
         return lambda e: shuffled_batches(rows, s.batch_size, s.seed * 1000 + e)
     shard = seam.dataset("train")
+    if job.views_axis:  # a streamed source: each row with its V views' targets; one view per epoch
+        if job.in_memory:
+            rows = _read_shard(shard, device)
+            return lambda e: shuffled_batches(_pick_view(rows, job, e), s.batch_size, s.seed * 1000 + e)
+        return lambda e: (_pick_view(b, job, e) for b in shard.iter_torch_batches(
+            batch_size=s.batch_size, device=device, local_shuffle_buffer_size=4096, local_shuffle_seed=s.seed * 1000 + e))
     if job.plan.teaching.view == "cached_view":  # all V views of each row, read once; one of them per epoch
         rows = _read_shard(shard, device)
         return lambda e: shuffled_batches(_one_view_each(rows, job, e), s.batch_size, s.seed * 1000 + e)
@@ -306,6 +314,17 @@ def _one_view_each(rows: dict[str, torch.Tensor], job: StudentJob, epoch: int) -
     out = {k: v[keep] for k, v in rows.items()}
     mixed = (out.pop("mix_image"), out.pop("mix_id"), out["mix_weight"]) if "mix_image" in out else None
     out["image"] = cached_view(out["image"], out["id"], out["view"], job.plan.jitter, job.view_seed, mixed)
+    return out
+
+
+def _pick_view(rows: dict[str, torch.Tensor], job: StudentJob, epoch: int) -> dict[str, torch.Tensor]:
+    """Rows carrying all V views' targets -> each row's view for ``epoch`` (the one
+    :func:`_one_view_each` picks), its image rebuilt from the source image."""
+    ids = rows["id"]
+    v = torch.from_numpy(chosen_views(ids.cpu().numpy(), job.views, job.student.seed, epoch)).to(ids.device)
+    at = torch.arange(len(ids), device=ids.device)
+    out = {k: t[at, v] if k in TARGET_COLUMNS else t for k, t in rows.items()}
+    out["image"] = cached_view(rows["image"], ids, v, job.plan.jitter, job.view_seed)
     return out
 
 
