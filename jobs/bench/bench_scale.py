@@ -1,7 +1,7 @@
 """Scale: kd_ray's streamed path against the plain PyTorch loop over the same sharded parquet.
 
     python jobs/bench/bench_scale.py [--sizes 60000 600000] [--classes 1000] [--teachers 3]
-        [--student-rows 60000] [--data /tmp/kd_ray_scale] [--given-statistics]
+        [--student-rows 60000] [--data /tmp/kd_ray_scale] [--given-statistics] [--views V]
 
 Per size N (each in a fresh process, so each has its own Ray and its own driver), on a
 synthetic set of N training rows, C classes, 3 x 32 x 32 uint8 images (make_synthetic.py):
@@ -18,6 +18,12 @@ synthetic set of N training rows, C classes, 3 x 32 x 32 uint8 images (make_synt
   each file and its cache shard, joins by id, shuffles and trains. Same model, batch, loss.
   Beside it, kd_ray's stream alone (the same pass with no training step): what the data side
   delivers, so which side limits the epoch.
+* with ``--views V``: the streamed views cache of the student's subset (V shifted views of each
+  row, labelled and kept as top-k; ``label_views``) against the plain loop that makes the same
+  views file by file, runs the teachers and writes them; its bytes per view; and a cached-views
+  student epoch (``student_views``: each row with its V views' targets, one view rebuilt per
+  row) against the plain loop joining each file to its views by (id, view). The driver's peak RSS
+  during the views pass is reported on its own.
 * peak RSS of the driver and of the largest Ray worker process, less shared object-store pages
   (sampled every 0.2 s while kd_ray runs, before the plain loops; Ray's raylet/GCS not counted).
   The student epoch runs in the driver here, so the driver's peak is given without it and with it.
@@ -46,6 +52,7 @@ from common import untrained_teachers  # noqa: E402
 
 TEACHER = {"model": "cnn", "model_args": {"channels": [8, 16]}}
 BATCH, TOP_K, T = 256, 32, 4.0
+JITTER = 2  # the views' shifts: up to 2 pixels
 GIVEN = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}  # --given-statistics: the values do not change the cost
 
 
@@ -184,6 +191,130 @@ def plain_student_epoch(source, fraction: float, cache_dir: str, classes: int) -
     return time.perf_counter() - t0, rows
 
 
+def _subset_rows(source, fraction: float, f: str):
+    """One file's rows of the student's subset: the table, the kept positions and ids/labels."""
+    import pyarrow.parquet as pq
+
+    from kd_ray.core.subsets import in_fraction
+
+    table = pq.read_table(f)
+    ids, labels = table.column("id").to_numpy(), table.column("label").to_numpy()
+    keep = ~in_fraction(ids, labels, source.val, source.val_seed)
+    sub = source.subsets.get((fraction, 0))
+    if sub is not None:
+        keep &= in_fraction(ids, labels, sub, 0)
+    return table, np.flatnonzero(keep), ids, labels
+
+
+def _normalised(source, table, at: np.ndarray, f: str) -> np.ndarray:
+    from kd_ray.core.images import decode_images
+
+    mean = np.asarray(source.normalization["mean"], np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(source.normalization["std"], np.float32).reshape(1, -1, 1, 1)
+    return (decode_images(table.column("image").take(at), [3, 32, 32], f) - mean) / std
+
+
+def plain_views(source, fraction: float, paths: list[str], views: int, seed: int, out: str) -> tuple[float, int]:
+    """The views cache as a user writes it: per file, the subset's rows, V shifted views each, the
+    teachers on every view, top-k written per file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from kd_ray.core.augment import view_shift
+    from kd_ray.core.ensemble import ensemble_outputs, load_ensemble
+
+    torch.set_num_threads(os.cpu_count())
+    models = load_ensemble(paths)
+    os.makedirs(out, exist_ok=True)
+    t0, rows = time.perf_counter(), 0
+    for i, f in enumerate(source.files["train"]):
+        table, at, ids, _ = _subset_rows(source, fraction, f)
+        x, ids = _normalised(source, table, at, f), ids[at]
+        vid, view = np.repeat(ids, views), np.tile(np.arange(views), len(ids))
+        xv = view_shift(np.repeat(x, views, axis=0), vid, view, JITTER, seed)
+        cols = {}
+        for j in range(0, len(xv), 1024):
+            o = ensemble_outputs(models, torch.from_numpy(xv[j: j + 1024]), T, "probs", "topk", TOP_K)
+            for k, v in o.items():
+                cols.setdefault(k, []).append(v)
+        cols = {k: np.concatenate(v) for k, v in cols.items() if k.startswith("teacher_topk")}
+        pq.write_table(pa.table({"id": vid, "view": view, **{k: pa.FixedSizeListArray.from_arrays(
+            pa.array(v.reshape(-1)), int(np.prod(v.shape[1:]))) for k, v in cols.items()}}), f"{out}/{i}.parquet")
+        rows += len(xv)
+    return time.perf_counter() - t0, rows
+
+
+def plain_views_epoch(source, fraction: float, views_dir: str, views: int, seed: int, classes: int) -> tuple[float, int]:
+    """A cached-views epoch as a user writes it: per file, the subset's rows joined to their view
+    of this epoch by (id, view), the image rebuilt, shuffled, trained."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from kd_ray.core.augment import cached_view, chosen_views
+    from kd_ray.stages.streamed_targets import rows_numpy
+
+    torch.set_num_threads(os.cpu_count())
+    model, opt, loss_fn = student(classes)
+    t0, rows = time.perf_counter(), 0
+    for i, f in enumerate(source.files["train"]):
+        table, at, ids, labels = _subset_rows(source, fraction, f)
+        x, ids = _normalised(source, table, at, f), ids[at]
+        v = chosen_views(ids, views, 0, 0)
+        cache = pq.read_table(f"{views_dir}/{i}.parquet")
+        keys = cache.column("id").to_numpy() * views + cache.column("view").to_numpy()
+        order = np.argsort(keys)
+        pos = order[np.searchsorted(keys, ids * views + v, sorter=order)]
+        cols = {c: torch.from_numpy(rows_numpy(cache.column(c))[pos]) for c in cache.column_names if c.startswith("teacher")}
+        image = torch.from_numpy(cached_view(x, ids, v, JITTER, seed))
+        perm = torch.from_numpy(np.random.default_rng(0).permutation(len(at)))
+        batch_all = {"image": image, "label": torch.from_numpy(labels[at]), **cols}
+        for j in range(0, len(at), BATCH):
+            idx = perm[j: j + BATCH]
+            train_step(model, opt, loss_fn, {k: t[idx] for k, t in batch_all.items()})
+        rows += len(at)
+    return time.perf_counter() - t0, rows
+
+
+def kd_views(sets: list[str], source, paths: list[str], fraction: float, views: int, work: str) -> dict:
+    """kd_ray's streamed views cache of the subset (label_views) and a cached-views epoch over it."""
+    import torch
+
+    from kd_ray.core.augment import cached_view, chosen_views
+    from kd_ray.core.config_files import load_config
+    from kd_ray.core.schema import TARGET_COLUMNS
+    from kd_ray.stages.soft_targets import parquet_rows, view_seed, write_split
+    from kd_ray.stages.streamed_targets import label_views, student_views
+
+    vcfg = load_config(None, [*sets, f"soft_targets.views={views}", f"soft_targets.jitter={JITTER}",
+                              f"soft_targets.views_fraction={fraction}"])
+    seed = view_seed(vcfg)
+    peak = PeakRSS()
+    peak.start()
+    out = os.path.join(work, "views_cache")
+    t0 = time.perf_counter()
+    files = write_split(label_views(vcfg, paths, source, "topk", TOP_K), out, "views", partition_cols=["shard"])
+    views_s = time.perf_counter() - t0
+    rows = parquet_rows(out, files)
+    size = sum(os.path.getsize(os.path.join(out, f)) for f in files)
+    driver_views = peak.driver
+    model, opt, loss_fn = student(source.num_classes)
+    t1, trained = time.perf_counter(), 0
+    for b in student_views(source, out, views, fraction, 0).iter_torch_batches(
+            batch_size=BATCH, local_shuffle_buffer_size=4 * BATCH, local_shuffle_seed=0):
+        v = torch.from_numpy(chosen_views(b["id"].numpy(), views, 0, 0))
+        at = torch.arange(len(v))
+        b = {k: t[at, v] if k in TARGET_COLUMNS else t for k, t in b.items()}
+        b["image"] = cached_view(b["image"], b.pop("id"), v, JITTER, seed)
+        train_step(model, opt, loss_fn, b)
+        trained += len(v)
+    epoch_s = time.perf_counter() - t1
+    peak.running = False
+    peak.join()
+    return {"seed": seed, "views_s": views_s, "rows": rows, "bytes_per_view": round(size / max(rows, 1), 1), "trained": trained,
+            "epoch_s": epoch_s, "driver_views_kb": driver_views, "driver_kb": peak.driver, "worker_kb": peak.worker}
+
+
 # --------------------------------------------------------------------------- one size
 def one(n: int, args) -> dict:
     import make_synthetic
@@ -244,6 +375,7 @@ def one(n: int, args) -> dict:
     peak.running = False
     peak.join()
 
+    views = kd_views(sets, source, paths, fraction, args.views, work) if args.views else None
     dense_bpr = None
     if n == min(args.sizes) and not args.given_statistics:
         dense_cfg = load_config(None, [*sets, "soft_targets.teacher_logits=dense"])
@@ -252,7 +384,7 @@ def one(n: int, args) -> dict:
     plain_s, plain_rows, _ = plain_soft_targets(files, paths, os.path.join(work, "plain_cache"),
                                                 GIVEN if args.given_statistics else None)
     plain_student_s, plain_trained = plain_student_epoch(source, fraction, path, source.num_classes)
-    return {
+    out = {
         "rows": n, "classes": args.classes, "teachers": args.teachers, "labelled_rows": kd_rows,
         "given_statistics": args.given_statistics,
         "soft_targets_rows_per_s": {"kd_ray": round(kd_rows / kd_s, 1), "plain": round(plain_rows / plain_s, 1),
@@ -271,6 +403,21 @@ def one(n: int, args) -> dict:
                         "driver_with_student_epoch": round(peak.driver / 1024, 1),
                         "largest_worker": round(peak.worker / 1024, 1)},
     }
+    if views is not None:
+        pv_s, pv_rows = plain_views(source, fraction, paths, args.views, views["seed"], os.path.join(work, "plain_views"))
+        pe_s, pe_rows = plain_views_epoch(source, fraction, os.path.join(work, "plain_views"), args.views,
+                                          views["seed"], source.num_classes)
+        out["views"] = {
+            "views": args.views, "labelled_views": views["rows"], "bytes_per_view": views["bytes_per_view"],
+            "views_per_s": {"kd_ray": round(views["rows"] / views["views_s"], 1), "plain": round(pv_rows / pv_s, 1),
+                            "ratio": round((views["rows"] / views["views_s"]) / (pv_rows / pv_s), 3)},
+            "epoch_rows_per_s": {"kd_ray": round(views["trained"] / views["epoch_s"], 1),
+                                 "plain": round(pe_rows / pe_s, 1),
+                                 "ratio": round((views["trained"] / views["epoch_s"]) / (pe_rows / pe_s), 3)},
+            "peak_rss_mb": {"driver_views_pass": round(views["driver_views_kb"] / 1024, 1),
+                            "driver_with_epoch": round(views["driver_kb"] / 1024, 1),
+                            "largest_worker": round(views["worker_kb"] / 1024, 1)}}
+    return out
 
 
 def main() -> None:
@@ -284,6 +431,7 @@ def main() -> None:
     ap.add_argument("--data", default=os.path.join(tempfile.gettempdir(), "kd_ray_scale"))
     ap.add_argument("--given-statistics", action="store_true",
                     help="data.normalization given (kd_ray and the plain loop skip their statistics pass); no dense cache")
+    ap.add_argument("--views", type=int, default=0, help="also time the streamed views cache with V views a row")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:

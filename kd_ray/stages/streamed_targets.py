@@ -123,7 +123,7 @@ def build_streamed_targets(cfg: ExperimentConfig, model_paths: list[str], source
     written = write_split(labelled, work, "rows", partition_cols=["split", "shard"])
     files = {split: [f for f in written if f"/split={split}/" in f] for split in SPLITS}
     if st.views:  # V labelled views of every row of the views fraction: a second pass
-        files["views"] = write_split(_views(cfg, model_paths, source, keep, k), work, "views", partition_cols=["shard"])
+        files["views"] = write_split(label_views(cfg, model_paths, source, keep, k), work, "views", partition_cols=["shard"])
     rows = {split: parquet_rows(work, f) for split, f in files.items()}
     size = {split: sum(storage.size(storage.join(work, f)) for f in files[split]) for split in files}
     manifest = {
@@ -140,7 +140,7 @@ def build_streamed_targets(cfg: ExperimentConfig, model_paths: list[str], source
     return SoftTargets(cfg, path, manifest, list(model_paths), None, True, source=source)
 
 
-def _views(cfg: ExperimentConfig, model_paths: list[str], source: StreamedSource, keep: str, k: int):
+def label_views(cfg: ExperimentConfig, model_paths: list[str], source: StreamedSource, keep: str, k: int):
     """The views pass: each row of the views fraction (the data seed's) -> its V shifted views
     (``expand_views``, as the in-memory cache makes them), labelled and shaped into cache rows."""
     st = cfg.soft_targets

@@ -181,7 +181,7 @@ def run_student(job: StudentJob, seam: TrainSeam | LightSeam) -> dict:
     s = job.student
     # Per-epoch iteration bars from every worker drown the output; kd_ray prints its own progress.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    rank, world, device = seam.rank, seam.world, seam.device()
+    rank, device = seam.rank, seam.device()
     torch.set_num_threads(max(1, job.cpus_per_worker))
     engine, patience = _student_engine(job, device), s.early_stopping_patience
     state = seam.restore()  # (1) resume
