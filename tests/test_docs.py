@@ -123,3 +123,75 @@ def test_the_readme_mnist_line_is_what_its_rows_give():
     keep = (folder / "mnist_paper_keep78" / "console.log").read_text()
     assert "test errors 280 (172 on those classes) -> 172 (45)" in omit and "makes 280 errors, 172 after" in line
     assert "test errors 3587 (3573 on those classes) -> 1304 (1027)" in keep and "only 35.9 %, 13.0 % after" in line
+
+
+def _doc_table(doc: str, header_start: str) -> list[list[str]]:
+    """The rows of the markdown table in ``doc`` whose header starts with ``header_start``."""
+    lines = (ROOT / "docs" / doc).read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+def _mean_std(df, **where) -> str:
+    for k, v in where.items():
+        df = df[df[k] == v]
+    acc = df["test_accuracy"]
+    return f"{acc.mean():.4f} +- {acc.std():.4f}"
+
+
+def test_the_losses_tables_are_what_their_rows_give():
+    """docs/losses.md: every cell of the digits table from results/digits_losses and
+    digits_losses_logits; every accuracy of the Fashion-MNIST table from results/fashion_mnist_losses."""
+    import pandas as pd
+
+    folder = ROOT / "docs" / "results"
+    probs = pd.read_csv(folder / "digits_losses" / "results.csv")
+    logits = pd.read_csv(folder / "digits_losses_logits" / "results.csv")
+    table = _doc_table("losses.md", "| fraction | hard | kd (probs)")
+    assert len(table) == 4
+    for fraction, hard, kd, per, kd_logits, dkd1, dkd8 in table:
+        f = float(fraction.rstrip(" %")) / 100
+        assert hard == _mean_std(probs, fraction=f, targets="hard")
+        assert kd == _mean_std(probs, fraction=f, targets="soft", loss="kd")
+        assert per == _mean_std(probs, fraction=f, loss="per_teacher")
+        assert kd_logits == _mean_std(logits, fraction=f, targets="soft", loss="kd")
+        assert dkd1 == _mean_std(probs, fraction=f, loss="dkd", loss_args='{"nckd": 1.0, "tckd": 1.0}')
+        assert dkd8 == _mean_std(probs, fraction=f, loss="dkd", loss_args='{"nckd": 8.0, "tckd": 1.0}')
+    fashion = pd.read_csv(folder / "fashion_mnist_losses" / "results.csv")
+    for row in _doc_table("losses.md", "| fraction | hard | kd | per_teacher"):
+        f = float(row[0].split(" %")[0]) / 100
+        cells = [c.split(" ")[0] for c in row[1:]]
+        want = [fashion[(fashion.fraction == f) & (fashion.targets == "hard")],
+                *[fashion[(fashion.fraction == f) & (fashion.loss == loss) & (fashion.targets == "soft")
+                          & (fashion.loss_args == args)] for loss, args in (
+                    ("kd", "{}"), ("per_teacher", "{}"), ("dkd", '{"nckd": 1.0, "tckd": 1.0}'),
+                    ("dkd", '{"nckd": 8.0, "tckd": 1.0}'))]]
+        assert cells == [f"{w['test_accuracy'].mean():.4f}" for w in want]
+
+
+def test_the_pretrained_table_is_what_its_rows_give():
+    import json
+
+    import pandas as pd
+
+    from kd_ray.report import gap_recovered
+
+    folder = ROOT / "docs" / "results"
+    for row, name in zip(_doc_table("results.md", "| | ensemble test (val) | teachers' test accuracy"),
+                         ("fashion_mnist_losses", "fashion_mnist_pretrained")):
+        df = pd.read_csv(folder / name / "results.csv")
+        df = df[(df["targets"] == "hard") | (df["loss"] == "kd")]
+        info = json.loads((folder / name / "sweep.json").read_text())
+        assert row[1] == f"{info['ensemble_test_accuracy']:.4f} ({info['ensemble_val_accuracy']:.4f})"
+        each = info["teacher_test_accuracy"]
+        assert row[2] == f"{min(each):.4f}-{max(each):.4f}"
+        gaps = gap_recovered(df, info["ensemble_test_accuracy"], min_gap=5 / info["test_rows"]).set_index("fraction")
+        for cell, f in zip(row[3:], (0.03, 0.1)):
+            hard, soft = (df[(df.fraction == f) & (df.targets == t)]["test_accuracy"].mean() for t in ("hard", "soft"))
+            g = gaps.loc[f]
+            assert cell == f"{hard:.4f} / {soft:.4f} / {100 * g['gap']:.1f} % +- {100 * g['gap_std']:.1f} %"

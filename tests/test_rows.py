@@ -70,3 +70,13 @@ def test_image_folder_block_ids_from_paths_labels_from_class_folders():
     mixed[0], mixed[1] = np.zeros((2, 2), np.uint8), np.zeros((3, 3), np.uint8)
     with pytest.raises(ValueError, match="data.image_size"):
         folder_rows({"image": mixed, "path": paths[:2]}, ["cat", "dog"], (1, 2, 2), [0.0], [1.0], {"split": "train"})
+
+
+def test_cached_rows_train_in_id_order_whatever_order_their_blocks_came_in():
+    from kd_ray.core.rows import in_id_order
+
+    cols = {"id": np.array([5, 2, 9, 2]), "view": np.array([0, 1, 0, 0]), "label": np.array([1, 2, 3, 4])}
+    out = in_id_order(cols)
+    assert out["id"].tolist() == [2, 2, 5, 9] and out["view"].tolist() == [0, 1, 0, 0]
+    assert out["label"].tolist() == [4, 2, 1, 3]
+    assert in_id_order({"id": np.array([3, 1]), "x": np.array([7, 8])})["x"].tolist() == [8, 7]

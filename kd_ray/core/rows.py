@@ -141,3 +141,10 @@ def merged_thresholds(text: np.ndarray) -> Thresholds:
     for t in text:
         th.update({int(k): tuple(v) for k, v in json.loads(t).items()})
     return th
+
+
+def in_id_order(cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Columns of cached rows in id order (by view within an id): what a student trains on must not
+    depend on the order in which Ray Data wrote or read the cache's blocks."""
+    order = np.lexsort((cols["view"], cols["id"])) if "view" in cols else np.argsort(cols["id"], kind="stable")
+    return {k: v[order] for k, v in cols.items()}

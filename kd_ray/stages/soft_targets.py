@@ -39,7 +39,7 @@ from kd_ray.core.ensemble import (
 )
 from kd_ray.core.losses import top_k_logits
 from kd_ray.core.plan import cache_identity, digest
-from kd_ray.core.rows import SPLITS
+from kd_ray.core.rows import SPLITS, in_id_order
 from kd_ray.stages.counters import pass_counter
 from kd_ray.stages.datasets import from_dataset, to_dataset
 from kd_ray.stages.predictor import check_pool_resources, predict
@@ -166,7 +166,7 @@ class SoftTargets:
         (a sweep's driver reads them before its trials, which get them with this object: a light
         trial runs no Ray Data execution); ``ids``: only those rows (every view of each)."""
         if split not in self._rows:
-            self._rows[split] = from_dataset(self.datasets[split], tuple(self.datasets[split].columns()))
+            self._rows[split] = in_id_order(from_dataset(self.datasets[split], tuple(self.datasets[split].columns())))
         cols = self._rows[split]
         if ids is None:
             return cols

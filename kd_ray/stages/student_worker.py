@@ -37,6 +37,7 @@ from kd_ray.core.ensemble import load_teacher_files
 from kd_ray.core.environment import environment
 from kd_ray.core.models import inner_model
 from kd_ray.core.plan import StudentPlan
+from kd_ray.core.rows import in_id_order
 from kd_ray.core.schema import TARGET_COLUMNS
 from kd_ray.core.student_losses import make_loss
 from kd_ray.core.train import (
@@ -329,8 +330,9 @@ def _pick_view(rows: dict[str, torch.Tensor], job: StudentJob, epoch: int) -> di
 
 
 def _read_shard(shard, device) -> dict[str, torch.Tensor]:
-    """Every row of a Ray Data shard as one tensor per column (numeric columns only)."""
-    return {k: to_tensor(v).to(device) for k, v in _read_columns(shard).items()}
+    """Every training row of a Ray Data shard as one tensor per column, in id order (as the light
+    path's arrays: the same student whatever order the blocks came in)."""
+    return {k: to_tensor(v).to(device) for k, v in in_id_order(_read_columns(shard)).items()}
 
 
 def _read_columns(shard) -> dict[str, np.ndarray]:

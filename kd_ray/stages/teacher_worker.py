@@ -121,7 +121,7 @@ class TeacherTrainer:
         spec = self.spec
         device = pick_device()
         torch.manual_seed(spec.seed)
-        model = spec.build(self.input_shape, self.num_classes).to(device)
+        model = spec.build(self.input_shape, self.num_classes, log=self.log.append).to(device)  # weights loaded: logged
         # a teacher keeps its best validation epoch's weights, as students do
         engine = Engine(model, spec, cross_entropy_loss, keep_best=True, amp=amp_dtype(self.mixed_precision, device))
         if storage.exists(self.checkpoint_path):

@@ -220,6 +220,8 @@ class EnsembleRun:
             try:
                 r = ray.get(ready[0])
                 results[tid] = r
+                for line in r.get("log", []):  # what its actor noted: pretrained tensors loaded, a resume
+                    print(line if line.startswith("[kd_ray]") else f"[kd_ray] {line}", flush=True)
                 print(f"[kd_ray] teacher {tid} done ({len(results) + len(failures)}/{len(self.ids)}): "
                       f"val accuracy {r['val_accuracy']:.4f}, {r['epochs_run']} epochs run", flush=True)
             except Exception as e:  # RayTaskError wraps the teacher's own error
