@@ -245,7 +245,8 @@ def plain_views(source, fraction: float, paths: list[str], views: int, seed: int
     return time.perf_counter() - t0, rows
 
 
-def plain_views_epoch(source, fraction: float, views_dir: str, views: int, seed: int, classes: int) -> tuple[float, int]:
+def plain_views_epoch(source, fraction: float, views_dir: str, views: int, seed: int, classes: int,
+                      teachers: int) -> tuple[float, int]:
     """A cached-views epoch as a user writes it: per file, the subset's rows joined to their view
     of this epoch by (id, view), the image rebuilt, shuffled, trained."""
     import pyarrow.parquet as pq
@@ -265,7 +266,9 @@ def plain_views_epoch(source, fraction: float, views_dir: str, views: int, seed:
         keys = cache.column("id").to_numpy() * views + cache.column("view").to_numpy()
         order = np.argsort(keys)
         pos = order[np.searchsorted(keys, ids * views + v, sorter=order)]
-        cols = {c: torch.from_numpy(rows_numpy(cache.column(c))[pos]) for c in cache.column_names if c.startswith("teacher")}
+        # the plain cache keeps each teacher's top-k flattened: [K * k] -> [K, k] (the tail: [K])
+        cols = {c: torch.from_numpy(rows_numpy(cache.column(c))[pos].reshape(len(pos), teachers, -1).squeeze(-1))
+                for c in cache.column_names if c.startswith("teacher")}
         image = torch.from_numpy(cached_view(x, ids, v, JITTER, seed))
         perm = torch.from_numpy(np.random.default_rng(0).permutation(len(at)))
         batch_all = {"image": image, "label": torch.from_numpy(labels[at]), **cols}
@@ -406,7 +409,7 @@ def one(n: int, args) -> dict:
     if views is not None:
         pv_s, pv_rows = plain_views(source, fraction, paths, args.views, views["seed"], os.path.join(work, "plain_views"))
         pe_s, pe_rows = plain_views_epoch(source, fraction, os.path.join(work, "plain_views"), args.views,
-                                          views["seed"], source.num_classes)
+                                          views["seed"], source.num_classes, args.teachers)
         out["views"] = {
             "views": args.views, "labelled_views": views["rows"], "bytes_per_view": views["bytes_per_view"],
             "views_per_s": {"kd_ray": round(views["rows"] / views["views_s"], 1), "plain": round(pv_rows / pv_s, 1),
