@@ -128,7 +128,7 @@ def test_streamed_pipeline_teachers_cache_sweep_and_report(digits_cfg, tmp_path)
 @pytest.mark.ray
 @pytest.mark.slow
 def test_teacher_kinds_and_augmenting_modes_on_a_streamed_source(digits_cfg, tmp_path):
-    """A streamed source (an image folder) with bootstrapped, fine-tuned and imported teachers, and
+    """A streamed source (sharded parquet) with bootstrapped, fine-tuned and imported teachers, and
     in every augmenting mode: consistent teaching labels each epoch's views read from the files, and
     they equal the in-memory path's views and soft targets for the same ids; inconsistent teaching
     shifts the streamed rows in the worker, by the same seeded function; the views cache is built by
@@ -147,10 +147,10 @@ def test_teacher_kinds_and_augmenting_modes_on_a_streamed_source(digits_cfg, tmp
     from kd_ray.stages.sources import experiment_source
     from kd_ray.stages.streamed_targets import build_streamed_targets
     from kd_ray.stages.teachers import import_teachers, train_ensemble
-    from tests.fixtures.factories import digits_folder
+    from tests.fixtures.factories import digits_parquet
 
-    root = digits_folder(tmp_path / "digits")
-    data = ["data.name=image_folder", f"data.root={root}"]
+    root = digits_parquet(tmp_path / "digits", shards=4)
+    data = ["data.name=parquet", f"data.root={root}", "data.image_shape=[1, 8, 8]"]
     cfg = digits_cfg(*data, "data.stream=true", "name=streamedaug", "soft_targets.jitter=1", "student.fraction=0.5",
                      "student.epochs=3", "student.lr=0.1", "student.model_args={hidden: [64]}", "sweep.fractions=[0.5]",
                      "teachers.specs=[{}, {bootstrap: true}]")

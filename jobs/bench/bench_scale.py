@@ -267,7 +267,8 @@ def plain_views_epoch(source, fraction: float, views_dir: str, views: int, seed:
         order = np.argsort(keys)
         pos = order[np.searchsorted(keys, ids * views + v, sorter=order)]
         # the plain cache keeps each teacher's top-k flattened: [K * k] -> [K, k] (the tail: [K])
-        cols = {c: torch.from_numpy(rows_numpy(cache.column(c))[pos].reshape(len(pos), teachers, -1).squeeze(-1))
+        cols = {c: torch.from_numpy(rows_numpy(cache.column(c))[pos].reshape(
+                    (len(pos), teachers) if c.endswith("tail") else (len(pos), teachers, -1)))
                 for c in cache.column_names if c.startswith("teacher")}
         image = torch.from_numpy(cached_view(x, ids, v, JITTER, seed))
         perm = torch.from_numpy(np.random.default_rng(0).permutation(len(at)))
