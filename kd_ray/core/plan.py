@@ -129,7 +129,8 @@ def _check_teaching(cfg: ExperimentConfig) -> None:
     for mode in teachings_in_use(cfg):
         lack = mode.needs(st)
         if lack:
-            raise ValueError(f"teaching: {mode.name} teaching ({mode.doc}): {lack}")
+            where = "sweep.teaching" if mode.name in cfg.sweep.teaching else "student.teaching"
+            raise ValueError(f"{where}: {mode.name} teaching ({mode.doc}): {lack}")
         why = mode.streamed_source(st) if cfg.data.stream else None
         if why:
             raise ValueError(f"data.stream: {mode.name} teaching does not stream: {why}")
