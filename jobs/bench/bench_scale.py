@@ -101,11 +101,10 @@ def plain_soft_targets(files: dict[str, list[str]], paths: list[str], out: str,
                        given: dict | None = None) -> tuple[float, int, dict]:
     """Statistics pass (none when ``given``), then every train and test file through the teachers,
     top-k written per file: the same rows kd_ray labels."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
 
-    from kd_ray.core.ensemble import ensemble_outputs, load_ensemble
+    from kd_ray.core.ensemble import load_ensemble
     from kd_ray.core.images import decode_images
 
     t0 = time.perf_counter()
@@ -125,16 +124,28 @@ def plain_soft_targets(files: dict[str, list[str]], paths: list[str], out: str,
     for i, f in enumerate(files["train"] + files["test"]):
         table = pq.read_table(f)
         x = (decode_images(table.column("image"), [3, 32, 32], f) - mean) / std
-        cols = {}
-        for j in range(0, len(x), 1024):
-            o = ensemble_outputs(models, torch.from_numpy(x[j: j + 1024]), T, "probs", "topk", TOP_K)
-            for k, v in o.items():
-                cols.setdefault(k, []).append(v)
-        cols = {k: np.concatenate(v) for k, v in cols.items() if k.startswith("teacher_topk")}
-        pq.write_table(pa.table({"id": table.column("id"), **{k: pa.FixedSizeListArray.from_arrays(
-            pa.array(v.reshape(-1)), int(np.prod(v.shape[1:]))) for k, v in cols.items()}}), f"{out}/{i}.parquet")
+        write_top_k(models, x, {"id": table.column("id")}, f"{out}/{i}.parquet")
         rows += len(x)
     return time.perf_counter() - t0, rows, {"mean": mean, "std": std}
+
+
+def write_top_k(models, x: np.ndarray, keys: dict, path: str) -> None:
+    """The K teachers on ``x`` in chunks of 1,024, each teacher's top-k written beside ``keys`` (per
+    row: id, and view) as flat fixed-size lists."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from kd_ray.core.ensemble import ensemble_outputs
+
+    cols = {}
+    for j in range(0, len(x), 1024):
+        o = ensemble_outputs(models, torch.from_numpy(x[j: j + 1024]), T, "probs", "topk", TOP_K)
+        for k, v in o.items():
+            cols.setdefault(k, []).append(v)
+    cols = {k: np.concatenate(v) for k, v in cols.items() if k.startswith("teacher_topk")}
+    pq.write_table(pa.table({**keys, **{k: pa.FixedSizeListArray.from_arrays(
+        pa.array(v.reshape(-1)), int(np.prod(v.shape[1:]))) for k, v in cols.items()}}), path)
 
 
 def train_step(model, opt, loss_fn, batch) -> None:
@@ -160,35 +171,32 @@ def plain_student_epoch(source, fraction: float, cache_dir: str, classes: int) -
     import pyarrow.parquet as pq
     import torch
 
-    from kd_ray.core.images import decode_images
-    from kd_ray.core.subsets import in_fraction
     from kd_ray.stages.streamed_targets import rows_numpy, shard_name
 
     torch.set_num_threads(os.cpu_count())
     model, opt, loss_fn = student(classes)
-    mean = np.asarray(source.normalization["mean"], np.float32).reshape(1, -1, 1, 1)
-    std = np.asarray(source.normalization["std"], np.float32).reshape(1, -1, 1, 1)
-    sub = source.subsets.get((fraction, 0))
     t0, rows = time.perf_counter(), 0
     for f in source.files["train"]:
-        table = pq.read_table(f)
-        ids, labels = table.column("id").to_numpy(), table.column("label").to_numpy()
-        keep = ~in_fraction(ids, labels, source.val, source.val_seed)
-        if sub is not None:
-            keep &= in_fraction(ids, labels, sub, 0)
-        at = np.flatnonzero(keep)
-        x = (decode_images(table.column("image").take(at), [3, 32, 32], f) - mean) / std
+        table, at, ids, labels = _subset_rows(source, fraction, f)
+        x = _normalised(source, table, at, f)
         cache = pq.read_table(os.path.join(cache_dir, "rows", "split=train", f"shard={shard_name(f)}"))
         order = np.argsort(cache.column("id").to_numpy())
         pos = order[np.searchsorted(cache.column("id").to_numpy(), ids[at], sorter=order)]
         cols = {c: torch.from_numpy(rows_numpy(cache.column(c))[pos]) for c in cache.column_names if c.startswith("teacher")}
-        perm = torch.from_numpy(np.random.default_rng(0).permutation(len(at)))
-        batch_all = {"image": torch.from_numpy(x), "label": torch.from_numpy(labels[at]), **cols}
-        for j in range(0, len(at), BATCH):
-            idx = perm[j: j + BATCH]
-            train_step(model, opt, loss_fn, {k: v[idx] for k, v in batch_all.items()})
+        train_shuffled(model, opt, loss_fn, {"image": torch.from_numpy(x), "label": torch.from_numpy(labels[at]), **cols})
         rows += len(at)
     return time.perf_counter() - t0, rows
+
+
+def train_shuffled(model, opt, loss_fn, rows: dict) -> None:
+    """One pass over in-memory rows in a seeded order, BATCH rows a step."""
+    import torch
+
+    n = len(rows["label"])
+    perm = torch.from_numpy(np.random.default_rng(0).permutation(n))
+    for j in range(0, n, BATCH):
+        idx = perm[j: j + BATCH]
+        train_step(model, opt, loss_fn, {k: v[idx] for k, v in rows.items()})
 
 
 def _subset_rows(source, fraction: float, f: str):
@@ -217,12 +225,10 @@ def _normalised(source, table, at: np.ndarray, f: str) -> np.ndarray:
 def plain_views(source, fraction: float, paths: list[str], views: int, seed: int, out: str) -> tuple[float, int]:
     """The views cache as a user writes it: per file, the subset's rows, V shifted views each, the
     teachers on every view, top-k written per file."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     import torch
 
     from kd_ray.core.augment import view_shift
-    from kd_ray.core.ensemble import ensemble_outputs, load_ensemble
+    from kd_ray.core.ensemble import load_ensemble
 
     torch.set_num_threads(os.cpu_count())
     models = load_ensemble(paths)
@@ -233,14 +239,7 @@ def plain_views(source, fraction: float, paths: list[str], views: int, seed: int
         x, ids = _normalised(source, table, at, f), ids[at]
         vid, view = np.repeat(ids, views), np.tile(np.arange(views), len(ids))
         xv = view_shift(np.repeat(x, views, axis=0), vid, view, JITTER, seed)
-        cols = {}
-        for j in range(0, len(xv), 1024):
-            o = ensemble_outputs(models, torch.from_numpy(xv[j: j + 1024]), T, "probs", "topk", TOP_K)
-            for k, v in o.items():
-                cols.setdefault(k, []).append(v)
-        cols = {k: np.concatenate(v) for k, v in cols.items() if k.startswith("teacher_topk")}
-        pq.write_table(pa.table({"id": vid, "view": view, **{k: pa.FixedSizeListArray.from_arrays(
-            pa.array(v.reshape(-1)), int(np.prod(v.shape[1:]))) for k, v in cols.items()}}), f"{out}/{i}.parquet")
+        write_top_k(models, xv, {"id": vid, "view": view}, f"{out}/{i}.parquet")
         rows += len(xv)
     return time.perf_counter() - t0, rows
 
@@ -271,11 +270,7 @@ def plain_views_epoch(source, fraction: float, views_dir: str, views: int, seed:
                     (len(pos), teachers) if c.endswith("tail") else (len(pos), teachers, -1)))
                 for c in cache.column_names if c.startswith("teacher")}
         image = torch.from_numpy(cached_view(x, ids, v, JITTER, seed))
-        perm = torch.from_numpy(np.random.default_rng(0).permutation(len(at)))
-        batch_all = {"image": image, "label": torch.from_numpy(labels[at]), **cols}
-        for j in range(0, len(at), BATCH):
-            idx = perm[j: j + BATCH]
-            train_step(model, opt, loss_fn, {k: t[idx] for k, t in batch_all.items()})
+        train_shuffled(model, opt, loss_fn, {"image": image, "label": torch.from_numpy(labels[at]), **cols})
         rows += len(at)
     return time.perf_counter() - t0, rows
 

@@ -153,39 +153,60 @@ def label_views(cfg: ExperimentConfig, model_paths: list[str], source: StreamedS
 
 
 @functools.lru_cache(maxsize=2)
-def _shard_targets(folder: str) -> tuple[pa.Table, np.ndarray, np.ndarray]:
-    """One shard's cached targets, its ids and their sort order; a worker keeps the last two it read
-    (decoding hands it a shard in several calls)."""
+def _shard_rows(folder: str, views: int) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+    """One cache shard: its target columns, its keys (``id``; in a views cache ``id * V + view``)
+    and their sort order; a worker keeps the last two it read (decoding hands it a shard in several calls)."""
     fs, path = storage.resolve(folder)
     table = pq.read_table(path, filesystem=fs)
-    table = table.select([c for c in table.column_names if c == "id" or c in TARGET_COLUMNS])
-    ids = table.column("id").to_numpy()
-    return table, ids, np.argsort(ids)
+    table = table.select([c for c in table.column_names if c in ("id", "view") or c in TARGET_COLUMNS])
+    keys = table.column("id").to_numpy()
+    if views:
+        keys = keys * views + table.column("view").to_numpy()
+    return table, keys, np.argsort(keys)
 
 
-def attach_targets(batch: dict[str, np.ndarray], cache: str, split: str = "train") -> dict[str, np.ndarray]:
+def _attach(batch: dict[str, np.ndarray], cache: str, folder: tuple[str, ...], views: int, missing: str) -> dict[str, np.ndarray]:
     """Source rows (with ``path``) -> the same rows with their cached targets, read per source file
-    from ``cache``'s ``rows/split=<split>/shard=<file>/`` folder. A row missing from the cache is an error."""
+    from ``cache``'s ``<folder>/shard=<file>/`` and taken by key; with ``views`` every view's, a view
+    axis after the row's ([B, V, ...]). A row missing from its shard is an error (``missing``, with
+    ``{name}`` the shard's)."""
     paths = batch.pop("path")
     names = np.array([shard_name(p) for p in paths], dtype=object)
     parts: dict[str, list] = {}
     order = []
     for name in dict.fromkeys(names):
         rows = np.flatnonzero(names == name)
-        table, ids, sorter = _shard_targets(storage.join(cache, "rows", f"split={split}", f"shard={name}"))
-        at = sorter[np.minimum(np.searchsorted(ids, batch["id"][rows], sorter=sorter), len(ids) - 1)]
-        if not np.array_equal(ids[at], batch["id"][rows]):
-            raise ValueError(f"soft-target cache {cache}: shard {name} lacks rows of its source; delete the cache to rebuild it")
+        table, keys, sorter = _shard_rows(storage.join(cache, *folder, f"shard={name}"), views)
+        want = batch["id"][rows] if not views else (batch["id"][rows][:, None] * views + np.arange(views)).ravel()
+        at = sorter[np.minimum(np.searchsorted(keys, want, sorter=sorter), len(keys) - 1)]
+        if not np.array_equal(keys[at], want):
+            raise ValueError(f"soft-target cache {cache}: " + missing.format(name=name))
         taken = table.take(pa.array(at))
         for c in taken.column_names:
-            if c != "id":
-                parts.setdefault(c, []).append(rows_numpy(taken.column(c)))
+            if c not in ("id", "view"):
+                v = rows_numpy(taken.column(c))
+                parts.setdefault(c, []).append(v.reshape(len(rows), views, *v.shape[1:]) if views else v)
         order.append(rows)
     order = np.concatenate(order)
     out = {k: v[order] for k, v in batch.items()}
     for c, v in parts.items():
         out[c] = np.concatenate(v)
     return out
+
+
+def attach_targets(batch: dict[str, np.ndarray], cache: str, split: str = "train") -> dict[str, np.ndarray]:
+    """Source rows (with ``path``) -> the same rows with their cached targets, read per source file
+    from ``cache``'s ``rows/split=<split>/shard=<file>/`` folder. A row missing from the cache is an error."""
+    return _attach(batch, cache, ("rows", f"split={split}"), 0,
+                   "shard {name} lacks rows of its source; delete the cache to rebuild it")
+
+
+def attach_views(batch: dict[str, np.ndarray], cache: str, views: int) -> dict[str, np.ndarray]:
+    """Source rows (with ``path``) -> the same rows with the targets of all V of their views ([B, V, ...]),
+    read per source file from ``cache``'s ``views/shard=<file>/`` folder; a student's worker keeps one
+    view per epoch."""
+    return _attach(batch, cache, ("views",), views, "the views of shard {name} lack rows of the student's subset; "
+                   "raise soft_targets.views_fraction or delete the cache to rebuild it")
 
 
 def rows_numpy(column: pa.ChunkedArray) -> np.ndarray:
@@ -204,45 +225,6 @@ def student_rows(source: StreamedSource, cache: str, fraction: float = 1.0, seed
     else:
         rows = source.split(split, paths=True)
     return rows.map_batches(attach_targets, fn_kwargs={"cache": cache, "split": split}, batch_format="numpy")
-
-
-@functools.lru_cache(maxsize=2)
-def _shard_views(folder: str, views: int) -> tuple[pa.Table, np.ndarray, np.ndarray]:
-    """One shard's views: the table, its keys ``id * V + view`` and their sort order."""
-    fs, path = storage.resolve(folder)
-    table = pq.read_table(path, filesystem=fs)
-    table = table.select([c for c in table.column_names if c in ("id", "view") or c in TARGET_COLUMNS])
-    keys = table.column("id").to_numpy() * views + table.column("view").to_numpy()
-    return table, keys, np.argsort(keys)
-
-
-def attach_views(batch: dict[str, np.ndarray], cache: str, views: int) -> dict[str, np.ndarray]:
-    """Source rows (with ``path``) -> the same rows with the targets of all V of their views,
-    each target column with a view axis after the row's ([B, V, ...]), read per source file from
-    ``cache``'s ``views/shard=<file>/`` folder; a student's worker keeps one view per epoch."""
-    paths = batch.pop("path")
-    names = np.array([shard_name(p) for p in paths], dtype=object)
-    parts: dict[str, list] = {}
-    order = []
-    for name in dict.fromkeys(names):
-        rows = np.flatnonzero(names == name)
-        table, keys, sorter = _shard_views(storage.join(cache, "views", f"shard={name}"), views)
-        want = (batch["id"][rows][:, None] * views + np.arange(views)).ravel()
-        at = sorter[np.minimum(np.searchsorted(keys, want, sorter=sorter), len(keys) - 1)]
-        if not np.array_equal(keys[at], want):
-            raise ValueError(f"soft-target cache {cache}: the views of shard {name} lack rows of the student's subset; "
-                             f"raise soft_targets.views_fraction or delete the cache to rebuild it")
-        taken = table.take(pa.array(at))
-        for c in taken.column_names:
-            if c not in ("id", "view"):
-                v = rows_numpy(taken.column(c))
-                parts.setdefault(c, []).append(v.reshape(len(rows), views, *v.shape[1:]))
-        order.append(rows)
-    order = np.concatenate(order)
-    out = {k: v[order] for k, v in batch.items()}
-    for c, v in parts.items():
-        out[c] = np.concatenate(v)
-    return out
 
 
 def student_views(source: StreamedSource, cache: str, views: int, fraction: float = 1.0, seed: int = 0):

@@ -284,26 +284,22 @@ def _epoch_rows(job: StudentJob, seam, start_epoch: int, device):
             ds = streamed_consistent(StreamedSource.from_plain(st.source), st.fraction, st.data_seed, rank, world,
                                      st.soft_targets, st.model_paths, epochs, s.seed, st.counters)
         return EpochStream(ds.iter_batches(batch_size=None, batch_format="numpy"), s.batch_size, device).epoch
+    # each epoch's view of a row: one of its V cached views (all V rows of an id held together, or a
+    # streamed row carrying all V views' targets), or the row as it is
+    pick = _pick_view if job.views_axis else _one_view_each if job.plan.teaching.view == "cached_view" else None
     if job.train_arrays is not None:  # no Ray Data execution: the rows came with the job
         rows = {k: to_tensor(v).to(device) for k, v in job.train_arrays.items()}
-        if job.plan.teaching.view == "cached_view":
-            return lambda e: shuffled_batches(_one_view_each(rows, job, e), s.batch_size, s.seed * 1000 + e)
-        return lambda e: shuffled_batches(rows, s.batch_size, s.seed * 1000 + e)
-    shard = seam.dataset("train")
-    if job.views_axis:  # a streamed source: each row with its V views' targets; one view per epoch
-        if job.in_memory:
-            rows = _read_shard(shard, device)
-            return lambda e: shuffled_batches(_pick_view(rows, job, e), s.batch_size, s.seed * 1000 + e)
-        return lambda e: (_pick_view(b, job, e) for b in shard.iter_torch_batches(
-            batch_size=s.batch_size, device=device, local_shuffle_buffer_size=4096, local_shuffle_seed=s.seed * 1000 + e))
-    if job.plan.teaching.view == "cached_view":  # all V views of each row, read once; one of them per epoch
-        rows = _read_shard(shard, device)
-        return lambda e: shuffled_batches(_one_view_each(rows, job, e), s.batch_size, s.seed * 1000 + e)
-    if job.in_memory:  # the shard, read once, reshuffled every epoch
-        rows = _read_shard(shard, device)
-        return lambda e: shuffled_batches(rows, s.batch_size, s.seed * 1000 + e)
-    return lambda e: shard.iter_torch_batches(batch_size=s.batch_size, device=device, local_shuffle_buffer_size=4096,
-                                              local_shuffle_seed=s.seed * 1000 + e)
+    elif job.in_memory or pick is _one_view_each:  # the shard, read once, reshuffled every epoch
+        rows = _read_shard(seam.dataset("train"), device)
+    else:  # the shard streamed from Ray Data every epoch
+        shard = seam.dataset("train")
+
+        def streamed(e: int):
+            batches = shard.iter_torch_batches(batch_size=s.batch_size, device=device, local_shuffle_buffer_size=4096,
+                                               local_shuffle_seed=s.seed * 1000 + e)
+            return batches if pick is None else (pick(b, job, e) for b in batches)
+        return streamed
+    return lambda e: shuffled_batches(rows if pick is None else pick(rows, job, e), s.batch_size, s.seed * 1000 + e)
 
 
 def _one_view_each(rows: dict[str, torch.Tensor], job: StudentJob, epoch: int) -> dict[str, torch.Tensor]:
