@@ -32,7 +32,7 @@ def test_a_student_is_resolved_once_into_its_plan():
 
 def _name(cfg, **student) -> str:
     plan = plan_student(cfg, cfg.student.model_copy(update=student))
-    return digest(student_identity(plan, "cache", None), 10)
+    return digest(student_identity(plan, "cache"), 10)
 
 
 def test_a_student_run_is_named_by_what_it_learns_not_where_it_runs():
@@ -51,7 +51,7 @@ def test_a_student_run_is_named_by_what_it_learns_not_where_it_runs():
 def test_a_run_is_named_by_the_augmentation_its_teaching_mode_declares():
     def name(*sets):
         cfg = load_config(None, list(sets))
-        return digest(student_identity(plan_student(cfg), "cache", None), 10)
+        return digest(student_identity(plan_student(cfg), "cache"), 10)
 
     # cached teaching sees no shifts: the shift size does not name it; inconsistent teaching's does
     assert name("student.teaching=cached", "soft_targets.jitter=1") == name("student.teaching=cached", "soft_targets.jitter=2")
@@ -61,12 +61,21 @@ def test_a_run_is_named_by_the_augmentation_its_teaching_mode_declares():
         "student.teaching=consistent", "soft_targets.jitter=1", "soft_targets.mixup=1.0")
 
 
-def test_teacher_and_cache_identities_are_their_declared_fields():
+def test_teacher_and_cache_identities_are_their_declared_fields(tmp_path):
+    import torch
+
     spec = TeacherSpec()
-    key = digest(teacher_identity(spec, {"d": 1}, None), 16)
-    assert digest(teacher_identity(spec.model_copy(update={"num_gpus": 1, "num_cpus": 4}), {"d": 1}, None), 16) == key
-    assert digest(teacher_identity(spec.model_copy(update={"lr": 0.1}), {"d": 1}, None), 16) != key
-    assert digest(teacher_identity(spec, {"d": 1}, "abc"), 16) != key  # the starting weights, by content
+    key = digest(teacher_identity(spec, {"d": 1}), 16)
+    assert digest(teacher_identity(spec.model_copy(update={"num_gpus": 1, "num_cpus": 4}), {"d": 1}), 16) == key
+    assert digest(teacher_identity(spec.model_copy(update={"lr": 0.1}), {"d": 1}), 16) != key
+    # the starting weights, by content: the same path holding other weights is another teacher
+    weights = tmp_path / "w.pt"
+    torch.save({"w": torch.zeros(2)}, weights)
+    tuned = spec.model_copy(update={"pretrained_file": str(weights)})
+    first = digest(teacher_identity(tuned, {"d": 1}), 16)
+    assert first != key
+    torch.save({"w": torch.ones(2)}, weights)
+    assert digest(teacher_identity(tuned, {"d": 1}), 16) != first
     assert set(TEACHER_PLACEMENT) <= set(TeacherSpec.model_fields)
 
     def cache(*sets):
@@ -81,7 +90,7 @@ def test_teacher_and_cache_identities_are_their_declared_fields():
 
 def test_a_sweep_is_named_by_the_student_outside_its_grid():
     def name(*sets):
-        return digest(sweep_identity(load_config(None, list(sets)), "cache", ("fraction", "seed", "lr"), None), 10)
+        return digest(sweep_identity(load_config(None, list(sets)), "cache", ("fraction", "seed", "lr")), 10)
 
     assert name() == name("sweep.seeds=[0, 1]", "student.seed=4", "sweep.max_concurrent_trials=2")
     assert name() != name("student.batch_size=32") and name() != name("sweep.metric=val_nll")

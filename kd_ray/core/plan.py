@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass
 
 from kd_ray.core.config import ExperimentConfig, StudentConfig, TeacherSpec, loss_params
+from kd_ray.core.models import weights_digest
 from kd_ray.core.student_losses import loss_class
 from kd_ray.core.teaching import PLAIN, TEACHINGS, Teaching, default_teaching, teaching
 
@@ -71,11 +72,11 @@ CACHE_FIELDS = ("temperature", "rule", "teacher_logits", "top_k", "precision")
 VIEW_FIELDS = ("views", "views_fraction", "jitter", "mixup")
 
 
-def teacher_identity(spec: TeacherSpec, data: dict, weights_sha256: str | None) -> dict:
+def teacher_identity(spec: TeacherSpec, data: dict) -> dict:
     """What a teacher checkpoint must match to be resumed or reused: what it learns, on what data,
-    from which weights (by content)."""
+    from which weights (its ``pretrained_file`` by content)."""
     learn = spec.model_dump(mode="json", exclude=set(TEACHER_PLACEMENT))
-    return {"spec": learn, "data": data, "weights_sha256": weights_sha256}
+    return {"spec": learn, "data": data, "weights_sha256": weights_digest(spec)}
 
 
 def cache_identity(cfg: ExperimentConfig, teacher_sha256: list[str], data: dict, transfer_rows: int,
@@ -90,24 +91,22 @@ def cache_identity(cfg: ExperimentConfig, teacher_sha256: list[str], data: dict,
             **{k: getattr(st, k) for k in CACHE_FIELDS}, "views": views}
 
 
-def student_identity(plan: StudentPlan, cache_fingerprint: str, weights_sha256: str | None,
-                     exclude: tuple[str, ...] = ()) -> dict:
+def student_identity(plan: StudentPlan, cache_fingerprint: str) -> dict:
     """What a student run's result depends on: its resolved config (not its placement), its
-    loss's parameters, the augmentation its teaching mode declares, the cache, the data seed."""
-    s = plan.student.model_dump(mode="json", exclude=set(STUDENT_PLACEMENT) | set(exclude))
-    if "loss_args" not in exclude:
-        s["loss_args"] = plan.loss_args
-    return {"student": s, "cache": cache_fingerprint, "data_seed": plan.data_seed, "weights_sha256": weights_sha256,
+    loss's parameters, its starting weights by content, the augmentation its teaching mode
+    declares, the cache, the data seed."""
+    s = {**plan.student.model_dump(mode="json", exclude=set(STUDENT_PLACEMENT)), "loss_args": plan.loss_args}
+    return {"student": s, "cache": cache_fingerprint, "data_seed": plan.data_seed,
+            "weights_sha256": weights_digest(plan.student),
             "augmentation": {k: getattr(plan, k) for k in plan.teaching.identity}}
 
 
-def sweep_identity(cfg: ExperimentConfig, cache_fingerprint: str, grid_keys: tuple[str, ...],
-                   weights_sha256: str | None) -> dict:
+def sweep_identity(cfg: ExperimentConfig, cache_fingerprint: str, grid_keys: tuple[str, ...]) -> dict:
     """What a sweep's trials depend on besides their grid values: the student config outside the
     grid, how trials are stopped and chosen, the cache, the data seed and the augmentation."""
     s = cfg.student.model_dump(mode="json", exclude=set(STUDENT_PLACEMENT) | set(grid_keys) | {"teaching"})
     return {"student": s, "sweep": cfg.sweep.model_dump(mode="json", include={"metric", "scheduler"}),
-            "cache": cache_fingerprint, "data_seed": cfg.data.seed, "weights_sha256": weights_sha256,
+            "cache": cache_fingerprint, "data_seed": cfg.data.seed, "weights_sha256": weights_digest(cfg.student),
             "augmentation": {"jitter": cfg.soft_targets.jitter, "mixup": cfg.soft_targets.mixup}}
 
 

@@ -32,7 +32,7 @@ from kd_ray.core.config import (
     StudentConfig,
 )
 from kd_ray.core.ensemble import load_teacher_files
-from kd_ray.core.models import count_parameters, weights_digest
+from kd_ray.core.models import count_parameters
 from kd_ray.core.plan import StudentPlan, digest, plan_student, student_identity
 from kd_ray.core.student_losses import loss_class
 from kd_ray.core.subsets import select_fraction
@@ -72,8 +72,7 @@ class DistillResult:
 def run_name(plan: StudentPlan, soft: SoftTargets) -> str:
     """A student run's folder: readable settings and the digest of its identity (:func:`plan.student_identity`)."""
     s = plan.student
-    weights = weights_digest(s) if s.pretrained_file else None
-    key = digest(student_identity(plan, soft.manifest["fingerprint"], weights), 10)
+    key = digest(student_identity(plan, soft.manifest["fingerprint"]), 10)
     init = "" if s.init == "scratch" else f"from-{s.init}-"
     return (f"student-{s.targets}-{plan.teaching.name}-{init}f{s.fraction:g}-T{plan.temperature:g}-a{s.alpha:g}"
             f"-e{s.epochs}-s{s.seed}-{key}")

@@ -47,7 +47,6 @@ from kd_ray.core import storage
 from kd_ray.core.config import ConfigError, ExperimentConfig
 from kd_ray.core.environment import environment
 from kd_ray.core.grid import GRID_KEYS, trial_config, trial_grid, trial_key, trial_teaching
-from kd_ray.core.models import weights_digest
 from kd_ray.core.plan import digest, sweep_identity
 from kd_ray.stages.cluster import capacity, student_uses_gpu
 from kd_ray.stages.distill import check_classes, distill
@@ -118,9 +117,7 @@ def sweep_name(cfg: ExperimentConfig, soft: SoftTargets) -> str:
     """The digest of :func:`kd_ray.core.plan.sweep_identity`. Trials of sweeps with the same name are
     interchangeable, so growing the grid (another seed, another fraction) runs only the new
     trials, and the concurrency can change between runs."""
-    s = cfg.student
-    weights = weights_digest(s) if s.pretrained_file else None
-    return "sweep-" + digest(sweep_identity(cfg, soft.manifest["fingerprint"], GRID_KEYS, weights), 10)
+    return "sweep-" + digest(sweep_identity(cfg, soft.manifest["fingerprint"], GRID_KEYS), 10)
 
 
 # --------------------------------------------------------------------------- the trial

@@ -20,7 +20,7 @@ from kd_ray.core import storage
 from kd_ray.core.config import TeacherSpec
 from kd_ray.core.ensemble import predict_logits, save_teacher_model
 from kd_ray.core.environment import environment
-from kd_ray.core.models import count_parameters, weights_digest
+from kd_ray.core.models import count_parameters
 from kd_ray.core.plan import digest, teacher_identity
 from kd_ray.core.subsets import bootstrap_counts, select_fraction
 from kd_ray.core.train import (
@@ -41,7 +41,7 @@ class TeacherError(RuntimeError):
 
 def spec_key(spec: TeacherSpec, data_identity: dict) -> str:
     """What a checkpoint must match to be resumed or reused (:func:`kd_ray.core.plan.teacher_identity`)."""
-    return digest(teacher_identity(spec, data_identity, weights_digest(spec) if spec.pretrained_file else None), 16)
+    return digest(teacher_identity(spec, data_identity), 16)
 
 
 @dataclass
