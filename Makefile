@@ -1,4 +1,5 @@
-# Two commands: `make run` (default pipeline on digits) and `make test` (whole suite).
+# `make run` (default pipeline on digits), `make test` (the suite) and `make test-faults` (faults
+# injected on the fake autoscaler's cluster, ~5 min; CI runs both test targets).
 # Both build or update .venv by themselves first.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -8,7 +9,7 @@ CONFIG ?= kd_ray/configs/digits.yaml
 SET    ?=
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: venv run test bench clean
+.PHONY: venv run test test-faults bench clean
 
 venv: $(STAMP)
 
@@ -23,7 +24,10 @@ run: venv
 	$(VENV)/bin/kd-ray run $(CONFIG) $(SET)
 
 test: venv
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests -m "not faults" $(PYTEST_ARGS)
+
+test-faults: venv
+	$(PY) -m pytest tests -m faults -s $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     from kd_ray.cli import run_stages
     from kd_ray.core.config import ConfigError
     from kd_ray.core.config_files import DEFAULT_CONFIG, load_config
+    from kd_ray.core.storage import StorageUnreachable
 
     try:
         cfg = load_config(args.config or DEFAULT_CONFIG, args.set)
@@ -46,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"kd_ray pipeline: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except StorageUnreachable as e:  # the object store went away: one line, nothing to debug
+        print(f"kd_ray pipeline: failed: {e}", file=sys.stderr, flush=True)
+        return 1
     except Exception as e:  # a failed stage: the full traceback for the job logs, then the reason
         traceback.print_exc()
         print(f"kd_ray pipeline: failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)

@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from kd_ray.core import storage
 from kd_ray.core.config import ConfigError, ExperimentConfig
 from kd_ray.core.config_files import (
     DEFAULT_CONFIG,
@@ -159,15 +160,20 @@ def run_stages(cfg: ExperimentConfig) -> bool:
     ensemble = soft = result = None
     for stage in cfg.runtime.stages:
         t_stage = time.time()
-        if stage == "teachers":
-            ensemble = cmd_teachers(cfg)
-        elif stage == "soft-targets":
-            soft = cmd_soft_targets(cfg, ensemble)
-            print(f"[kd_ray] soft targets: {soft.describe()}")
-        elif stage == "sweep":
-            result = cmd_sweep(cfg, soft)
-        elif stage == "report":
-            cmd_report(cfg)
+        try:
+            if stage == "teachers":
+                ensemble = cmd_teachers(cfg)
+            elif stage == "soft-targets":
+                soft = cmd_soft_targets(cfg, ensemble)
+                print(f"[kd_ray] soft targets: {soft.describe()}")
+            elif stage == "sweep":
+                result = cmd_sweep(cfg, soft)
+            elif stage == "report":
+                cmd_report(cfg)
+        except Exception as e:
+            if (down := storage.unreachable(e, cfg.runtime.storage_path, stage)) is not None:
+                raise down from e
+            raise
         print(f"[kd_ray] stage {stage} took {time.time() - t_stage:.1f} s", flush=True)
     print(f"[kd_ray] kd-ray run finished in {time.time() - t0:.1f} s wall ({' -> '.join(cfg.runtime.stages)}); "
           f"results in {experiment_dir(cfg)}")
@@ -214,6 +220,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    cfg = None
     try:
         if args.command == "export":
             from kd_ray.export import export_student
@@ -251,6 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"kd-ray: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if cfg is None or (down := storage.unreachable(e, cfg.runtime.storage_path, args.command)) is None:
+            raise
+        print(f"kd-ray: {down}", file=sys.stderr)
+        return 1
     return 0
 
 

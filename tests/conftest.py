@@ -9,6 +9,10 @@ import os
 
 import pytest
 
+from tests.fixtures.network import free_port
+
+pytest_plugins = ["tests.fixtures.fake_cluster"]  # the fake_cluster fixture
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
@@ -123,14 +127,6 @@ def s3(monkeypatch):
         yield "s3://kd-runs"
     finally:
         server.stop()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -195,3 +195,107 @@ def test_the_pretrained_table_is_what_its_rows_give():
             hard, soft = (df[(df.fraction == f) & (df.targets == t)]["test_accuracy"].mean() for t in ("hard", "soft"))
             g = gaps.loc[f]
             assert cell == f"{hard:.4f} / {soft:.4f} / {100 * g['gap']:.1f} % +- {100 * g['gap_std']:.1f} %"
+
+
+# Every markdown table in the README and docs/ names the committed rows it comes from on the line
+# above it: `<!-- rows: results/<folder>[, results/<folder or file>] -->` (paths under docs/), or
+# `<!-- rows: none -->` for a table that holds no measured figure (a config list, a layout).
+ROWS = re.compile(r"^<!-- rows: (.+) -->$")
+FIGURE = re.compile(r"(?<![\w.])(\d+\.\d+)(?![\d.])")  # 0.9846, 0.69 (x), 55.3 (s), 92.1 (%): not 3 or 1,204
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e-?\d+)?")
+GRID = ("fraction", "targets", "teaching", "temperature", "alpha", "lr", "epochs", "loss", "loss_args", "mixup",
+        "views")
+SCORES = ("test_accuracy", "val_accuracy", "test_fidelity", "test_errors", "val_errors")
+
+
+def doc_tables() -> list[tuple[str, int, str | None, str]]:
+    """(doc, line number, the rows marker's text or None, the table's text) for every table."""
+    out = []
+    for path in DOCS:
+        lines = path.read_text().splitlines()
+        i = 0
+        while i < len(lines) - 1:
+            if lines[i].startswith("|") and lines[i + 1].startswith("|---"):
+                j = i + 2
+                while j < len(lines) and lines[j].startswith("|"):
+                    j += 1
+                marker = ROWS.match(lines[i - 1]) if i else None
+                out.append((path.name, i + 1, marker.group(1) if marker else None, "\n".join(lines[i:j])))
+                i = j
+            else:
+                i += 1
+    return out
+
+
+def _ensemble(folder: Path) -> float | None:
+    """A run's ensemble test accuracy: sweep.json, or summary.md for runs older than it."""
+    import json
+
+    if (folder / "sweep.json").is_file():
+        return json.loads((folder / "sweep.json").read_text()).get("ensemble_test_accuracy")
+    summary = folder / "summary.md"
+    m = summary.is_file() and re.search(r"Ensemble of \d+ teachers: ([\d.]+)", summary.read_text())
+    return float(m.group(1)) if m else None
+
+
+def _row_values(paths: list[Path]) -> set[float]:
+    """Every number committed rows give: each number in their text files; the ratios of two numbers
+    of one benchmark's JSON line; for each results.csv the mean and std over seeds of every score
+    per setting; and, per fraction, the gap recovered (soft - hard) / (ensemble - hard) of each
+    setting's mean and each seed's score against each cited run's hard mean (or the same seed's
+    hard score), and the accuracy the
+    issues' targets need (87 % or 90 % of the gap). A table may print any of them as a
+    percentage, without its sign, errors per 10,000 as a percentage, or seconds as minutes."""
+    import pandas as pd
+
+    values: set[float] = set()
+    soft, hard, ensembles = [], [], set()  # (fraction, seed or None for the mean, accuracy); ensembles
+    for path in paths:
+        for f in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
+            if f.suffix in (".csv", ".json", ".jsonl", ".md", ".log", ".txt", ".yaml"):
+                text = f.read_text(errors="replace")
+                values.update(float(m) for m in NUMBER.findall(text))
+                for line in (ln for ln in text.splitlines() if ln.startswith('{"benchmark"')):
+                    nums = [float(m) for m in NUMBER.findall(line)]
+                    values.update(a / b for a in nums for b in nums if b)
+            if f.name != "results.csv":
+                continue
+            df = pd.read_csv(f)
+            grid = [c for c in GRID if c in df.columns]
+            for _, g in df.astype({c: str for c in grid}).groupby(grid):
+                for c in (c for c in SCORES if c in g):
+                    values.update((g[c].mean(), g[c].std()) if len(g) > 1 else (g[c].mean(),))
+                rows = hard if g["targets"].iloc[0] == "hard" else soft
+                rows.append((float(g["fraction"].iloc[0]), None, g["test_accuracy"].mean()))
+                rows.extend((float(r.fraction), r.seed, r.test_accuracy) for r in g.itertuples())
+            if (ensemble := _ensemble(f.parent)) is not None:
+                ensembles.add(ensemble)
+    for e in ensembles:
+        for fh, sh, h in hard:
+            values.update((h + 0.87 * (e - h), h + 0.9 * (e - h)))
+            values.update((a - h) / (e - h) for fs, ss, a in soft if fs == fh and sh in (None, ss) and e != h)
+    return {w for v in values if v == v for w in (v, 100 * v, abs(v), v / 100, v / 60)}
+
+
+def test_every_docs_table_names_its_rows_and_gives_what_they_give():
+    tables = doc_tables()
+    assert len(tables) > 60  # guards the parser: the docs hold ~70 tables
+    unmarked = [f"{doc}:{line}" for doc, line, marker, _ in tables if marker is None]
+    assert not unmarked, f"tables with no `<!-- rows: ... -->` line above them: {unmarked}"
+    wrong = []
+    for doc, line, marker, table in tables:
+        figures = FIGURE.findall(table)
+        if marker == "none":
+            if figures:
+                wrong.append(f"{doc}:{line} says rows: none but holds figures {figures[:3]}")
+            continue
+        paths = [ROOT / "docs" / p.strip() for p in marker.split(",")]
+        if missing := [str(p.relative_to(ROOT)) for p in paths if not p.exists()]:
+            wrong.append(f"{doc}:{line} names rows that are not committed: {missing}")
+            continue
+        values = _row_values(paths)
+        digits = lambda x: len(x.split(".")[1])  # noqa: E731
+        off = [x for x in figures if not any(f"{v:.{digits(x)}f}" == x for v in values)]
+        if off:
+            wrong.append(f"{doc}:{line}: {off[:6]} not given by {marker}")
+    assert not wrong, "\n".join(wrong)

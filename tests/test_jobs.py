@@ -6,7 +6,6 @@ cluster has shut down, and stops its head by signalling the head's own process (
 """
 import copy
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ import pytest
 import yaml
 
 from tests.fixtures.jobs import wait_job
+from tests.fixtures.network import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -69,12 +69,6 @@ def test_cluster_yaml_can_launch_workers_and_keeps_auth_on():
     assert any("/home/ubuntu/data" in c for c in cfg["setup_commands"])  # data the ubuntu user can write
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_for(url: str, timeout: float) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -90,7 +84,7 @@ def _wait_for(url: str, timeout: float) -> None:
 def ray_head(no_ray, head_process):
     """A real head on 127.0.0.1 with free ports and its own temp dir; yields its dashboard URL."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    port = _free_port()
+    port = free_port()
     temp = tempfile.mkdtemp(prefix="kdr", dir="/tmp")  # short: Ray's socket paths have a length limit
     head_process(["--port=0", "--dashboard-host=127.0.0.1", f"--dashboard-port={port}", "--num-cpus=4",
                   "--num-gpus=0", f"--temp-dir={temp}", "--disable-usage-stats"], env, temp)

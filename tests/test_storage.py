@@ -1,6 +1,5 @@
 """Storage on local folders and on a real S3 protocol server (moto's server mode on 127.0.0.1)."""
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -8,14 +7,9 @@ import numpy as np
 import pytest
 
 from kd_ray.core import storage
+from tests.fixtures.network import TcpProxy, free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs" / "bench"))  # make_synthetic
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_storage_round_trips_on_s3(s3):
@@ -45,7 +39,7 @@ def test_unwritable_or_unreachable_storage_fails_before_ray_starts(tmp_path, mon
     import ray
 
     already = ray.is_initialized()  # the shared test cluster may be up; kd_ray must not start one
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
     assert main(["run", "--set", "runtime.storage_path=s3://kd-runs/exp"]) == 2
@@ -130,57 +124,6 @@ def test_pipeline_on_s3_then_everything_reused_then_an_interrupted_sweep_finishe
     assert np.array_equal(np.sort(got["id"]), np.sort(want)) and got["teacher_topk_values"].shape[1:] == (3, 4)
 
 
-class _Proxy:
-    """A TCP forwarder on 127.0.0.1 in front of the S3 server: ``down()`` refuses and cuts every
-    connection (an outage), ``up()`` serves again on the same port."""
-
-    def __init__(self, target_port: int):
-        import socket
-        import threading
-
-        self.target, self.port, self.threading, self.socket = target_port, _free_port(), threading, socket
-        self.server, self.conns = None, []
-
-    def up(self):
-        s = self.socket.socket()
-        s.setsockopt(self.socket.SOL_SOCKET, self.socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", self.port))
-        s.listen(16)
-        self.server = s
-        self.threading.Thread(target=self._accept, args=(s,), daemon=True).start()
-
-    def down(self):
-        self.server.close()
-        for c in self.conns:
-            c.close()
-        self.conns = []
-
-    def _accept(self, server):
-        while True:
-            try:
-                client, _ = server.accept()
-            except OSError:
-                return
-            upstream = self.socket.create_connection(("127.0.0.1", self.target))
-            self.conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                self.threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(a, b):
-        try:
-            while data := a.recv(65536):
-                b.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (a, b):
-                try:
-                    s.close()
-                except OSError:
-                    pass
-
-
 def test_an_object_store_outage_is_waited_out_then_named_in_one_line(s3, monkeypatch):
     """Every storage call is safe to repeat: during an outage it retries with backoff; an outage
     longer than storage.RETRY_S fails in one line naming the endpoint."""
@@ -189,7 +132,7 @@ def test_an_object_store_outage_is_waited_out_then_named_in_one_line(s3, monkeyp
 
     from kd_ray.core import storage
 
-    proxy = _Proxy(int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]))
+    proxy = TcpProxy(int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]))
     proxy.up()
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
     storage.write_json(f"{s3}/outage/before.json", {"ok": 1})
@@ -204,3 +147,23 @@ def test_an_object_store_outage_is_waited_out_then_named_in_one_line(s3, monkeyp
         storage.read_json(f"{s3}/outage/before.json")
     assert str(e.value).startswith(f"storage: s3://kd-runs at http://127.0.0.1:{proxy.port} unreachable for 2 s")
     assert "\n" not in str(e.value)
+
+
+def test_a_stage_that_lost_its_object_store_fails_in_one_line_naming_it(monkeypatch):
+    """Ray Data's and Tune's own reads and writes are not retried by kd_ray: when one fails
+    because the endpoint went away, the stage's error is one line naming the endpoint and stage."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    aws = OSError("When reading information for key 'kd/teachers/t0/model.pt' in bucket 'kd-runs': AWS Error "
+                  "NETWORK_CONNECTION during HeadObject operation: curlCode: 7, Couldn't connect to server")
+    try:
+        try:
+            raise aws
+        except OSError as inner:
+            raise RuntimeError("Task failed: ReadParquet->MapBatches(EnsemblePredictor)\n  Traceback ...") from inner
+    except RuntimeError as wrapped:
+        down = storage.unreachable(wrapped, "s3://kd-runs/kd", "soft-targets")
+    assert isinstance(down, storage.StorageUnreachable) and "\n" not in str(down)
+    assert str(down).startswith("storage: s3://kd-runs at http://127.0.0.1:9 unreachable during stage soft-targets "
+                                "(When reading information for key")
+    assert storage.unreachable(aws, "/local/runs", "soft-targets") is None  # a local folder has no endpoint
+    assert storage.unreachable(RuntimeError("CUDA out of memory"), "s3://kd-runs/kd", "sweep") is None

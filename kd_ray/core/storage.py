@@ -60,6 +60,28 @@ def _retrying(fn):
     return call
 
 
+# What pyarrow's object-store clients say when the endpoint is gone (inside Ray Data's and Tune's
+# own reads and writes, which kd_ray does not wrap)
+_ENDPOINT_DOWN = ("AWS Error NETWORK_CONNECTION", "curlCode", "AWS Error SERVICE_UNAVAILABLE", "AWS Error SLOW_DOWN")
+
+
+def unreachable(error: BaseException, path: str, stage: str) -> StorageUnreachable | None:
+    """The one-line error for a stage that failed because ``path``'s object store went away, else
+    None: kd_ray's own storage calls retried first; Ray Data's and Tune's fail at their first try."""
+    if isinstance(error, StorageUnreachable) or is_local(path):
+        return error if isinstance(error, StorageUnreachable) else None
+    seen, texts = set(), []
+    while error is not None and id(error) not in seen:  # the exception and what it wraps
+        seen.add(id(error))
+        texts.append(str(error))
+        error = error.__cause__ or error.__context__
+    line = next((ln for t in texts for ln in t.splitlines() if any(m in ln for m in _ENDPOINT_DOWN)), None)
+    if line is None:
+        return None
+    return StorageUnreachable(f"storage: {endpoint(path)} unreachable during stage {stage} ({line.strip()[:160]}); "
+                              f"run again when it is back: finished work is kept")
+
+
 def is_uri(path: str) -> bool:
     return "://" in str(path)
 
