@@ -2,12 +2,13 @@
 server (tests/fixtures/fake_cluster.py): a GPU node lost while teachers and then sweep trials run
 on it, the job's driver killed mid-sweep, and the object store's endpoint gone during a stage.
 Nothing finished is lost and nothing is taken for finished that is not. Each phase prints how long
-the fault cost and what was recomputed (docs/cluster.md, "Faults").
+the fault cost and what was recomputed (docs/pipeline.md, "Faults: what each one costs").
 
 Run by `make test-faults` (CI runs it after `make test`).
 """
 import json
 import os
+import re
 import subprocess
 import time
 
@@ -111,14 +112,14 @@ def test_a_lost_gpu_node_a_killed_driver_and_an_object_store_outage_lose_nothing
     assert resumed, "no teacher went on from a checkpoint after its node was lost"
     for tid, meta in resumed.items():
         assert ensemble["placement"][tid]["node_id"] != lost_teacher_node and meta["epoch"] == 20
-    redone_teacher_epochs = sum(20 - max(h.get("resumed_from", 0) for h in m["history"]) for m in resumed.values())
+    resumed_from = {tid: max(h.get("resumed_from", 0) for h in m["history"]) for tid, m in resumed.items()}
     results = {k: _json(k) for k in _keys("faults/spot/students/", "result.json")}
     assert len(results) == 2
     histories = [r["history"] for r in results.values()]
     assert any(h["resumed_from"] > 0 for hist in histories for h in hist), "no trial went on from its checkpoint"
     assert all(hist[-1]["epoch"] == 40 for hist in histories)
     print(f"\n[faults] lost GPU node, teachers: replacement GPU node up {t_replaced - t_lost:.0f} s after the loss; "
-          f"{len(resumed)} teacher resumed, {redone_teacher_epochs} of 40 teacher epochs trained after the loss; "
+          f"teacher(s) resumed after epoch {resumed_from} of 20 (the epoch in progress is redone); "
           f"lost GPU node, sweep: job done {t_done - t_lost_trial:.0f} s after the loss; whole job {t_done - t_start:.0f} s")
 
     # 2. The job's driver killed mid-sweep: the same command submitted again finishes the sweep,
@@ -139,10 +140,10 @@ def test_a_lost_gpu_node_a_killed_driver_and_an_object_store_outage_lose_nothing
     after = _keys("faults/spot/students/", "result.json")
     assert len(after) == 6
     assert all(after[k] == t for k, t in finished.items()), "a trial that had finished was run again"
-    kept = f"6 trials, {len(finished)} already finished"
-    assert kept in logs, logs[-3000:]
+    kept = re.search(r"sweep \S+: 6 trials, (\d+) already finished", logs)
+    assert kept and int(kept.group(1)) >= len(finished), logs[-3000:]
     print(f"[faults] killed driver: resubmitted job done {t_again - t_killed:.0f} s after the kill; "
-          f"{len(finished)} of 6 trials kept, {6 - len(finished)} run by the second job")
+          f"{kept.group(1)} of 6 trials kept, {6 - int(kept.group(1))} run by the second job")
 
     # 3. The object store's endpoint gone during the soft-target stage, longer than kd_ray retries:
     # the job fails in one line naming it; submitted again when it is back, the job reuses the
