@@ -123,6 +123,12 @@ def test_the_readme_mnist_line_is_what_its_rows_give():
     keep = (folder / "mnist_paper_keep78" / "console.log").read_text()
     assert "test errors 280 (172 on those classes) -> 172 (45)" in omit and "makes 280 errors, 172 after" in line
     assert "test errors 3587 (3573 on those classes) -> 1304 (1027)" in keep and "only 35.9 %, 13.0 % after" in line
+    longer = json.loads((folder / "mnist_paper_250" / "sweep.json").read_text())["teacher_test_accuracy"][0]
+    assert f"250 teacher epochs gave {round((1 - longer) * 10000)} errors" in line
+    plain = json.loads(next(ln for ln in (folder / "mnist_paper_plain" / "console.log").read_text().splitlines()
+                            if ln.startswith('{"teacher_test_errors"')))
+    mean = {t: sum(r["test_errors"] for r in plain[t]) / len(plain[t]) for t in ("hard", "soft")}
+    assert f"same recipe: {plain['teacher_test_errors']} / {mean['hard']:g} / {mean['soft']:g} errors" in line
 
 
 def _doc_table(doc: str, header_start: str) -> list[list[str]]:
