@@ -203,10 +203,29 @@ class EnsembleRun:
         print(f"[kd_ray] teachers -> {out}: {len(self.refs)} to train, {len(self.reused)} complete and reused",
               flush=True)
 
+    def _outcome(self, ref, tid: str, calls: dict[str, int]):
+        """A teacher's finished call: its result, its error, or (its actor unavailable because its
+        node went away, and restarts left) the ref of the same call on the restarted actor, which
+        goes on from the teacher's checkpoint."""
+        try:
+            return ray.get(ref)
+        except ray.exceptions.ActorUnavailableError as e:
+            if calls[tid] > self.cfg.teachers.max_restarts:
+                return e
+            calls[tid] += 1
+            again = self.actors[tid].train.remote()
+            self.refs[again] = tid
+            print(f"[kd_ray] teacher {tid}: its actor is unavailable ({str(e).splitlines()[0][:120]}); "
+                  f"calling it again once Ray has restarted it", flush=True)
+            return again
+        except Exception as e:  # RayTaskError wraps the teacher's own error
+            return e
+
     def wait(self) -> EnsembleResult:
         results: dict[str, dict] = dict(self.reused)
         failures: dict[str, str] = {}
         pending = list(self.refs)
+        calls = {tid: 1 for tid in self.refs.values()}
         heart = Heartbeat("teachers", len(self.ids), already=len(self.reused))
         heart.running = {f"teacher {tid}": "" for tid in self.refs.values()}
         while pending:
@@ -215,21 +234,23 @@ class EnsembleRun:
                 heart.beat()
                 continue
             tid = self.refs[ready[0]]
-            heart.running.pop(f"teacher {tid}", None)
             heart.last = time.time()
-            try:
-                r = ray.get(ready[0])
-                results[tid] = r
-                for line in r.get("log", []):  # what its actor noted: pretrained tensors loaded, a resume
-                    print(line if line.startswith("[kd_ray]") else f"[kd_ray] {line}", flush=True)
-                print(f"[kd_ray] teacher {tid} done ({len(results) + len(failures)}/{len(self.ids)}): "
-                      f"val accuracy {r['val_accuracy']:.4f}, {r['epochs_run']} epochs run", flush=True)
-            except Exception as e:  # RayTaskError wraps the teacher's own error
-                cause = getattr(e, "cause", None) or e
+            r = self._outcome(ready[0], tid, calls)
+            if isinstance(r, ray.ObjectRef):  # called again on its restarted actor
+                pending.append(r)
+                continue
+            heart.running.pop(f"teacher {tid}", None)
+            ray.kill(self.actors[tid])
+            if isinstance(r, Exception):
+                cause = getattr(r, "cause", None) or r
                 failures[tid] = f"{type(cause).__name__}: {cause}"
                 print(f"[kd_ray] teacher {tid} FAILED: {failures[tid]}", flush=True)
-            finally:
-                ray.kill(self.actors[tid])
+                continue
+            results[tid] = r
+            for line in r.get("log", []):  # what its actor noted: pretrained tensors loaded, a resume
+                print(line if line.startswith("[kd_ray]") else f"[kd_ray] {line}", flush=True)
+            print(f"[kd_ray] teacher {tid} done ({len(results) + len(failures)}/{len(self.ids)}): "
+                  f"val accuracy {r['val_accuracy']:.4f}, {r['epochs_run']} epochs run", flush=True)
         if failures:
             raise EnsembleError("teacher(s) failed: " + "; ".join(f"{t}: {m}" for t, m in failures.items())
                                 + f". Completed teachers are kept under {teachers_dir(self.cfg)}.")
