@@ -170,6 +170,8 @@ def run_stages(cfg: ExperimentConfig) -> bool:
                 result = cmd_sweep(cfg, soft)
             elif stage == "report":
                 cmd_report(cfg)
+        except (ConfigError, FileNotFoundError, ValueError):  # bad input, found before the stage ran
+            raise
         except Exception as e:
             if (down := storage.unreachable(e, cfg.runtime.storage_path, stage)) is not None:
                 raise down from e
