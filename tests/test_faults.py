@@ -8,7 +8,6 @@ Run by `make test-faults` (CI runs it after `make test`).
 """
 import json
 import os
-import re
 import subprocess
 import time
 
@@ -141,11 +140,12 @@ def test_a_lost_gpu_node_a_killed_driver_and_an_object_store_outage_lose_nothing
     assert status == "SUCCEEDED", logs[-4000:]
     after = _keys("faults/spot/students/", "result.json")
     assert len(after) == len(before) + 4
+    # a student that had finished is read back, not trained again, even when the driver died before
+    # its trial's row was written (then the sweep counts it as to run, and it takes 0 s)
     assert all(after[k] == t for k, t in finished.items()), "a trial that had finished was run again"
-    kept = re.search(r"sweep \S+: 4 trials, (\d+) already finished", logs)
-    assert kept and int(kept.group(1)) >= len(finished) - len(before), logs[-3000:]  # this sweep's trials
+    kept = len(finished) - len(before)
     print(f"[faults] killed driver: resubmitted job done {t_again - t_killed:.0f} s after the kill; "
-          f"{kept.group(1)} of 4 trials kept, {4 - int(kept.group(1))} run by the second job")
+          f"{kept} of 4 students kept, {4 - kept} trained by the second job")
 
     # 3. The object store's endpoint gone during the soft-target stage, longer than kd_ray retries:
     # the job fails in one line naming it; submitted again when it is back, the job reuses the
