@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = parser.parse_args(argv)
 
-    from kd_ray.cli import run_stages
+    from kd_ray.cli import BAD_INPUT, run_stages
     from kd_ray.core.config import ConfigError
     from kd_ray.core.config_files import DEFAULT_CONFIG, load_config
     from kd_ray.core.storage import StorageUnreachable
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
           f"stages {', '.join(cfg.runtime.stages)}, storage {cfg.runtime.storage_path}", flush=True)
     try:
         complete = run_stages(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except BAD_INPUT as e:
         if not isinstance(e, ConfigError):  # the job log keeps where it came from
             traceback.print_exc()
         print(f"kd_ray pipeline: error: {e}", file=sys.stderr, flush=True)

@@ -35,6 +35,9 @@ from kd_ray.core.config_files import (
 )
 from kd_ray.layout import experiment_dir
 
+# bad input (a config, a file, a value): exit 2, one line; found before the work it would spoil
+BAD_INPUT = (ConfigError, FileNotFoundError, ValueError)
+
 
 def _config(args: argparse.Namespace) -> ExperimentConfig:
     verbose = ["runtime.verbose=true"] if getattr(args, "verbose", False) else []
@@ -170,7 +173,7 @@ def run_stages(cfg: ExperimentConfig) -> bool:
                 result = cmd_sweep(cfg, soft)
             elif stage == "report":
                 cmd_report(cfg)
-        except (ConfigError, FileNotFoundError, ValueError):  # bad input, found before the stage ran
+        except BAD_INPUT:  # not an outage, whatever its text says
             raise
         except Exception as e:
             if (down := storage.unreachable(e, cfg.runtime.storage_path, stage)) is not None:
@@ -257,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "run":
             if not run_stages(cfg):
                 return 1
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except BAD_INPUT as e:
         print(f"kd-ray: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:

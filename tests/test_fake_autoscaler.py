@@ -13,7 +13,7 @@ from tests.fixtures.fake_cluster import GPU_TYPE, submit
 def test_gpu_stages_scale_a_gpu_worker_type_from_zero(fake_cluster, s3):
     from kd_ray.core import storage
 
-    address, _, _ = fake_cluster
+    address, _ = fake_cluster
     root = storage.join(s3, "fake")
     tiny = ["--set", f"runtime.storage_path={root}", "--set", "name=gpu", "--set", "teachers.count=2",
             "--set", "teachers.epochs=1", "--set", "teachers.model_args={hidden: [32]}",

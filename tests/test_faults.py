@@ -78,7 +78,7 @@ ARGS = ["--set", "teachers.count=2", "--set", "teachers.num_gpus=1", "--set", "t
 
 
 def test_a_lost_gpu_node_a_killed_driver_and_an_object_store_outage_lose_nothing(fake_cluster, s3):
-    address, _, temp = fake_cluster
+    address, temp = fake_cluster
     root = f"{s3}/faults"
 
     # 1. A GPU node lost mid-teachers, then one lost mid-sweep: the teacher actor restarts on the

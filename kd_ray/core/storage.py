@@ -68,8 +68,10 @@ _ENDPOINT_DOWN = ("AWS Error NETWORK_CONNECTION", "curlCode", "AWS Error SERVICE
 def unreachable(error: BaseException, path: str, stage: str) -> StorageUnreachable | None:
     """The one-line error for a stage that failed because ``path``'s object store went away, else
     None: kd_ray's own storage calls retried first; Ray Data's and Tune's fail at their first try."""
-    if isinstance(error, StorageUnreachable) or is_local(path):
-        return error if isinstance(error, StorageUnreachable) else None
+    if isinstance(error, StorageUnreachable):  # kd_ray's own call, already retried and named
+        return error
+    if is_local(path):
+        return None
     seen, texts = set(), []
     while error is not None and id(error) not in seen:  # the exception and what it wraps
         seen.add(id(error))
