@@ -30,6 +30,28 @@ def test_paper_mlp_sizes_and_jitter():
     assert torch.equal(teacher(x), teacher(x))  # no jitter, no dropout at eval
 
 
+def test_max_norm_bounds_each_hidden_unit_and_leaves_the_output_layer_free():
+    from kd_ray.core.models import MaxNormLinear, check_model, constrain
+
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 8, 8), 10, hidden=[32, 16], max_norm=0.5)
+    hidden = [m for m in model.modules() if isinstance(m, MaxNormLinear)]
+    assert len(hidden) == 2 and isinstance(model[-1], torch.nn.Linear) and not isinstance(model[-1], MaxNormLinear)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.mul_(10)  # every unit's incoming weights well past the bound
+    out_before = model[-1].weight.clone()
+    constrain(model)
+    for m in hidden:
+        norms = m.weight.norm(dim=1)
+        assert float(norms.max()) <= 0.5 + 1e-6 and float(norms.min()) > 0.49  # scaled onto the bound
+    assert torch.equal(model[-1].weight, out_before)
+    assert set(model.state_dict()) == set(build_model("mlp", (1, 8, 8), 10, hidden=[32, 16]).state_dict())
+    with pytest.raises(ValueError, match="max_norm must be > 0"):
+        check_model("mlp", {"max_norm": -1.0})
+
+
 def test_unknown_model_and_bad_args():
     with pytest.raises(ValueError, match="unknown model 'vit'"):
         build_model("vit", (1, 8, 8), 10)

@@ -139,6 +139,24 @@ def test_gradient_clipping_bounds_every_step():
     assert float(moved) <= 3 * 0.1 * 0.01 + 1e-6
 
 
+def test_max_norm_holds_after_every_step_of_training():
+    """The engine projects a constrained model after each optimiser step: with a bound that binds
+    (a large lr), no hidden unit ends an epoch above it, while the same run unconstrained does."""
+    from kd_ray.core.config import StudentConfig
+    from kd_ray.core.models import build_model
+    from kd_ray.core.train import Engine, cross_entropy_loss
+
+    x, y = _toy()
+    norms = {}
+    for bound in (None, 0.6):
+        torch.manual_seed(0)
+        model = build_model("mlp", (1, 4, 4), 2, hidden=[16], **({"max_norm": bound} if bound else {}))
+        e = Engine(model, StudentConfig(epochs=3, lr=2.0, grad_clip_norm=None), cross_entropy_loss)
+        _fit(e, 3, x, y)
+        norms[bound] = float(e.plain[1].weight.norm(dim=1).max())
+    assert norms[0.6] <= 0.6 + 1e-6 < norms[None]
+
+
 def _confident_teacher(n=6000, seed=0):
     """28 x 28 inputs standardised as kd_ray does (values beyond 3) and a teacher whose top-1
     probability is >= 0.999 on every row at T = 1, as a well-trained MNIST teacher is."""

@@ -6,7 +6,8 @@ A reference is a built-in name (below), ``timm:<name>`` (built without pretraine
 ``check_model`` checks a reference and its ``model_args`` without building weights (config time).
 
 * ``mlp``: the paper's fully connected nets (1200-1200 teachers, 800-800 students), ReLU,
-  optional dropout and optional input jitter (random shifts of up to k pixels while training).
+  optional dropout, optional input jitter (random shifts of up to k pixels while training) and
+  optional max-norm constraints on the hidden units' incoming weights.
 * ``cnn``: a small conv net (conv-bn-relu-pool blocks, then a linear head).
 * ``resnet18``: torchvision's ResNet-18 with a small-image stem (3x3 conv, no max-pool).
 """
@@ -36,8 +37,33 @@ class Jitter(nn.Module):
         return x
 
 
+class MaxNormLinear(nn.Linear):
+    """A linear layer whose units each keep an incoming weight vector of L2 norm <= ``max_norm``:
+    dropout's companion constraint (Srivastava et al. 2014, the paper's reference [5]), applied by
+    :func:`constrain` after every optimiser step."""
+
+    def __init__(self, in_features: int, out_features: int, max_norm: float):
+        if not max_norm > 0:
+            raise ValueError(f"max_norm must be > 0, got {max_norm}")
+        super().__init__(in_features, out_features)
+        self.max_norm = float(max_norm)
+
+    @torch.no_grad()
+    def constrain(self) -> None:
+        self.weight.copy_(torch.renorm(self.weight, 2, 0, self.max_norm))
+
+
+def constrain(model: nn.Module) -> None:
+    """Project the weights back into every constraint the model declares (the training engine
+    calls this after each optimiser step; a model without constraints is left as it is)."""
+    for m in model.modules():
+        if isinstance(m, MaxNormLinear):
+            m.constrain()
+
+
 def mlp(input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (1200, 1200),
-        dropout: float = 0.0, input_dropout: float = 0.0, jitter: int = 0) -> nn.Module:
+        dropout: float = 0.0, input_dropout: float = 0.0, jitter: int = 0,
+        max_norm: Optional[float] = None) -> nn.Module:
     layers: list[nn.Module] = []
     if jitter:
         layers.append(Jitter(jitter))
@@ -48,7 +74,8 @@ def mlp(input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (1
     for d in input_shape:
         width *= int(d)
     for h in hidden:
-        layers += [nn.Linear(width, int(h)), nn.ReLU()]
+        linear = MaxNormLinear(width, int(h), max_norm) if max_norm else nn.Linear(width, int(h))
+        layers += [linear, nn.ReLU()]
         if dropout:
             layers.append(nn.Dropout(dropout))
         width = int(h)

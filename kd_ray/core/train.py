@@ -26,6 +26,7 @@ from kd_ray.core.losses import (
     mixed_labels,
     resoften,
 )
+from kd_ray.core.models import constrain
 from kd_ray.core.schema import TEACHER_LOGIT_COLUMNS
 from kd_ray.core.student_losses import Loss, Targets
 
@@ -197,6 +198,7 @@ class Engine:
                 nn.utils.clip_grad_norm_(self.plain.parameters(), self.grad_clip_norm)
             self.scaler.step(self.opt)
             self.scaler.update()
+            constrain(self.plain)
             loss_sum += loss.detach() * len(logits)
             for k, v in terms.items():
                 term_sums[k] = term_sums.get(k, 0.0) + v.float() * len(logits)
