@@ -203,34 +203,16 @@ def test_the_pretrained_table_is_what_its_rows_give():
             assert cell == f"{hard:.4f} / {soft:.4f} / {100 * g['gap']:.1f} % +- {100 * g['gap_std']:.1f} %"
 
 
-# Every markdown table in the README and docs/ names the committed rows it comes from on the line
-# above it: `<!-- rows: results/<folder>[, results/<folder or file>] -->` (paths under docs/), or
-# `<!-- rows: none -->` for a table that holds no measured figure (a config list, a layout).
-ROWS = re.compile(r"^<!-- rows: (.+) -->$")
+# Every markdown table in the README and docs/ stands under a line naming the committed rows it
+# comes from: `<!-- rows: results/<folder>[, results/<folder or file>] -->` (paths under docs/), or
+# `<!-- rows: none -->` for what holds no measured figure (a config list, a layout). The line backs
+# every table and paragraph below it, up to the next heading or rows line.
+ROWS = re.compile(r"^\s*<!-- rows: (.+) -->$")
 FIGURE = re.compile(r"(?<![\w.])(\d+\.\d+)(?![\d.])")  # 0.9846, 0.69 (x), 55.3 (s), 92.1 (%): not 3 or 1,204
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e-?\d+)?")
 GRID = ("fraction", "targets", "teaching", "temperature", "alpha", "lr", "epochs", "loss", "loss_args", "mixup",
         "views")
 SCORES = ("test_accuracy", "val_accuracy", "test_fidelity", "test_errors", "val_errors")
-
-
-def doc_tables() -> list[tuple[str, int, str | None, str]]:
-    """(doc, line number, the rows marker's text or None, the table's text) for every table."""
-    out = []
-    for path in DOCS:
-        lines = path.read_text().splitlines()
-        i = 0
-        while i < len(lines) - 1:
-            if lines[i].startswith("|") and lines[i + 1].startswith("|---"):
-                j = i + 2
-                while j < len(lines) and lines[j].startswith("|"):
-                    j += 1
-                marker = ROWS.match(lines[i - 1]) if i else None
-                out.append((path.name, i + 1, marker.group(1) if marker else None, "\n".join(lines[i:j])))
-                i = j
-            else:
-                i += 1
-    return out
 
 
 def _ensemble(folder: Path) -> float | None:
@@ -247,7 +229,7 @@ def _ensemble(folder: Path) -> float | None:
 def _row_values(paths: list[Path]) -> set[float]:
     """Every number committed rows give: each number in their text files; the ratios of two numbers
     of one benchmark's JSON line; for each results.csv the mean and std over seeds of every score
-    per setting; and, per fraction, the gap recovered (soft - hard) / (ensemble - hard) of each
+    per setting and the summed training and wall seconds per teaching mode; and, per fraction, the gap recovered (soft - hard) / (ensemble - hard) of each
     setting's mean and each seed's score against each cited run's hard mean (or the same seed's
     hard score), and the accuracy the issues' targets need (87 % or 90 % of the gap). A table may
     print any of them as a percentage, without its sign, errors per 10,000 as a percentage, or
@@ -267,6 +249,8 @@ def _row_values(paths: list[Path]) -> set[float]:
             if f.name != "results.csv":
                 continue
             df = pd.read_csv(f)
+            for c in (c for c in ("train_seconds", "wall_s") if c in df):  # summed time per mode
+                values.update(df.groupby([c for c in ("targets", "teaching") if c in df])[c].sum())
             grid = [c for c in GRID if c in df.columns]
             for _, g in df.astype({c: str for c in grid}).groupby(grid):
                 for c in (c for c in SCORES if c in g):
@@ -285,8 +269,72 @@ def _row_values(paths: list[Path]) -> set[float]:
 
 def _given(figure: str, values: set[float]) -> bool:
     """A printed figure is one of ``values`` rounded to the figure's decimals."""
-    decimals = len(figure.split(".")[1])
+    decimals = len(figure.partition(".")[2])
     return any(f"{v:.{decimals}f}" == figure for v in values)
+
+
+FOLDER = re.compile(r"(?<![\w/])(?:docs/)?(results/[\w.-]*[\w])")  # a results folder or file a paragraph names
+BULLET = re.compile(r"^\s*(?:[-*]|\d+\.) ")
+VALUE_TO_FILL = re.compile(r"<[A-Za-z][^<>=\n]*>")  # <mnist root> in prose; not "<= 80 ... ->"
+
+
+def _prose(text: str) -> str:
+    """Text without inline code and placeholders, thousands separators dropped (10,373 is one number)."""
+    return re.sub(r"(?<=\d),(?=\d{3})", "", VALUE_TO_FILL.sub("", SPAN.sub("", text)))
+
+
+def doc_blocks() -> list[tuple[str, str, int, str | None, str]]:
+    """(kind, doc, line number, the text of the rows line it falls under or None, its text) for
+    every table and prose paragraph (each bullet is one) of the docs; headings, rows lines and code
+    (fenced, or indented four spaces after a blank line) are neither."""
+    out = []
+    for path in DOCS:
+        marker, block, kind, start, fence, code, after_blank = None, [], "", 0, False, False, True
+
+        def close():
+            if block:
+                out.append((kind, path.name, start, marker, "\n".join(block)))
+                block.clear()
+
+        for i, line in enumerate(path.read_text().splitlines()):
+            blank = not line.strip()
+            if line.startswith("```"):
+                fence, after_blank = not fence, False
+                close()
+                continue
+            if fence or (code and (blank or line.startswith("    "))):
+                after_blank = blank
+                continue
+            code = line.startswith("    ") and after_blank
+            after_blank = blank
+            rows = ROWS.match(line)
+            line_kind = "table" if line.lstrip().startswith("|") else "prose"
+            heading = re.match(r"#{1,6} ", line)
+            if code or blank or heading or rows or BULLET.match(line) or line_kind != kind:
+                close()
+            if heading:
+                marker = None
+            elif rows:
+                marker = rows.group(1)
+            elif not (code or blank):
+                kind, start = line_kind, start if block else i + 1
+                block.append(line)
+        close()
+    return out
+
+
+def doc_tables() -> list[tuple[str, int, str | None, str]]:
+    return [(doc, line, marker, text) for kind, doc, line, marker, text in doc_blocks() if kind == "table"]
+
+
+def _paragraph_off(text: str, values: set[float]) -> list[str]:
+    """The figures of a paragraph that ``values`` do not give, nor a difference, ratio or mean of
+    two numbers printed in the paragraph that ``values`` give (as a percentage, unsigned)."""
+    text = _prose(text)
+    shown = {float(n) for n in NUMBER.findall(text) if _given(n, values)}
+    derived = {v for a in shown for b in shown for v in (a - b, (a + b) / 2, a / b if b else a)}
+    derived = {w for v in derived for w in (v, 100 * v, abs(v), 100 * abs(v))}
+    return [f for f in FIGURE.findall(text) if not _given(f, values) and not _given(f, derived)]
 
 
 def test_the_table_check_finds_a_figure_its_rows_do_not_give():
@@ -303,11 +351,11 @@ def test_every_docs_table_names_its_rows_and_gives_what_they_give():
     tables = doc_tables()
     assert len(tables) > 50  # guards the parser: the docs hold ~60 tables
     unmarked = [f"{doc}:{line}" for doc, line, marker, _ in tables if marker is None]
-    assert not unmarked, f"tables with no `<!-- rows: ... -->` line above them: {unmarked}"
+    assert not unmarked, f"tables under no `<!-- rows: ... -->` line: {unmarked}"
     wrong = []
     for doc, line, marker, table in tables:
         figures = FIGURE.findall(table)
-        if marker == "none":
+        if marker.startswith("none"):
             if figures:
                 wrong.append(f"{doc}:{line} says rows: none but holds figures {figures[:3]}")
             continue
@@ -316,6 +364,34 @@ def test_every_docs_table_names_its_rows_and_gives_what_they_give():
             wrong.append(f"{doc}:{line} names rows that are not committed: {missing}")
             continue
         values = _row_values(paths)
-        if off := [x for x in figures if not _given(x, values)]:
+        if off := [x for row in table.splitlines() for x in _paragraph_off(row, values)]:
             wrong.append(f"{doc}:{line}: {off[:6]} not given by {marker}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_every_docs_paragraph_gives_what_its_rows_give():
+    """Prose as tables: a paragraph is backed by the rows line above it (up to the next heading)
+    and by the results folders it names; each decimal figure in it must be given by those rows or
+    be a difference, ratio or mean of two numbers it prints that they give. A paragraph whose figures are
+    not measured (a version, a setting, an estimate) stands under `<!-- rows: none -->`; inline code
+    (commands, config values) is not checked."""
+    cache: dict[tuple[str, ...], set[float]] = {}
+    unbacked, wrong, checked = [], [], 0
+    for doc, line, marker, text in (b[1:] for b in doc_blocks() if b[0] == "prose"):
+        figures = FIGURE.findall(_prose(text))
+        if not figures or (marker or "").startswith("none"):
+            continue
+        rows = [p.strip() for p in (marker or "").split(",") if p.strip()]
+        rows += [f for f in FOLDER.findall(text) if (ROOT / "docs" / f).exists()]
+        if not rows:
+            unbacked.append(f"{doc}:{line} {figures[:4]}")
+            continue
+        key = tuple(sorted(set(rows)))
+        if key not in cache:
+            cache[key] = _row_values([ROOT / "docs" / p for p in key])
+        checked += len(figures)
+        if off := _paragraph_off(text, cache[key]):
+            wrong.append(f"{doc}:{line}: {off[:6]} not given by {', '.join(key)}")
+    assert checked > 500  # guards the parser: the docs' prose holds ~800 figures
+    assert not unbacked, f"paragraphs with figures and no rows line or results folder: {unbacked}"
     assert not wrong, "\n".join(wrong)
