@@ -42,12 +42,14 @@ def mlp(hidden, dropout=0.0, input_dropout=0.0):
 
 
 def shift(x, k):
-    """Every image of the batch moved by one random offset of up to ``k`` pixels per axis (zeros filled)."""
-    dy, dx = torch.randint(-k, k + 1, (2,)).tolist()
-    out = torch.zeros_like(x)
-    out[:, :, max(dy, 0):28 + min(dy, 0), max(dx, 0):28 + min(dx, 0)] = \
-        x[:, :, max(-dy, 0):28 + min(-dy, 0), max(-dx, 0):28 + min(-dx, 0)]
-    return out
+    """Each image moved by its own random offset of up to ``k`` pixels per axis (zeros filled):
+    a random 28 x 28 crop of the image padded by ``k``."""
+    n, size = len(x), x.shape[-1]
+    padded = F.pad(x[:, 0], (k, k, k, k))
+    dy, dx = torch.randint(0, 2 * k + 1, (2, n))
+    rows = (dy[:, None] + torch.arange(size))[:, :, None]
+    cols = (dx[:, None] + torch.arange(size))[:, None, :]
+    return padded[torch.arange(n)[:, None, None], rows, cols].unsqueeze(1)
 
 
 @torch.no_grad()
