@@ -208,7 +208,7 @@ def test_the_pretrained_table_is_what_its_rows_give():
 # `<!-- rows: none -->` for what holds no measured figure (a config list, a layout). The line backs
 # every table and paragraph below it, up to the next heading or rows line.
 ROWS = re.compile(r"^\s*<!-- rows: (.+) -->$")
-FIGURE = re.compile(r"(?<![\w.])(\d+\.\d+)(?![\d.])")  # 0.9846, 0.69 (x), 55.3 (s), 92.1 (%): not 3 or 1,204
+FIGURE = re.compile(r"(?<![\w.])(\d+\.\d+(?:e-?\d+)?)(?![\d.])")  # 0.9846, 0.69 (x), 55.3 (s), 92.1 (%): not 3 or 1,204
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e-?\d+)?")
 GRID = ("fraction", "targets", "teaching", "temperature", "alpha", "lr", "epochs", "loss", "loss_args", "mixup",
         "views")
@@ -269,7 +269,10 @@ def _row_values(paths: list[Path]) -> set[float]:
 
 def _given(figure: str, values: set[float]) -> bool:
     """A printed figure is one of ``values`` rounded to the figure's decimals."""
-    decimals = len(figure.partition(".")[2])
+    mantissa, _, exponent = figure.partition("e")
+    decimals = len(mantissa.partition(".")[2])
+    if exponent:  # 1.3e-8: compared in the same notation
+        return any(f"{v:.{decimals}e}" == f"{float(figure):.{decimals}e}" for v in values)
     return any(f"{v:.{decimals}f}" == figure for v in values)
 
 
@@ -327,9 +330,10 @@ def doc_tables() -> list[tuple[str, int, str | None, str]]:
     return [(doc, line, marker, text) for kind, doc, line, marker, text in doc_blocks() if kind == "table"]
 
 
-def _paragraph_off(text: str, values: set[float]) -> list[str]:
-    """The figures of a paragraph that ``values`` do not give, nor a difference, ratio or mean of
-    two numbers printed in the paragraph that ``values`` give (as a percentage, unsigned)."""
+def _figures_off(text: str, values: set[float]) -> list[str]:
+    """The figures of a paragraph (or of one table row) that ``values`` do not give, nor a
+    difference, ratio or mean of two numbers it prints that ``values`` give (as a percentage,
+    unsigned)."""
     text = _prose(text)
     shown = {float(n) for n in NUMBER.findall(text) if _given(n, values)}
     derived = {v for a in shown for b in shown for v in (a - b, (a + b) / 2, a / b if b else a)}
@@ -364,16 +368,16 @@ def test_every_docs_table_names_its_rows_and_gives_what_they_give():
             wrong.append(f"{doc}:{line} names rows that are not committed: {missing}")
             continue
         values = _row_values(paths)
-        if off := [x for row in table.splitlines() for x in _paragraph_off(row, values)]:
+        if off := [x for row in table.splitlines() for x in _figures_off(row, values)]:
             wrong.append(f"{doc}:{line}: {off[:6]} not given by {marker}")
     assert not wrong, "\n".join(wrong)
 
 
 def test_the_paragraph_check_finds_a_figure_its_rows_do_not_give():
     values = _row_values([ROOT / "docs" / "results" / "mnist_paper"])  # hard 151.5, soft 121 errors (means)
-    assert not _paragraph_off("this one is 30.5 (151.5 -> 121), `--set student.lr=0.123`", values)
-    assert _paragraph_off("this one is 30.4 (151.5 -> 121)", values) == ["30.4"]
-    assert _paragraph_off("this one is 30.5 (151.6 -> 121)", values) == ["30.5", "151.6"]
+    assert not _figures_off("this one is 30.5 (151.5 -> 121), `--set student.lr=0.123`", values)
+    assert _figures_off("this one is 30.4 (151.5 -> 121)", values) == ["30.4"]
+    assert _figures_off("this one is 30.5 (151.6 -> 121)", values) == ["30.5", "151.6"]
 
 
 def test_every_docs_paragraph_gives_what_its_rows_give():
@@ -397,7 +401,7 @@ def test_every_docs_paragraph_gives_what_its_rows_give():
         if key not in cache:
             cache[key] = _row_values([ROOT / "docs" / p for p in key])
         checked += len(figures)
-        if off := _paragraph_off(text, cache[key]):
+        if off := _figures_off(text, cache[key]):
             wrong.append(f"{doc}:{line}: {off[:6]} not given by {', '.join(key)}")
     assert checked > 500  # guards the parser: the docs' prose holds ~800 figures
     assert not unbacked, f"paragraphs with figures and no rows line or results folder: {unbacked}"
