@@ -49,7 +49,7 @@ def test_max_norm_bounds_each_hidden_unit_and_leaves_the_output_layer_free():
     assert torch.equal(model[-1].weight, out_before)
     assert set(model.state_dict()) == set(build_model("mlp", (1, 8, 8), 10, hidden=[32, 16]).state_dict())
     with pytest.raises(ValueError, match="max_norm must be > 0"):
-        check_model("mlp", {"max_norm": -1.0})
+        check_model("mlp", {"max_norm": 0})
 
 
 def test_unknown_model_and_bad_args():

@@ -74,7 +74,7 @@ def mlp(input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (1
     for d in input_shape:
         width *= int(d)
     for h in hidden:
-        linear = MaxNormLinear(width, int(h), max_norm) if max_norm else nn.Linear(width, int(h))
+        linear = nn.Linear(width, int(h)) if max_norm is None else MaxNormLinear(width, int(h), max_norm)
         layers += [linear, nn.ReLU()]
         if dropout:
             layers.append(nn.Dropout(dropout))
