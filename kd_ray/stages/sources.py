@@ -59,8 +59,13 @@ ROWS_PER_CALL = 2048  # decoding works on this many rows at a time: a worker's m
 def read_parquet(paths, **kwargs) -> "ray.data.Dataset":
     """``ray.data.read_parquet`` through Ray's first parquet datasource. Ray 2.60's default (its
     "datasource v2") spends ~5 s of every read listing the files' footers with a pool of actors on a
-    2-core machine, against ~0.3 s for the whole read here (docs/notes.md); both give the same rows."""
+    2-core machine, against ~0.3 s for the whole read here (docs/notes.md); both give the same rows.
+    One read task a file: left to itself the datasource splits each file's block in several, and the
+    split blocks starve the decoding tasks behind them of CPUs (the 600k soft-target pass ran 7x
+    slower, docs/scale.md)."""
     ray.data.DataContext.get_current().use_datasource_v2 = False
+    if isinstance(paths, (list, tuple)) and paths:
+        kwargs.setdefault("override_num_blocks", len(paths))
     return ray.data.read_parquet(paths, **kwargs)
 
 def source_files(cfg: DataConfig, split: str) -> list[str]:
