@@ -207,10 +207,18 @@ def load_torch(path: str, data: bytes | None = None) -> Any:
         raise ValueError(f"corrupt checkpoint {path}: {type(e).__name__}: {e}; delete it to retrain") from None
 
 
+_WRITABLE: set[tuple[str, str | None]] = set()  # (path, endpoint) pairs whose probe passed in this process
+
+
 def check_writable(path: str, what: str = "runtime.storage_path") -> None:
     """Write and delete a probe file under ``path``: an unwritable folder or an unreachable object
     store fails here, in one line naming ``what``, before any work starts. S3 endpoints and
-    credentials come from the standard AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)."""
+    credentials come from the standard AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).
+    Once per path and endpoint in a process: a later stage that finds the store gone is an outage
+    (its own calls retry, then name it), not a bad setting."""
+    key = (str(path), os.environ.get("AWS_ENDPOINT_URL"))
+    if key in _WRITABLE:
+        return
     probe = join(path, f".kd_ray_probe-{uuid.uuid4().hex[:8]}")
     try:
         write_bytes.__wrapped__(probe, b"ok")  # no retrying: before any work, unreachable is a config error
@@ -219,3 +227,4 @@ def check_writable(path: str, what: str = "runtime.storage_path") -> None:
     except Exception as e:  # OSError, PermissionError, pyarrow's S3 errors
         reason = " ".join(str(e).split())[:300]
         raise ValueError(f"{what}={path!r} is not writable or not reachable: {reason}") from None
+    _WRITABLE.add(key)
