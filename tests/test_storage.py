@@ -167,3 +167,15 @@ def test_a_stage_that_lost_its_object_store_fails_in_one_line_naming_it(monkeypa
                                 "(When reading information for key")
     assert storage.unreachable(aws, "/local/runs", "soft-targets") is None  # a local folder has no endpoint
     assert storage.unreachable(RuntimeError("CUDA out of memory"), "s3://kd-runs/kd", "sweep") is None
+
+
+def test_the_storage_check_probes_each_path_once_per_process(tmp_path):
+    """A stage after the first finds the store as the pre-flight left it: when it has gone since,
+    that is an outage for the stage's own (retried) calls to name, not a bad setting."""
+    path = str(tmp_path / "runs")
+    storage.check_writable(path)
+    (tmp_path / "runs").rename(tmp_path / "moved")
+    (tmp_path / "runs").write_text("")  # a file where the folder was: a fresh probe would fail
+    storage.check_writable(path)  # passed once in this process: not probed again
+    with pytest.raises(ValueError, match="is not writable or not reachable"):
+        storage.check_writable(str(tmp_path / "runs" / "sub"))  # a new path is probed
