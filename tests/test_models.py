@@ -31,18 +31,19 @@ def test_paper_mlp_sizes_and_jitter():
 
 
 def test_max_norm_bounds_each_hidden_unit_and_leaves_the_output_layer_free():
-    from kd_ray.core.models import MaxNormLinear, check_model, constrain
+    from kd_ray.core.models import MaxNormLinear, check_model, constrained
 
     torch.manual_seed(0)
     model = build_model("mlp", (1, 8, 8), 10, hidden=[32, 16], max_norm=0.5)
-    hidden = [m for m in model.modules() if isinstance(m, MaxNormLinear)]
+    hidden = constrained(model)
     assert len(hidden) == 2 and isinstance(model[-1], torch.nn.Linear) and not isinstance(model[-1], MaxNormLinear)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.Linear):
                 m.weight.mul_(10)  # every unit's incoming weights well past the bound
     out_before = model[-1].weight.clone()
-    constrain(model)
+    for layer in hidden:
+        layer.constrain()
     for m in hidden:
         norms = m.weight.norm(dim=1)
         assert float(norms.max()) <= 0.5 + 1e-6 and float(norms.min()) > 0.49  # scaled onto the bound

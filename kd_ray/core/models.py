@@ -40,7 +40,7 @@ class Jitter(nn.Module):
 class MaxNormLinear(nn.Linear):
     """A linear layer whose units each keep an incoming weight vector of L2 norm <= ``max_norm``:
     dropout's companion constraint (Srivastava et al. 2014, the paper's reference [5]), applied by
-    :func:`constrain` after every optimiser step."""
+    :meth:`constrain`, which the training engine calls after every optimiser step."""
 
     def __init__(self, in_features: int, out_features: int, max_norm: float):
         if not max_norm > 0:
@@ -53,12 +53,10 @@ class MaxNormLinear(nn.Linear):
         self.weight.copy_(torch.renorm(self.weight, 2, 0, self.max_norm))
 
 
-def constrain(model: nn.Module) -> None:
-    """Project the weights back into every constraint the model declares (the training engine
-    calls this after each optimiser step; a model without constraints is left as it is)."""
-    for m in model.modules():
-        if isinstance(m, MaxNormLinear):
-            m.constrain()
+def constrained(model: nn.Module) -> list[MaxNormLinear]:
+    """The layers of ``model`` that declare a weight constraint: the training engine finds them
+    once and projects each after every optimiser step (none for most models)."""
+    return [m for m in model.modules() if isinstance(m, MaxNormLinear)]
 
 
 def mlp(input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (1200, 1200),

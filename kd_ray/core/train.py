@@ -26,7 +26,7 @@ from kd_ray.core.losses import (
     mixed_labels,
     resoften,
 )
-from kd_ray.core.models import constrain
+from kd_ray.core.models import constrained
 from kd_ray.core.schema import TEACHER_LOGIT_COLUMNS
 from kd_ray.core.student_losses import Loss, Targets
 
@@ -157,6 +157,7 @@ class Engine:
         self.opt = make_optimizer(model.parameters(), spec)
         self.sched = make_scheduler(self.opt, spec)
         self.grad_clip_norm = getattr(spec, "grad_clip_norm", None)
+        self.constrained = constrained(self.plain)  # max-norm layers, projected after each step
         # mixed precision: the forward pass and loss under autocast; float16 scales the loss
         self.amp = amp
         self.scaler = torch.amp.GradScaler(enabled=amp == torch.float16)
@@ -198,7 +199,8 @@ class Engine:
                 nn.utils.clip_grad_norm_(self.plain.parameters(), self.grad_clip_norm)
             self.scaler.step(self.opt)
             self.scaler.update()
-            constrain(self.plain)
+            for layer in self.constrained:
+                layer.constrain()
             loss_sum += loss.detach() * len(logits)
             for k, v in terms.items():
                 term_sums[k] = term_sums.get(k, 0.0) + v.float() * len(logits)
